@@ -1,0 +1,190 @@
+"""What a selector may look at during one stage, computed lazily and cached."""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Callable
+
+import torch
+
+from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo
+from fvlm.errors import FVLMError, GradientUnavailableError
+from fvlm.selectors.base import Need, Stage, TokenSelector
+
+
+class SelectionContext:
+    """Read-only view of the model state at one pruning stage.
+
+    Tensors are batched: ``hidden`` is ``[B, L, D]`` (the current, possibly already pruned,
+    sequence); visual tokens are listed per sample in ``visual_index`` (``[B, N]`` positions into the
+    sequence, ``-1`` padded, ``visual_valid`` marks real entries). Probes beyond the hidden states
+    (attention rows, keys, gradients, decoder layers, grids) must be declared in the selector's
+    ``needs``; each use is recorded in ``used``.
+    """
+
+    def __init__(
+        self,
+        *,
+        selector: TokenSelector,
+        stage: Stage,
+        stage_index: int,
+        info: ModelInfo,
+        adapter: BackboneAdapter,
+        hidden: torch.Tensor,
+        is_visual: torch.Tensor,
+        token_valid: torch.Tensor,
+        budget: torch.Tensor,
+        grids: list[list[ImageGrid]] | None = None,
+        layer_input: torch.Tensor | None = None,
+        layer_kwargs: dict[str, Any] | None = None,
+    ):
+        self.selector = selector
+        self.stage = stage
+        self.stage_index = stage_index
+        self.info = info
+        self.adapter = adapter
+        self.hidden = hidden
+        self.is_visual = is_visual
+        self.token_valid = token_valid
+        self.budget = budget
+        self.used: set[Need] = set()
+        self._grids = grids
+        self._layer_input = layer_input
+        self._layer_kwargs = layer_kwargs or {}
+
+    # -- always available ------------------------------------------------------------------
+    @property
+    def layer(self) -> int | None:
+        """Number of decoder layers already applied (``None`` before the LLM)."""
+        return self.stage.where if isinstance(self.stage.where, int) else None
+
+    @cached_property
+    def visual_index(self) -> torch.Tensor:
+        return positions_of(self.is_visual)[0]
+
+    @cached_property
+    def visual_valid(self) -> torch.Tensor:
+        return positions_of(self.is_visual)[1]
+
+    @cached_property
+    def num_visual(self) -> torch.Tensor:
+        return self.is_visual.sum(dim=1)
+
+    @cached_property
+    def visual_hidden(self) -> torch.Tensor:
+        """``[B, N, D]`` hidden states of the visual tokens (zeros in padding slots)."""
+        return gather_rows(self.hidden, self.visual_index)
+
+    @cached_property
+    def last_index(self) -> torch.Tensor:
+        """``[B]`` position of each sample's last real token (the last prompt token)."""
+        seq = torch.arange(self.token_valid.shape[1], device=self.token_valid.device)
+        return torch.where(self.token_valid, seq, -1).amax(dim=1)
+
+    # -- declared probes -------------------------------------------------------------------
+    def _use(self, need: Need) -> None:
+        if need not in type(self.selector).needs:
+            raise FVLMError(
+                f"selector {type(self.selector).__name__} uses {need.value!r} but does not declare "
+                f"Need.{need.name} in its `needs`"
+            )
+        self.used.add(need)
+
+    def _require_layer(self, what: str) -> int:
+        if self.layer is None or self._layer_input is None:
+            raise FVLMError(f"{what} is only available at stages inside the LLM (after a decoder layer)")
+        return self.layer - 1
+
+    @cached_property
+    def text_valid(self) -> torch.Tensor:
+        """``[B, L]`` bool: real (non-padding) text tokens of the prompt."""
+        self._use(Need.TEXT)
+        return self.token_valid & ~self.is_visual
+
+    @cached_property
+    def text_after_visual(self) -> torch.Tensor:
+        """``[B, L]`` bool: text tokens that come after the sample's first visual token."""
+        self._use(Need.TEXT)
+        after = self.is_visual.long().cumsum(dim=1) > 0
+        return self.token_valid & ~self.is_visual & after
+
+    def attention(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention probabilities ``[B, H, Q, N]`` from query ``rows`` to the visual tokens.
+
+        Rows default to each sample's last prompt token. Recomputed from the pruning layer's own
+        q/k (the layer that just ran), so it works under SDPA / FlashAttention.
+        """
+        self._use(Need.ATTENTION)
+        probs = self.attention_to_all(rows, _checked=True)
+        index = self.visual_index.clamp(min=0)[:, None, None, :].expand(*probs.shape[:3], -1)
+        return probs.gather(3, index) * self.visual_valid[:, None, None, :]
+
+    def attention_to_all(self, rows: torch.Tensor | None = None, _checked: bool = False) -> torch.Tensor:
+        """Attention probabilities ``[B, H, Q, L]`` from query ``rows`` to every position."""
+        if not _checked:
+            self._use(Need.ATTENTION)
+        layer = self._require_layer("attention")
+        rows = self.last_index[:, None] if rows is None else rows
+        return self.adapter.attention_rows(
+            layer, self._layer_input, self._layer_kwargs["position_embeddings"], self.token_valid, rows
+        )
+
+    def keys(self) -> torch.Tensor:
+        """Post-rotary keys ``[B, H_kv, L, head_dim]`` of the pruning layer."""
+        self._use(Need.KEYS)
+        layer = self._require_layer("keys")
+        return self.adapter.key_states(layer, self._layer_input, self._layer_kwargs["position_embeddings"])
+
+    @property
+    def grids(self) -> list[list[ImageGrid]]:
+        """Per sample, the images among its *original* visual tokens and their patch grids."""
+        self._use(Need.GRID)
+        return self._grids or []
+
+    def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run decoder layer ``index`` on ``hidden`` (current sequence), causally, without a cache."""
+        self._use(Need.LAYERS)
+        self._require_layer("run_layer")
+        kwargs = {k: v for k, v in self._layer_kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")}
+        out = self.adapter.layers[index](hidden, past_key_values=None, use_cache=False, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        self._use(Need.LAYERS)
+        return self.adapter.final_norm
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        self._use(Need.LAYERS)
+        return self.adapter.lm_head
+
+    def grad(self, objective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``d objective(X) / dX`` at ``X = hidden`` (a detached leaf; model weights get no gradient)."""
+        self._use(Need.GRADIENT)
+        if torch.is_inference_mode_enabled():
+            raise GradientUnavailableError(
+                f"selector {type(self.selector).__name__} needs gradients but runs under "
+                "torch.inference_mode(); use torch.no_grad() instead (Lightning: Trainer(inference_mode=False))"
+            )
+        with torch.enable_grad():
+            leaf = self.hidden.detach().clone().requires_grad_(True)
+            loss = objective(leaf)
+            (grad,) = torch.autograd.grad(loss, leaf)
+        return grad
+
+
+def positions_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries per row: ``([B, N] padded with -1, [B, N] valid)``."""
+    bsz, seq = mask.shape
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if bsz else 0
+    ar = torch.arange(seq, device=mask.device)
+    order = torch.where(mask, ar, ar + seq).sort(dim=1).values[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, -1), valid
+
+
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b, j]]`` for ``t`` ``[B, L, D]``; ``-1`` entries give zeros."""
+    out = t.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, t.shape[-1]))
+    return out * (index >= 0)[..., None].to(out.dtype)

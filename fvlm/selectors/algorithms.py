@@ -1,0 +1,351 @@
+"""Model-independent, batched tensor algorithms behind the token selectors.
+
+Conventions shared by every function:
+
+- Visual tokens arrive padded: ``x [B, N, D]`` with ``valid [B, N]`` (``False`` = padding, never chosen).
+- Budgets are per sample, ``k: LongTensor [B]`` (an ``int`` is broadcast); ``k`` is clamped to
+  ``[0, valid.sum(1)]``.
+- Index outputs are ``LongTensor [B, K]`` with ``K`` = the largest per-sample count, each row sample
+  ``b``'s indices into ``N`` in ascending (spatial) order, padded with ``-1``.
+- Ties always go to the lower index. Similarities and distances are computed in float32.
+- Everything stays on the input device; the only host syncs are the ones that fix an output width or a
+  greedy loop length (``int(k.max())``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+Budget = Union[int, torch.Tensor]
+_FULL_SIM_MAX = 2**27  # entries of a [B, N, N] float32 matrix (512 MiB) that nms_fill may allocate
+
+__all__ = [
+    "topk_indices",
+    "nms_fill",
+    "max_min_diversity",
+    "dart_select",
+    "density_peak_merge",
+    "cls_dominant_and_contextual",
+    "uniform_indices",
+]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device)
+
+
+def _budget(k: Budget, n_valid: torch.Tensor) -> torch.Tensor:
+    """Per-sample budget as a LongTensor [B] on n_valid's device, clamped to [0, n_valid]."""
+    k = torch.as_tensor(k, device=n_valid.device, dtype=torch.long).expand_as(n_valid)
+    return torch.minimum(k.clamp(min=0), n_valid)
+
+
+def _max(x: torch.Tensor) -> int:
+    return int(x.max()) if x.numel() else 0
+
+
+def _order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Permutation [B, N]: valid slots by descending score (ties -> lower index, NaN last), then invalid."""
+    s = scores.float()
+    s = torch.where(valid & ~torch.isnan(s), s, s.new_tensor(-math.inf))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    invalid_first = (~valid).gather(1, order).to(torch.uint8)
+    return order.gather(1, torch.sort(invalid_first, dim=1, stable=True).indices)
+
+
+def _take_first(order: torch.Tensor, allowed: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Mask [B, N] of the first n[b] slots of ``order`` (a permutation) that are ``allowed``."""
+    allowed_sorted = allowed.gather(1, order)
+    take_sorted = allowed_sorted & (allowed_sorted.cumsum(1) <= n[:, None])
+    return torch.zeros_like(allowed).scatter(1, order, take_sorted)
+
+
+def _mask_to_indices(mask: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
+    """Selected slots of ``mask [B, N]`` as ascending indices [B, width], padded with -1."""
+    B, N = mask.shape
+    width = _max(mask.sum(1)) if width is None else width
+    pos = torch.where(mask, _arange(N, mask), N).sort(dim=1).values[:, :width]
+    if width > N:
+        pos = F.pad(pos, (0, width - N), value=N)
+    return pos.masked_fill(pos >= N, -1)
+
+
+def _first_argmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """argmax along ``dim``, ties -> lowest index (explicitly, not by kernel luck); NaN counts as -inf."""
+    x = torch.where(torch.isnan(x), -math.inf, x)
+    n = x.shape[dim]
+    shape = [1] * x.dim()
+    shape[dim] = n
+    idx = torch.arange(n, device=x.device).view(shape)
+    return torch.where(x == x.amax(dim, keepdim=True), idx, n).amin(dim)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], idx [B, K] (-1 allowed, gives row 0) -> [B, K, D]."""
+    return x.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------- top-k
+def topk_indices(scores: torch.Tensor, valid: torch.Tensor, k: Budget) -> torch.Tensor:
+    """Per-sample top-k by score (descending, ties to the lower index; NaN ranks last), returned in
+    ascending index order. Used by FastV (arXiv 2403.06764), SparseVLM (2410.04417), PyramidDrop,
+    and the ``nms=False`` ablation of PIO-FVLM (2602.04657).
+    """
+    k = _budget(k, valid.sum(1))
+    order = _order(scores, valid)
+    return _mask_to_indices(_take_first(order, valid, k), _max(k))
+
+
+# ----------------------------------------------------------------------------- PIO-FVLM NMS + fill
+def nms_fill(saliency: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor, k: Budget,
+             tau: float = 0.8, nms: bool = True) -> torch.Tensor:
+    """PIO-FVLM (arXiv 2602.04657) selection: reorder by saliency + greedy feature-space NMS + fill.
+
+    Walk tokens by descending saliency (ties -> lower index); skip suppressed ones; keep a token and
+    suppress every j with cosine(i, j) >= tau (itself included), cosine on L2-normalised float32
+    ``feats``; stop at k kept. Then fill up to k with not-yet-kept tokens in saliency order
+    (suppressed ones included). Returns ascending indices. ``nms=False``: plain top-k by saliency.
+    One batched [B, N, N] similarity matmul (row by row past 2**27 entries), then k.max() batched
+    greedy steps with no host loop over tokens.
+    """
+    if not nms:
+        return topk_indices(saliency, valid, k)
+    B, N = valid.shape
+    k = _budget(k, valid.sum(1))
+    order = _order(saliency, valid)
+    rank = torch.empty_like(order).scatter_(1, order, _arange(N, order).expand(B, N))
+    v = _unit(feats)
+    rows = _arange(B, valid)
+    # sim = V V^T once (one fast matmul) unless it is big; then one row per pick (memory-bound)
+    full = v @ v.transpose(1, 2) if B * N * N <= _FULL_SIM_MAX else None
+    kept = torch.zeros_like(valid)
+    suppressed = ~valid
+    count = torch.zeros_like(k)
+    for _ in range(_max(k)):
+        # the best-ranked unsuppressed token of every row that still needs picks
+        r = torch.where(~suppressed & (count < k)[:, None], rank, N).amin(1)
+        has = r < N
+        i = order.gather(1, r.clamp(max=N - 1)[:, None]).squeeze(1)
+        sim = full[rows, i] if full is not None else torch.bmm(v, v[rows, i][:, :, None])[..., 0]
+        suppressed |= has[:, None] & (sim > tau + 0.01)
+        suppressed[rows, i] |= has
+        kept[rows, i] |= has
+        count += has.long()
+    kept |= _take_first(order, valid & ~kept, k - count)
+    return _mask_to_indices(kept, _max(k))
+
+
+# ----------------------------------------------------------------------------- DivPrune max-min
+def max_min_diversity(feats: torch.Tensor, valid: torch.Tensor, k: Budget) -> torch.Tensor:
+    """DivPrune (arXiv 2503.02175): greedy max-min diversity on the cosine distance d = 1 - cos.
+
+    First pick: the token whose nearest-neighbour distance (to the other valid tokens; +inf for a lone
+    token) is largest; each next pick: the unpicked token maximising its minimum distance to the picked
+    set (running minimum, O(k N) after the N x N distance matrix). Ties -> lower index. Returns
+    ascending indices. Memory: one float32 [B, N, N] matrix.
+    """
+    B, N = valid.shape
+    k = _budget(k, valid.sum(1))
+    v = _unit(feats)
+    dist = 1.0 - v @ v.transpose(1, 2)
+    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(N, dtype=torch.bool, device=valid.device)
+    score = torch.where(pair, dist, math.inf).amin(-1)  # nearest-neighbour distance
+    rows = _arange(B, valid)
+    picked = torch.zeros_like(valid)
+    for t in range(_max(k)):
+        active = t < k
+        i = _first_argmax(torch.where(valid & ~picked, score, -math.inf))
+        picked[rows, i] |= active
+        score = dist[rows, i] if t == 0 else torch.minimum(score, dist[rows, i])
+    return _mask_to_indices(picked, _max(k))
+
+
+# ------------------------------------------------------------------------------------------- DART
+def dart_select(vis_keys: torch.Tensor, vis_hidden: torch.Tensor, valid: torch.Tensor,
+                txt_keys: torch.Tensor, txt_hidden: torch.Tensor, txt_valid: torch.Tensor,
+                k: Budget, n_pivots_visual: int = 4, n_pivots_text: int = 4,
+                exact_budget: bool = False) -> torch.Tensor:
+    """DART (arXiv 2502.11494): duplication-aware selection around key-norm pivots.
+
+    Inputs are already split: visual tokens ``vis_* [B, N, .]`` / ``valid``, and the text tokens after
+    the image ``txt_* [B, T, .]`` / ``txt_valid``. ``*_keys``: the layer's post-rotary keys (heads
+    concatenated); ``*_hidden``: its output hidden states after the final norm.
+
+    Pivots: the ``n_pivots_visual`` visual and ``n_pivots_text`` text tokens with the largest L1 norm of
+    keys (ties -> lower index; fewer if a sample has fewer tokens). Pivots are visited in sequence
+    order: visual pivots by ascending position, then text pivots by ascending position. Each pivot
+    moves its quota of visual tokens with the LOWEST cosine similarity (of the hidden states) to it out
+    of the pool (valid, unpicked, non-pivot visual tokens; ties -> lower index). Visual pivots are kept,
+    text pivots are not.
+
+    Quotas: ``exact_budget=False`` reproduces the authors' count, ``k // P`` per pivot with P the
+    number of pivots, so the result holds ``Pv + P * (k // P)`` tokens (132 for k=128, 4+4 pivots).
+    ``exact_budget=True`` keeps exactly k: the visual pivots are cut to ``min(Pv, k)`` (largest norms),
+    and the remaining ``k - Pv`` tokens are split as evenly as possible over the P pivots, the first
+    ``(k - Pv) % P`` pivots in visiting order taking one extra. Returns ascending indices into N; the
+    width is the largest per-sample count.
+    """
+    B, N = valid.shape
+    n_vis, n_txt = valid.sum(1), txt_valid.sum(1)
+    k = _budget(k, n_vis)
+    pv = torch.clamp(n_vis, max=n_pivots_visual)
+    pt = torch.clamp(n_txt, max=n_pivots_text)
+    if exact_budget:
+        pv = torch.minimum(pv, k)
+    n_piv = (pv + pt).clamp(min=1)
+
+    def pivots(keys, mask, n):  # mask of the n[b] tokens with the largest L1 norm of keys
+        return _take_first(_order(keys.float().abs().sum(-1), mask), mask, n)
+
+    vis_mask, txt_mask = pivots(vis_keys, valid, pv), pivots(txt_keys, txt_valid, pt)
+    vis_piv = _mask_to_indices(vis_mask, n_pivots_visual)
+    txt_piv = _mask_to_indices(txt_mask, n_pivots_text)
+    vh, th = _unit(vis_hidden), _unit(txt_hidden)
+    slots = [(vh, vis_piv[:, j], j) for j in range(n_pivots_visual)]
+    slots += [(th, txt_piv[:, j], pv + j) for j in range(n_pivots_text if th.shape[1] else 0)]
+
+    rows = _arange(B, valid)
+    kept = vis_mask.clone()
+    pool = valid & ~kept
+    rest = k - pv
+    for src, piv, visit in slots:
+        if exact_budget:
+            quota = rest // n_piv + (visit < rest % n_piv).long()
+        else:
+            quota = k // n_piv
+        quota = torch.where(piv >= 0, quota, 0)
+        sim = torch.einsum("bd,bnd->bn", src[rows, piv.clamp(min=0)], vh)
+        take = _take_first(_order(-sim, pool), pool, quota)
+        kept |= take
+        pool &= ~take
+    return _mask_to_indices(kept)
+
+
+# ------------------------------------------------------------------ SparseVLM recycling clustering
+def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Budget, knn: int = 5
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseVLM (arXiv 2410.04417) token recycling: density-peak clustering (DPC-kNN) and averaging.
+
+    - distance: Euclidean on float32 feats divided by sqrt(D) (RMS per channel).
+    - local density rho_i = exp(-mean of squared distances to the m nearest other valid tokens),
+      m = min(knn, n_valid - 1) (rho = 1 for a lone token).
+    - delta_i = distance to the nearest token of higher density, densities tied -> the lower index
+      counts as higher (deterministic, replacing the reference code's random jitter); the densest
+      token gets the sample's largest pairwise distance.
+    - centres: top ``n_clusters[b]`` by rho * delta (ties -> lower index; clamped to [1, n_valid]).
+    - assignment: every valid token joins its nearest centre (ties -> lower centre slot); a centre
+      always joins its own cluster.
+
+    Returns ``centres [B, C, D]`` (mean of member feats, in feats' dtype, zeros in padded slots),
+    ``centre_index [B, C]`` (ascending token indices, -1 padded) and ``assignment [B, N]`` (centre
+    slot in 0..C-1, -1 for invalid tokens).
+    """
+    B, N, D = feats.shape
+    x = feats.float()
+    n = valid.sum(1)
+    c = torch.minimum(torch.as_tensor(n_clusters, device=n.device, dtype=torch.long).expand_as(n)
+                      .clamp(min=1), n)
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(D)
+    idx = _arange(N, valid)
+    pair = valid[:, :, None] & valid[:, None, :] & (idx[:, None] != idx[None, :])
+    m = (n - 1).clamp(min=0, max=knn)
+    near = torch.where(pair, dist, math.inf).sort(-1).values[..., :knn]
+    near_ok = _arange(near.shape[-1], valid) < m[:, None, None]
+    density = torch.exp(-torch.where(near_ok, near.square(), 0).sum(-1) / m.clamp(min=1)[:, None])
+    higher = (density[:, None, :] > density[:, :, None]) | (
+        (density[:, None, :] == density[:, :, None]) & (idx[None, :] < idx[:, None]))
+    higher &= pair
+    dmax = torch.where(pair, dist, 0).flatten(1).amax(1) if N else dist.new_zeros(B)
+    delta = torch.where(higher, dist, math.inf).amin(-1)
+    delta = torch.where(torch.isinf(delta), dmax[:, None], delta)
+    is_centre = _take_first(_order(density * delta, valid), valid, c)
+    centre_index = _mask_to_indices(is_centre, _max(c))
+    C = centre_index.shape[1]
+    to_centre = dist.gather(2, centre_index.clamp(min=0)[:, None, :].expand(B, N, C))
+    to_centre = torch.where(centre_index[:, None, :] >= 0, to_centre, math.inf)
+    assign = _first_argmax(-to_centre) if C else torch.zeros_like(idx).expand(B, N)
+    assign = torch.where(is_centre, is_centre.long().cumsum(1) - 1, assign)  # centres join themselves
+    assign = torch.where(valid, assign, -1)
+    a = assign.clamp(min=0)
+    w = valid.float()[..., None]
+    sums = x.new_zeros(B, C, D).scatter_add_(1, a[..., None].expand(B, N, D), torch.where(w > 0, x, 0))
+    counts = x.new_zeros(B, C, 1).scatter_add_(1, a[..., None], w)
+    centres = (sums / counts.clamp(min=1)).to(feats.dtype)
+    return centres, centre_index, assign
+
+
+# ------------------------------------------------------------------------------------- VisionZip
+def cls_dominant_and_contextual(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor,
+                                valid: torch.Tensor, n_dominant: int, n_contextual: int
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip (arXiv 2412.04467): dominant tokens by CLS attention + merged contextual tokens.
+
+    - dominant: top ``n_dominant`` by ``cls_attn`` (ties -> lower index). The CLS token itself is the
+      caller's business (VisionZip keeps CLS + n_dominant - 1 patches: pass patches only).
+    - contextual targets: the R remaining valid tokens in ascending order, positions
+      0, s, 2s, ... of that list with stride s = max(1, R // n_contextual), the first n_contextual
+      of them (fewer if R < n_contextual).
+    - every other remaining token joins its most similar target by cosine of ``keys`` (ties -> lower
+      target slot); contextual_hidden = target hidden + mean of its members' hidden states, or just the
+      target hidden when no token joined it.
+
+    Returns ``dominant_idx [B, n_dominant]``, ``contextual_idx [B, n_contextual]`` (ascending, -1
+    padded) and ``contextual_hidden [B, n_contextual, D]`` (hidden's dtype, zeros in padded slots).
+    """
+    B, N, D = hidden.shape
+    dom_mask = _take_first(_order(cls_attn, valid), valid, torch.clamp(valid.sum(1), max=n_dominant))
+    dom = _mask_to_indices(dom_mask, n_dominant)
+    if n_contextual == 0:
+        return dom, dom.new_zeros(B, 0), hidden.new_zeros(B, 0, D)
+    rest = valid & ~dom_mask
+    step = (rest.sum(1) // max(n_contextual, 1)).clamp(min=1)[:, None]
+    pos = rest.long().cumsum(1) - 1
+    is_target = rest & (pos % step == 0) & (pos // step < n_contextual)
+    tgt = _mask_to_indices(is_target, n_contextual)
+    kn = _unit(keys)
+    sim = torch.einsum("bnd,bcd->bnc", kn, _gather_rows(kn, tgt))
+    assign = _first_argmax(torch.where(tgt[:, None, :] >= 0, sim, -math.inf))
+    w = (rest & ~is_target).float()[..., None]
+    h = hidden.float()
+    sums = h.new_zeros(B, n_contextual, D).scatter_add_(1, assign[..., None].expand(B, N, D),
+                                                        torch.where(w > 0, h, 0))
+    counts = h.new_zeros(B, n_contextual, 1).scatter_add_(1, assign[..., None], w)
+    ctx = (_gather_rows(h, tgt) + sums / counts.clamp(min=1)) * (tgt >= 0)[..., None]
+    return dom, tgt, ctx.to(hidden.dtype)
+
+
+# -------------------------------------------------------------------------------------- uniform
+def uniform_indices(n_valid: torch.Tensor, k: Budget, grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Spatially uniform baseline: k[b] evenly spaced indices in 0..n_valid[b]-1, ascending, unique.
+
+    1-D (``grid=None``): index_i = floor((i + 0.5) * n / k) for i < k.
+    2-D (``grid=(H, W)``, every sample must then hold H*W tokens in raster order): a kh x kw lattice
+    with kh = round(sqrt(k H / W)) (clamped to [1, H]), kw = ceil(k / kh) (<= W, kh raised if needed),
+    rows floor((r + 0.5) H / kh), cols floor((c + 0.5) W / kw); k lattice points are then taken with
+    the 1-D rule over the raster-ordered lattice (all of them when kh * kw == k, e.g. stride-2 for
+    k = 144 of 24 x 24).
+    """
+    n_valid = torch.as_tensor(n_valid, dtype=torch.long)
+    k = _budget(k, n_valid)
+    i = _arange(_max(k), n_valid)[None, :]
+    ok = i < k[:, None]
+    kk = k.clamp(min=1)[:, None]
+    if grid is None:
+        out = (2 * i + 1) * n_valid[:, None] // (2 * kk)
+    else:
+        H, W = int(grid[0]), int(grid[1])
+        kh = torch.round(torch.sqrt(kk.double() * H / W)).long().clamp(1, H)
+        kw = ((kk + kh - 1) // kh).clamp(max=W)
+        kh = torch.maximum(kh, (kk + kw - 1) // kw).clamp(max=H)
+        lat = (2 * i + 1) * (kh * kw) // (2 * kk)
+        r, c = lat // kw, lat % kw
+        out = ((2 * r + 1) * H // (2 * kh)) * W + (2 * c + 1) * W // (2 * kw)
+    return torch.where(ok, out, -1)

@@ -1,0 +1,90 @@
+"""Reference selectors every comparison should carry: keep-all, seeded random, spatially uniform."""
+from __future__ import annotations
+
+import torch
+
+from fvlm.selectors.base import Need, ScoreSelector, Stage, TokenSelector
+
+
+class KeepAll(TokenSelector):
+    """Identity: keeps every visual token (the unpruned reference and test oracle)."""
+
+    def __init__(self, layer: int | str = "input"):
+        self.layer = layer
+
+    def stages(self, info):
+        return [Stage(self.layer, 1.0)]
+
+    def select(self, ctx):
+        return torch.where(ctx.visual_valid, torch.arange(ctx.visual_index.shape[1], device=ctx.hidden.device), -1)
+
+
+class RandomSelector(ScoreSelector):
+    """Keeps a seeded uniformly random subset of the visual tokens (same seed, same picks)."""
+
+    def __init__(self, keep: int | float = 0.25, layer: int | str = "input", seed: int = 0):
+        self.keep = keep
+        self.layer = layer
+        self.seed = seed
+
+    def stages(self, info):
+        return [Stage(self.layer, self.keep)]
+
+    def score(self, ctx):
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.rand(ctx.visual_index.shape, generator=gen).to(ctx.hidden.device)
+
+
+class UniformSelector(TokenSelector):
+    """Keeps visual tokens at an even spatial stride over each image's patch grid.
+
+    Budgets are split across a sample's images in proportion to their token counts; within an
+    image, rows and columns are sampled evenly on its 2-D grid (a 1-D stride where no grid is known).
+    """
+
+    needs = frozenset({Need.GRID})
+
+    def __init__(self, keep: int | float = 0.25, layer: int | str = "input"):
+        self.keep = keep
+        self.layer = layer
+
+    def stages(self, info):
+        return [Stage(self.layer, self.keep)]
+
+    def select(self, ctx):
+        from fvlm.selectors.algorithms import uniform_indices
+
+        grids = ctx.grids
+        rows = []
+        for b in range(ctx.hidden.shape[0]):
+            n, k = int(ctx.num_visual[b]), int(ctx.budget[b])
+            original = sum(g.length for g in grids[b]) if b < len(grids) else 0
+            if original != n or not grids[b]:  # already pruned: no grid left, use a 1-D stride
+                picks = uniform_indices(torch.tensor([n]), torch.tensor([k]))[0].tolist() if k else []
+            else:
+                picks = _grid_picks(grids[b], k)
+            rows.append(picks)
+        width = max((len(r) for r in rows), default=0)
+        out = torch.full((len(rows), width), -1, dtype=torch.long)
+        for b, r in enumerate(rows):
+            out[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out.to(ctx.hidden.device)
+
+
+def _grid_picks(grids, k: int) -> list[int]:
+    """Split ``k`` across images by size (largest remainder), then stride evenly on each grid."""
+    from fvlm.selectors.algorithms import uniform_indices
+
+    total = sum(g.length for g in grids)
+    shares = [k * g.length / total for g in grids]
+    counts = [int(s) for s in shares]
+    for i in sorted(range(len(grids)), key=lambda i: counts[i] - shares[i])[: k - sum(counts)]:
+        counts[i] += 1
+    picks = []
+    for g, c in zip(grids, counts):
+        if c == 0:
+            continue
+        grid = (g.rows, g.cols) if g.rows * g.cols == g.length else None  # e.g. LLaVA-NeXT tiles: 1-D
+        local = uniform_indices(torch.tensor([g.length]), torch.tensor([c]), grid=grid)[0]
+        picks.extend((local[local >= 0] + g.offset).tolist())
+    return sorted(picks)
