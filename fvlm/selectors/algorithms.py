@@ -135,7 +135,7 @@ def nms_fill(saliency: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor, k
         has = r < N
         i = order.gather(1, r.clamp(max=N - 1)[:, None]).squeeze(1)
         sim = full[rows, i] if full is not None else torch.bmm(v, v[rows, i][:, :, None])[..., 0]
-        suppressed |= has[:, None] & (sim > tau + 0.01)
+        suppressed |= has[:, None] & (sim >= tau)
         suppressed[rows, i] |= has
         kept[rows, i] |= has
         count += has.long()
