@@ -210,6 +210,7 @@ class PruningSession:
         run = self._run
         if run is None:
             return kwargs
+        run.cache.clear()  # keyed by id() of this call's tensors: never reuse across calls
         run.steps += new_tokens
         self.trace.decode_steps = run.steps
         if run.input_map is not None:

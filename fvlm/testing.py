@@ -70,21 +70,22 @@ def _clip_config() -> CLIPVisionConfig:
     )
 
 
-def _config(family: str):
+def _config(family: str, num_layers: int = NUM_LAYERS):
+    text = dict(_TEXT, num_hidden_layers=num_layers)
     llava_common = dict(
         image_token_index=IMAGE_ID, vision_feature_layer=-2, vision_feature_select_strategy="default",
         image_seq_length=(CLIP_IMAGE // CLIP_PATCH) ** 2,
     )
-    qwen_text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+    qwen_text = dict(text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                               "mrope_section": [2, 3, 3]})  # sums to head_dim/2 = 8
     qwen_ids = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
                     vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID)
     qwen_vision = dict(depth=2, num_heads=2, patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL_PATCH,
                        spatial_merge_size=2, initializer_range=INIT_STD)
     if family == "llava":
-        return LlavaConfig(vision_config=_clip_config(), text_config=LlamaConfig(**_TEXT), **llava_common)
+        return LlavaConfig(vision_config=_clip_config(), text_config=LlamaConfig(**text), **llava_common)
     if family == "llava_next":
-        return LlavaNextConfig(vision_config=_clip_config(), text_config=LlamaConfig(**_TEXT),
+        return LlavaNextConfig(vision_config=_clip_config(), text_config=LlamaConfig(**text),
                                image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, **llava_common)
     if family == "qwen2_vl":
         vision = dict(qwen_vision, embed_dim=32, hidden_size=_TEXT["hidden_size"], mlp_ratio=2)
@@ -104,13 +105,16 @@ _CLASSES = {
 }
 
 
-def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32,
+               num_layers: int = NUM_LAYERS):
     """Build a deterministic tiny ``*ForConditionalGeneration`` model of ``family`` in eval mode.
+
+    ``num_layers`` sets the decoder depth (e.g. 16 for selectors whose default stages sit deeper).
 
     Weights depend only on ``seed`` (the global RNG state is left untouched), not on
     ``attn_implementation`` or the order of calls.
     """
-    config = _config(family)
+    config = _config(family, num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _CLASSES[family]._from_config(config, attn_implementation=attn_implementation, dtype=dtype)

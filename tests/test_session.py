@@ -1,0 +1,231 @@
+"""Oracle tests of the pruning session on every supported family (tiny random models, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fvlm
+from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
+from helpers import EveryOther, FixedSelector, GradientNorm, generation_positions, greedy_without_cache, hook_count
+
+IMPLS = ("eager", "sdpa")
+
+
+def _generate(model, inputs, steps=5, **kw):
+    return model.generate(**inputs, max_new_tokens=steps, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", IMPLS)
+@pytest.mark.parametrize("where", ["input", 2])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_keep_all_reproduces_unpruned_generate(model_cache, family, attn, where, padding_side):
+    model = model_cache(family, attn)
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side=padding_side)
+    reference = _generate(model, inputs)
+    with fvlm.prune(model, "keep_all", layer=where) as session:
+        pruned = _generate(model, inputs)
+    assert torch.equal(pruned, reference)
+    assert session.trace.original_visual == session.trace.llm_input_visual
+
+
+def _lm_inputs(model, inputs, positions):
+    """Capture what the unpruned language model receives (embeddings after the image splice)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, position_ids=positions)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", IMPLS)
+def test_input_pruning_equals_plain_model_on_sliced_embeddings(model_cache, family, attn):
+    """Fixed picks at the LLM input, original positions: same logits as slicing by hand."""
+    model = model_cache(family, attn)
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = generation_positions(model, ids, mask, inputs)
+    visual = ids == (model.config.image_token_id if hasattr(model.config, "image_token_id") and model.config.image_token_id is not None else model.config.image_token_index)
+    gen = torch.Generator().manual_seed(0)
+    picks = [sorted(torch.randperm(int(visual[b].sum()), generator=gen)[:5].tolist()) for b in range(2)]
+    seen = _lm_inputs(model, inputs, positions)
+
+    with fvlm.prune(model, FixedSelector(picks)), torch.no_grad():
+        pruned = model(**inputs, position_ids=positions).logits
+
+    lm = model.model.language_model
+    for b in range(2):
+        real = mask[b].nonzero().flatten()
+        vis_pos = visual[b].nonzero().flatten()
+        keep = sorted(set(real.tolist()) - set(vis_pos.tolist()) | set(vis_pos[picks[b]].tolist()))
+        keep = torch.tensor(keep)
+        pos = seen["position_ids"][..., b : b + 1, :][..., keep]
+        with torch.no_grad():
+            hidden = lm(
+                inputs_embeds=seen["inputs_embeds"][b : b + 1, keep],
+                position_ids=pos,
+                attention_mask=torch.ones(1, len(keep), dtype=torch.long),
+            ).last_hidden_state
+            expected = model.lm_head(hidden)[0]
+        got = pruned[b, -len(keep) :]  # left padding: the kept real tokens end the row
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+
+
+SCHEDULES = {
+    "layer2": [(2, 5)],
+    "multi": [("input", 10), (1, 6), (2, 3)],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", IMPLS)
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_cached_decoding_equals_recomputing_without_cache(model_cache, family, attn, schedule):
+    model = model_cache(family, attn)
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    with fvlm.prune(model, EveryOther(SCHEDULES[schedule])) as session, torch.no_grad():
+        cached = _generate(model, inputs, steps=6)
+        trace = session.trace
+        reference = greedy_without_cache(model, inputs, steps=6)
+    assert torch.equal(cached, reference)
+    assert trace.decode_steps == 5
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_trace_matches_real_cache_and_schedule(model_cache, family):
+    model = model_cache(family, "eager")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    with fvlm.prune(model, EveryOther(SCHEDULES["multi"])) as session:
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    trace = session.trace
+    cache = out.past_key_values
+    assert trace.kv_length == [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
+    assert trace.visual_per_layer == [[10, 6, 3, 3], [10, 6, 3, 3]]
+    assert trace.layer_average == [5.5, 5.5]
+    assert [s.where for s in trace.stages] == ["input", 1, 2]
+
+
+def test_prompt_without_image_is_left_alone(model_cache):
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(0, 1), padding_side="left")
+    reference = _generate(model, inputs)
+    with fvlm.prune(model, "random", keep=4, seed=1) as session:
+        pruned = _generate(model, inputs)
+    assert torch.equal(pruned[0], reference[0])
+    assert session.trace.original_visual == [0, 16]
+    assert session.trace.llm_input_visual == [0, 4]
+
+
+def test_hooks_removed_on_exit_and_on_exception(model_cache):
+    model = model_cache("llava", "sdpa")
+    before = hook_count(model)
+    with fvlm.prune(model, "random", keep=4, layer=2):
+        assert hook_count(model) > before
+    assert hook_count(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with fvlm.prune(model, "random", keep=4, layer=2):
+            raise RuntimeError("boom")
+    assert hook_count(model) == before
+    inputs = tiny_inputs(model, images_per_prompt=(1, 1))
+    with pytest.raises(fvlm.BudgetError):
+        with fvlm.prune(model, "random", keep=999):
+            _generate(model, inputs)
+    assert hook_count(model) == before
+
+
+@pytest.mark.parametrize("where", ["input", 2])
+def test_compact_positions_match_renumbered_reference(model_cache, where):
+    """Compact policy: kept tokens get contiguous positions; decode continues from the new end."""
+    model = model_cache("llava", "eager")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    with fvlm.prune(model, EveryOther([(where, 6)]), positions="compact") as session, torch.no_grad():
+        cached = _generate(model, inputs, steps=5)
+        reference = greedy_without_cache(model, inputs, steps=5)
+    assert torch.equal(cached, reference)
+    with fvlm.prune(model, EveryOther([(where, 6)])), torch.no_grad():
+        original = _generate(model, inputs, steps=5)
+    assert session.trace.layer_average != [16.0, 32.0]
+    assert not torch.equal(original, cached) or where == 2  # positions matter at the input
+
+
+def test_compact_input_positions_are_contiguous(model_cache):
+    model = model_cache("llava", "eager")
+    inputs = tiny_inputs(model, images_per_prompt=(1,), padding_side="left")
+    seen = {}
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: seen.update(k), with_kwargs=True
+    )
+    try:
+        with fvlm.prune(model, EveryOther([("input", 6)]), positions="compact"), torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    n = seen["position_ids"].shape[-1]
+    assert seen["position_ids"].flatten().tolist() == list(range(n))
+
+
+def test_compact_positions_rejected_for_mrope(model_cache):
+    with pytest.raises(fvlm.FVLMError, match="M-RoPE"):
+        fvlm.prune(model_cache("qwen2_vl", "sdpa"), "random", keep=4, positions="compact")
+
+
+def test_bad_inputs_raise_clear_errors(model_cache):
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 1))
+    with pytest.raises(fvlm.BudgetError, match="exceeds the 16 visual tokens"):
+        with fvlm.prune(model, "random", keep=17):
+            _generate(model, inputs)
+    with pytest.raises(fvlm.UnknownSelectorError, match="rnadom"):
+        fvlm.prune(model, "rnadom")
+    with pytest.raises(fvlm.FVLMError, match="out of range"):
+        fvlm.prune(model, "random", keep=4, layer=4)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(fvlm.UnsupportedModelError, match="LlamaForCausalLM"):
+        fvlm.prune(text_only, "random")
+    with pytest.raises(TypeError, match="registered selector name"):
+        fvlm.prune(model, FixedSelector([[0]]), keep=3)
+
+
+def test_gradient_selector_under_inference_mode_is_rejected(model_cache):
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 1))
+    with fvlm.prune(model, GradientNorm()):
+        with pytest.raises(fvlm.GradientUnavailableError, match="inference_mode"):
+            with torch.inference_mode():
+                _generate(model, inputs)
+        with torch.no_grad():
+            out = _generate(model, inputs)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_selection_contract_is_enforced(model_cache):
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 1))
+    with fvlm.prune(model, FixedSelector([[0, 0], [1, 2]])):
+        with pytest.raises(fvlm.SelectionError, match="sample 0"):
+            _generate(model, inputs)
+    with fvlm.prune(model, FixedSelector([[0, 16], [1, 2]])):
+        with pytest.raises(fvlm.SelectionError, match="unique indices in \\[0, 16\\)"):
+            _generate(model, inputs)
+
+
+def test_undeclared_probe_is_an_error(model_cache):
+    class Sneaky(GradientNorm):
+        needs = frozenset()
+
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 1))
+    with fvlm.prune(model, Sneaky()), pytest.raises(fvlm.FVLMError, match="does not declare Need.GRADIENT"):
+        _generate(model, inputs)
