@@ -1,12 +1,13 @@
 """What a selector may look at during one stage, computed lazily and cached."""
 from __future__ import annotations
 
+import copy
 from functools import cached_property
 from typing import Any, Callable
 
 import torch
 
-from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo
+from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo, VisionProbe
 from fvlm.errors import FVLMError, GradientUnavailableError
 from fvlm.selectors.base import Need, Stage, TokenSelector
 
@@ -36,6 +37,7 @@ class SelectionContext:
         grids: list[list[ImageGrid]] | None = None,
         layer_input: torch.Tensor | None = None,
         layer_kwargs: dict[str, Any] | None = None,
+        observed: dict | None = None,
     ):
         self.selector = selector
         self.stage = stage
@@ -50,6 +52,7 @@ class SelectionContext:
         self._grids = grids
         self._layer_input = layer_input
         self._layer_kwargs = layer_kwargs or {}
+        self._observed = observed or {}
 
     # -- always available ------------------------------------------------------------------
     @property
@@ -80,9 +83,15 @@ class SelectionContext:
         seq = torch.arange(self.token_valid.shape[1], device=self.token_valid.device)
         return torch.where(self.token_valid, seq, -1).amax(dim=1)
 
+    def for_selector(self, selector: TokenSelector) -> "SelectionContext":
+        """A view of this context for one part of a composed selector (its own needs are checked)."""
+        view = copy.copy(self)
+        view.selector = selector
+        return view
+
     # -- declared probes -------------------------------------------------------------------
     def _use(self, need: Need) -> None:
-        if need not in type(self.selector).needs:
+        if need not in self.selector.needs:
             raise FVLMError(
                 f"selector {type(self.selector).__name__} uses {need.value!r} but does not declare "
                 f"Need.{need.name} in its `needs`"
@@ -140,12 +149,39 @@ class SelectionContext:
         self._use(Need.GRID)
         return self._grids or []
 
+    @cached_property
+    def vision(self) -> VisionProbe:
+        """Vision-tower view per sample, aligned with ``visual_index``: ``features`` ``[B, N, Dv]``
+        (pre-projector), ``cls_attention`` ``[B, N]``, ``keys`` ``[B, N, dk]``. Only at ``"vision"`` stages
+        (before anything is pruned)."""
+        self._use(Need.VISION_ATTENTION)
+        if self.stage.where != "vision":
+            raise FVLMError("vision-tower probes are only available at a 'vision' stage")
+        probe = self.adapter.vision_probe(self._observed)
+        counts = [len(images) for images in self._grids or []]
+        if sum(counts) != probe.features.shape[0]:
+            raise FVLMError(f"found {sum(counts)} images in the prompts but {probe.features.shape[0]} in the vision tower")
+        starts = [sum(counts[:b]) for b in range(len(counts))]
+
+        def per_sample(t: torch.Tensor) -> torch.Tensor:
+            rows = [t[s : s + c].reshape(-1, *t.shape[2:]) for s, c in zip(starts, counts)]
+            return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)[:, : self.visual_index.shape[1]]
+
+        return VisionProbe(per_sample(probe.features), per_sample(probe.cls_attention), per_sample(probe.keys))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Map vision features (``[..., Dv]``) to LLM input embeddings with the model's projector."""
+        self._use(Need.VISION_ATTENTION)
+        return self.adapter.project(features)
+
     def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Run decoder layer ``index`` on ``hidden`` (current sequence), causally, without a cache."""
         self._use(Need.LAYERS)
         self._require_layer("run_layer")
         kwargs = {k: v for k, v in self._layer_kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")}
-        out = self.adapter.layers[index](hidden, past_key_values=None, use_cache=False, **kwargs)
+        # .forward, not __call__: a proxy pass must not fire module hooks (the session's own stage
+        # hooks on this layer would prune / re-gather kwargs again; HF's output recorders would log it)
+        out = self.adapter.layers[index].forward(hidden, past_key_values=None, use_cache=False, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @property

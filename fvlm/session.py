@@ -125,7 +125,7 @@ class PruningSession:
 
     def _attach(self) -> None:
         hooks = self._handles
-        hooks.extend(self.adapter.observe(self._observed))
+        hooks.extend(self.adapter.observe(self._observed, self.selector.needs))
         hooks.append(self.adapter.top.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_hook(self._lm_hook, with_kwargs=True))
@@ -162,7 +162,7 @@ class PruningSession:
             self._run.cache.clear()
 
     def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
-        if Need.GRADIENT in type(self.selector).needs and torch.is_inference_mode_enabled():
+        if Need.GRADIENT in self.selector.needs and torch.is_inference_mode_enabled():
             raise GradientUnavailableError(
                 f"selector {type(self.selector).__name__} needs gradients, which torch.inference_mode() "
                 "forbids; call generate under torch.no_grad() instead (Lightning: Trainer(inference_mode=False))"
@@ -276,6 +276,7 @@ class PruningSession:
             grids=run.grids,
             layer_input=run.layer_input,
             layer_kwargs=run.layer_kwargs,
+            observed=self._observed,
         )
         selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
         keep = build_keep_map(run.is_visual | run.is_filler, ctx.visual_index, selection.indices)

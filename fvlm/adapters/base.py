@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fvlm.errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -24,6 +26,17 @@ class ModelInfo:
     vision_has_cls: bool = False
     mrope: bool = False
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VisionProbe:
+    """Per image (``[I, ...]``, in batch order): pre-projector features of the visual tokens, the
+    CLS token's attention to them (summed over heads) and their keys (averaged over heads), all
+    from the vision layer whose output feeds the projector."""
+
+    features: torch.Tensor
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -112,9 +125,21 @@ class BackboneAdapter:
     vision_has_cls: ClassVar[bool] = False
     mrope: ClassVar[bool] = False
 
-    def observe(self, store: dict) -> list:
-        """Register hooks that record layout facts (e.g. image grids) into ``store``; return handles."""
+    def observe(self, store: dict, needs: frozenset) -> list:
+        """Register hooks that record what selectors may need (image grids, vision-tower
+        internals) into ``store`` while the model runs; return the hook handles."""
         return []
+
+    def vision_probe(self, store: dict) -> "VisionProbe":
+        """Vision-tower internals of the last image batch, one row per image (see :class:`VisionProbe`)."""
+        raise UnsupportedModelError(
+            f"{self.family}: vision-tower probes (CLS attention, pre-projector features) are not available; "
+            "they need a CLS-token vision tower with one tile per image (LLaVA-1.5)"
+        )
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Map vision-tower features to LLM input embeddings with the model's own projector."""
+        raise UnsupportedModelError(f"{self.family}: no stand-alone multimodal projector")
 
     # -- layout ----------------------------------------------------------------------------
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:

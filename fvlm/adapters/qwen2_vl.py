@@ -15,7 +15,7 @@ class Qwen2VLAdapter(BackboneAdapter):
         info = super().info()
         return type(info)(**{**info.__dict__, "family": self.model.config.model_type})
 
-    def observe(self, store):
+    def observe(self, store, needs):
         """``generate`` encodes images before the prefill call: record their grids from the vision tower."""
 
         def hook(module, args, kwargs):

@@ -79,6 +79,9 @@ class TokenSelector(abc.ABC):
     """
 
     needs: ClassVar[frozenset[Need]] = frozenset()
+    #: Keyword arguments that fit fvlm's tiny test backbones (4 layers, 8-88 visual tokens per image);
+    #: the contract tests and docs create the selector with them.
+    example_kwargs: ClassVar[dict] = {}
 
     @abc.abstractmethod
     def stages(self, info: "ModelInfo") -> Sequence[Stage]:
