@@ -98,14 +98,61 @@ def _info(args: argparse.Namespace) -> int:
 
 # fvlm demo ------------------------------------------------------------------------------------
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="prune a built-in tiny model and print the trace (no download)")
+    p = sub.add_parser("demo", help="prune a built-in tiny model and compare with the unpruned run (no download)")
+    p.add_argument("--family", default="llava", help="tiny backbone family (llava, llava_next, qwen2_vl, qwen2_5_vl)")
+    p.add_argument("--selector", default=None, help="registered selector (default: its example settings)")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="selector argument, YAML-parsed (repeatable), e.g. --set keep=8")
+    p.add_argument("--tokens", type=int, default=8, help="tokens to generate")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # PLACEHOLDER (lead): run a pruned generate on fvlm.testing's tiny model and print the trace.
-    _console().print("fvlm demo: not yet")
-    return 2
+    import time
+
+    import torch
+    import yaml
+
+    import fvlm
+    from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
+
+    if args.family not in FAMILIES:
+        raise FVLMError(f"unknown tiny family {args.family!r}; choose from {', '.join(FAMILIES)}")
+    names = [args.selector] if args.selector else [n for n in ("random", "divprune", "pio_fvlm") if n in fvlm.list_selectors()]
+    options = {}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FVLMError(f"--set expects KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    if options and not args.selector:
+        raise FVLMError("--set needs --selector")
+    model = tiny_model(args.family)
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    console = _console()
+    console.print(f"[bold]fvlm demo[/bold]: tiny random {args.family} backbone, batch of 2 prompts "
+                  f"(1 and 2 images, left padding), greedy generate of {args.tokens} tokens")
+    with torch.no_grad():
+        start = time.perf_counter()
+        reference = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
+        base_time = time.perf_counter() - start
+    table = Table(title="pruned generate vs. unpruned (random weights: agreement, not accuracy)")
+    for column in ("selector", "visual tokens", "LLM input", "layer avg", "KV length / layer", "same tokens", "time"):
+        table.add_column(column)
+    table.add_row("(unpruned)", str(inputs["input_ids"].eq(fvlm.testing.image_token_id(model)).sum(1).tolist()), "-", "-", "-", "-", f"{base_time * 1e3:.0f} ms")
+    for name in names:
+        kwargs = options or fvlm.registry.get_selector_class(name).example_kwargs
+        with fvlm.prune(model, name, **kwargs) as session, torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
+            elapsed = time.perf_counter() - start
+        trace = session.trace
+        same = (out[:, -args.tokens:] == reference[:, -args.tokens:]).float().mean().item()
+        table.add_row(name, str(trace.original_visual), str(trace.llm_input_visual),
+                      str([round(a, 1) for a in trace.layer_average]), str(trace.kv_length), f"{same:.0%}",
+                      f"{elapsed * 1e3:.0f} ms")
+    console.print(table)
+    return 0
 
 
 COMMANDS: list[Callable] = [_add_list, _add_info, _add_demo]

@@ -1,0 +1,20 @@
+"""The README's main command: `fvlm demo` runs a pruned generate on a built-in tiny backbone."""
+from fvlm.cli import main
+
+
+def test_demo_runs_every_default_selector(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["demo", "--tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "(unpruned)" in out and "random" in out and "[16, 32]" in out
+
+
+def test_demo_with_selector_options(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["demo", "--family", "qwen2_vl", "--selector", "uniform", "--set", "keep=4", "--tokens", "2"]) == 0
+    assert "[4, 4]" in capsys.readouterr().out
+
+
+def test_demo_bad_option_is_a_clear_error(capsys):
+    assert main(["demo", "--selector", "random", "--set", "keep"]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err
