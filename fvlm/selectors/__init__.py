@@ -1,0 +1,1 @@
+"""Built-in selectors, the selector interface and the pure selection algorithms."""
