@@ -229,3 +229,38 @@ def test_undeclared_probe_is_an_error(model_cache):
     inputs = tiny_inputs(model, images_per_prompt=(1, 1))
     with fvlm.prune(model, Sneaky()), pytest.raises(fvlm.FVLMError, match="does not declare Need.GRADIENT"):
         _generate(model, inputs)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("attn", IMPLS)
+def test_unequal_budgets_without_padding(model_cache, family, attn):
+    """Equal-length prompts (no padding, so no mask) whose samples keep different counts:
+    the filler slots must be masked in prefill and in every decode step."""
+    model = model_cache(family, attn)
+    extra = 2 if family == "qwen2_vl" else 0  # Qwen wraps each image in vision start/end tokens
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), text_lengths=[26 + extra, 10])
+    assert bool(inputs["attention_mask"].all())
+    selector = EveryOther([(1, 0.5), (2, 0.25)])
+    with fvlm.prune(model, selector) as session, torch.no_grad():
+        cached = _generate(model, inputs, steps=5)
+        reference = greedy_without_cache(model, inputs, steps=5)
+    assert torch.equal(cached, reference)
+    assert [row[1:] for row in session.trace.visual_per_layer] == [[8, 4, 4], [16, 8, 8]]
+    for b in range(2):  # each sample alone (no fillers) generates the same tokens
+        single = {k: v[b : b + 1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in inputs.items()}
+        single.update(_image_slice(model, inputs, b))
+        with fvlm.prune(model, selector), torch.no_grad():
+            alone = _generate(model, single, steps=5)
+        assert torch.equal(alone[0], cached[b])
+
+
+def _image_slice(model, inputs, b):
+    """Pixel inputs of sample ``b`` alone (sample 0 has 1 image, sample 1 has 2)."""
+    images = [0] if b == 0 else [1, 2]
+    if "image_grid_thw" in inputs:
+        thw = inputs["image_grid_thw"]
+        rows = thw.prod(-1)
+        start = [0, *rows.cumsum(0).tolist()]
+        pix = torch.cat([inputs["pixel_values"][start[i] : start[i + 1]] for i in images])
+        return {"pixel_values": pix, "image_grid_thw": thw[images]}
+    return {"pixel_values": inputs["pixel_values"][images]}
