@@ -80,6 +80,7 @@ class PIOFVLM(TokenSelector):
     """
 
     needs = frozenset({Need.GRADIENT, Need.LAYERS})
+    example_kwargs = {"layers": [1, 2], "keep_fraction": [0.5, 0.25]}
 
     def __init__(
         self,
