@@ -61,6 +61,7 @@ class DART(TokenSelector):
     """
 
     needs = frozenset({Need.KEYS, Need.TEXT, Need.LAYERS})
+    example_kwargs = {"layer": 2, "keep": 0.5}
 
     def __init__(self, layer: int = 2, keep: int | float = 128, pivots_visual: int = 4, pivots_text: int = 4,
                  exact_budget: bool = True):

@@ -45,6 +45,7 @@ class FastV(ScoreSelector):
     """
 
     needs = frozenset({Need.ATTENTION})
+    example_kwargs = {"k": 2, "keep": 0.5}
 
     def __init__(self, k: int = 2, keep: int | float = 0.5):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:

@@ -50,8 +50,6 @@ Deviations from the official code:
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from fvlm.context import gather_rows, positions_of
@@ -98,8 +96,9 @@ class SparseVLM(TokenSelector):
     """
 
     needs = frozenset({Need.ATTENTION, Need.TEXT})
+    example_kwargs = {"schedule": [[1, 0.75], [2, 0.5], [3, 0.25]]}  # the tiny backbones have 4 layers
 
-    def __init__(self, budget: int = 192, layers: Sequence[int] = DEFAULT_LAYERS,
+    def __init__(self, budget: int = 192, layers: tuple[int, ...] = DEFAULT_LAYERS,
                  schedule: list[tuple[int, int | float]] | None = None, recycle: bool = False):
         if schedule is None:
             if budget not in V15_COUNTS:
@@ -144,8 +143,7 @@ class SparseVLM(TokenSelector):
         is_rater = t_valid & (relevance > mean)
         none = ~is_rater.any(dim=1, keepdim=True)
         is_rater = torch.where(none, t_valid, is_rater)  # fallback: all text after the image
-        rows = torch.zeros_like(after)
-        rows.scatter_(1, t_index.clamp(min=0), is_rater & t_valid)
+        rows = _mask_of(torch.where(is_rater & t_valid, t_index, -1), after.shape[1])
         last = torch.zeros_like(after)
         last[torch.arange(after.shape[0], device=after.device), ctx.last_index] = True
         rows = torch.where(rows.any(dim=1, keepdim=True), rows, last)  # no text after the image
@@ -158,8 +156,7 @@ class SparseVLM(TokenSelector):
         if self._raters is None or self._raters.shape != text_index.shape:
             raise FVLMError("SparseVLM: no raters for this prefill (the selector's input stage did not run "
                             "on this batch); use one selector instance per pruning session")
-        rows = torch.zeros_like(ctx.text_valid)
-        rows.scatter_(1, text_index.clamp(min=0), self._raters & (text_index >= 0))
+        rows = _mask_of(torch.where(self._raters & (text_index >= 0), text_index, -1), ctx.text_valid.shape[1])
         index, valid = positions_of(rows)
         return torch.where(valid, index, ctx.last_index[:, None]), valid
 
