@@ -370,7 +370,7 @@ class PruningSession:
         if mask is None:
             if not bool(keep.filler.any()):
                 return None
-            impl = self.info_attn_impl(module)
+            impl = self._attn_impl(module)
             query = keep.index.shape[1] if run.in_prefill else 1
             extra = 0 if run.in_prefill else run.steps
             if impl.startswith("flash"):
@@ -382,7 +382,8 @@ class PruningSession:
             return gather_square_mask(mask, keep)
         return gather_mask_columns(mask, keep, length)
 
-    def info_attn_impl(self, module: nn.Module) -> str:
+    @staticmethod
+    def _attn_impl(module: nn.Module) -> str:
         return getattr(module.self_attn.config, "_attn_implementation", None) or "eager"
 
     @staticmethod
