@@ -155,7 +155,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_add_list, _add_info, _add_demo]
+# fvlm profile ---------------------------------------------------------------------------------
+def _add_profile(sub) -> None:
+    from fvlm.commands.profile import add_parser
+
+    add_parser(sub)
+
+
+# fvlm run -c recipe.yaml ---------------------------------------------------------------------
+def _add_run(sub) -> None:
+    from fvlm.commands.run import add_parser
+
+    add_parser(sub)
+
+
+# fvlm visualize -------------------------------------------------------------------------------
+def _add_visualize(sub) -> None:
+    from fvlm.commands.visualize import add_parser
+
+    add_parser(sub)
+
+
+COMMANDS: list[Callable] = [_add_list, _add_info, _add_demo, _add_profile, _add_run, _add_visualize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -184,6 +184,19 @@ class SelectionContext:
         out = self.adapter.layers[index].forward(hidden, past_key_values=None, use_cache=False, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def run_layer_rows(self, index: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Output ``[B, Q, D]`` of decoder layer ``index`` at ``rows`` (``[B, Q]`` positions) only.
+
+        Equals ``run_layer(index, hidden)`` gathered at ``rows`` (same positions, causal + padding
+        mask, no cache), but computes queries, attention output and MLP for the ``Q`` rows only
+        (keys and values for all rows): see :meth:`fvlm.adapters.base.BackboneAdapter.rows_forward`.
+        """
+        self._use(Need.LAYERS)
+        self._require_layer("run_layer_rows")
+        return self.adapter.rows_forward(
+            index, hidden, self._layer_kwargs["position_embeddings"], self.token_valid, rows
+        )
+
     @property
     def final_norm(self) -> torch.nn.Module:
         self._use(Need.LAYERS)
@@ -195,7 +208,14 @@ class SelectionContext:
         return self.adapter.lm_head
 
     def grad(self, objective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``d objective(X) / dX`` at ``X = hidden`` (a detached leaf; model weights get no gradient)."""
+        """``d objective(X) / dX`` at ``X = hidden`` (a detached leaf; model weights get no gradient).
+
+        The backward computes input gradients only: ``torch.autograd.grad`` with ``inputs=[X]``
+        never accumulates into ``.grad`` and only runs the graph nodes on a path from the loss to
+        ``X``, so the weight-gradient matmuls of every linear layer (``dL/dW = g^T x``) are skipped
+        even though the parameters have ``requires_grad=True``; what remains is the activation
+        gradient ``g W`` per layer, the same order of cost as the forward.
+        """
         self._use(Need.GRADIENT)
         if torch.is_inference_mode_enabled():
             raise GradientUnavailableError(

@@ -247,3 +247,71 @@ def tiny_inputs(model, images_per_prompt=(1, 1), padding_side: str = "left", see
 def visual_token_counts(model, inputs) -> list[int]:
     """Number of image placeholder tokens in each sample of ``inputs``."""
     return (inputs["input_ids"] == image_token_id(model)).sum(dim=-1).tolist()
+
+
+# -- mid-size random LLaVA for benchmarks ---------------------------------------------------------
+def sized_llava(
+    hidden: int = 1024,
+    layers: int = 16,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    vocab: int = 32000,
+    image_size: int = 336,
+    patch: int = 14,
+    vision_hidden: int = 64,
+    vision_layers: int = 1,
+    attn_implementation: str = "sdpa",
+    dtype=torch.float32,
+    seed: int = 0,
+):
+    """A random ``LlavaForConditionalGeneration`` of a chosen size (benchmarks, not tests).
+
+    The LLM is Llama-shaped (``heads`` default ``hidden // 64``, ``kv_heads`` default ``heads``,
+    ``intermediate`` default ``round(2.6875 * hidden)`` rounded to 64, the Vicuna-7B ratio); the
+    vision tower is a tiny CLIP (``vision_layers`` x ``vision_hidden``) at ``image_size`` / ``patch``
+    so it yields LLaVA-1.5's ``(336 / 14)^2 = 576`` visual tokens at almost no cost. Token ids follow
+    this module's layout (image id 3, text ids from 8); weights use the HF default init (std 0.02).
+    """
+    heads = heads or max(1, hidden // 64)
+    intermediate = intermediate or int(round(2.6875 * hidden / 64)) * 64
+    text = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=4096,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 32), image_size=image_size, patch_size=patch,
+        projection_dim=vision_hidden,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+                         vision_feature_layer=-1 if vision_layers == 1 else -2,
+                         vision_feature_select_strategy="default", image_seq_length=(image_size // patch) ** 2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    model.eval()
+    gen = model.generation_config
+    gen.do_sample, gen.num_beams = False, 1
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = PAD_ID, BOS_ID, None
+    return model
+
+
+def sized_llava_inputs(model, text_tokens: int = 64, batch: int = 1, seed: int = 0) -> dict:
+    """One image per prompt (its full placeholder span) between ``text_tokens`` random text tokens
+    (a quarter before the image, the rest after); ``batch`` identical-length rows, no padding."""
+    config = model.config
+    n_visual = int(config.image_seq_length)
+    size = config.vision_config.image_size
+    gen = torch.Generator().manual_seed(seed)
+    vocab = config.get_text_config().vocab_size
+    before = max(1, text_tokens // 4)
+    rows = []
+    for _ in range(batch):
+        text = torch.randint(FIRST_TEXT_ID, vocab, (text_tokens,), generator=gen).tolist()
+        rows.append([BOS_ID, *text[: before - 1], *([IMAGE_ID] * n_visual), *text[before - 1:]])
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    pixels = torch.randn(batch, 3, size, size, generator=gen).to(model.dtype)
+    return {k: v.to(model.device) for k, v in dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels).items()}

@@ -139,7 +139,7 @@ def test_head_on_loss_rows_equals_head_on_all_rows(model_cache, family):
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
     runs = {}
     for rows in ("loss", "all"):
-        runs[rows] = Recorder(layers=[1, 2], keep=[9, 4], head_rows=rows)
+        runs[rows] = Recorder(layers=[1, 2], keep=[9, 4], proxy="block", head_rows=rows)
         _prefill(model, runs[rows], inputs)
     for a, b in zip(runs["loss"].records, runs["all"].records, strict=True):
         torch.testing.assert_close(a["saliency"], b["saliency"], atol=1e-6 * float(b["saliency"].max()), rtol=1e-4)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -163,38 +163,54 @@ class BackboneAdapter:
     def _rotary_fn(self, attn: nn.Module):
         return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
-    def _project(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings, rows=None):
-        """Queries (for ``rows`` only) and keys of one layer, post-rotary; ``rows`` is ``[B, Q]``."""
+    def _check_full_attention(self, layer_index: int) -> nn.Module:
+        attn = self.layers[layer_index].self_attn
+        window = getattr(attn, "sliding_window", None)
+        if window is not None:
+            raise UnsupportedModelError(
+                f"{self.family}: decoder layer {layer_index} uses sliding-window attention (window {window}); "
+                "fvlm's per-row attention probes (attention rows, rows-only layer proxy) assume full causal "
+                "attention over the prompt"
+            )
+        return attn
+
+    def project_qkv(
+        self, layer_index: int, hidden_in: torch.Tensor, position_embeddings, rows: torch.Tensor | None = None,
+        *, queries: bool = True, values: bool = False,
+    ) -> "Projections":
+        """The shared per-layer primitive: what layer ``layer_index``'s attention computes from ``hidden_in``.
+
+        Runs the layer's own ``input_layernorm`` and ``k_proj`` (and ``v_proj`` if ``values``) on all
+        ``S`` rows, and ``q_proj`` only on query ``rows`` (``[B, Q]`` positions; ``None`` = all rows;
+        skipped if not ``queries``), with the layer's rotary function on queries and keys. Returns
+        :class:`Projections` with ``queries`` ``[B, H, Q, hd]`` and ``keys`` / ``values``
+        ``[B, H_kv, S, hd]`` (``None`` where not asked for), and ``normed``, the normalised input
+        ``[B, S, D]``. Differentiable w.r.t. ``hidden_in``.
+        """
         layer = self.layers[layer_index]
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden_in)
         bsz, seq, _ = normed.shape
         hd = attn.head_dim
         cos, sin = position_embeddings
-        keys = attn.k_proj(normed).view(bsz, seq, -1, hd).transpose(1, 2)
-        if rows is None:
-            q_in, q_cos, q_sin = normed, cos, sin
-        else:
-            idx = rows.unsqueeze(-1)
-            q_in = normed.gather(1, idx.expand(-1, -1, normed.shape[-1]))
-            q_cos = _gather_seq(cos, rows)
-            q_sin = _gather_seq(sin, rows)
-        queries = attn.q_proj(q_in).view(bsz, q_in.shape[1], -1, hd).transpose(1, 2)
         rotary = self._rotary_fn(attn)
-        queries, _ = rotary(queries, queries, q_cos, q_sin)
+        keys = attn.k_proj(normed).view(bsz, seq, -1, hd).transpose(1, 2)
         _, keys = rotary(keys, keys, cos, sin)
-        return queries, keys
+        vals = attn.v_proj(normed).view(bsz, seq, -1, hd).transpose(1, 2) if values else None
+        q = None
+        if queries:
+            if rows is None:
+                q_in, q_cos, q_sin = normed, cos, sin
+            else:
+                q_in = normed.gather(1, rows.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
+                q_cos, q_sin = _gather_seq(cos, rows), _gather_seq(sin, rows)
+            q = attn.q_proj(q_in).view(bsz, q_in.shape[1], -1, hd).transpose(1, 2)
+            q, _ = rotary(q, q, q_cos, q_sin)
+        return Projections(q, keys, vals, normed)
 
     def key_states(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings) -> torch.Tensor:
         """Post-rotary keys ``[B, H_kv, S, head_dim]`` that layer ``layer_index`` computes."""
-        layer = self.layers[layer_index]
-        attn = layer.self_attn
-        normed = layer.input_layernorm(hidden_in)
-        bsz, seq, _ = normed.shape
-        keys = attn.k_proj(normed).view(bsz, seq, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        _, keys = self._rotary_fn(attn)(keys, keys, cos, sin)
-        return keys
+        return self.project_qkv(layer_index, hidden_in, position_embeddings, queries=False).keys
 
     def attention_rows(
         self, layer_index: int, hidden_in: torch.Tensor, position_embeddings, key_valid: torch.Tensor,
@@ -206,17 +222,80 @@ class BackboneAdapter:
         attention kernel the model runs. ``key_valid`` ``[B, S]`` masks padding; causality is applied
         per query row.
         """
-        attn = self.layers[layer_index].self_attn
-        queries, keys = self._project(layer_index, hidden_in, position_embeddings, rows)
+        attn = self._check_full_attention(layer_index)
+        proj = self.project_qkv(layer_index, hidden_in, position_embeddings, rows)
+        queries, keys = proj.queries, proj.keys
         groups = queries.shape[1] // keys.shape[1]
         keys = keys.repeat_interleave(groups, dim=1)
         scores = torch.matmul(queries.float(), keys.float().transpose(2, 3)) * attn.scaling
-        seq = keys.shape[2]
-        allowed = key_valid[:, None, None, :] & (
-            torch.arange(seq, device=rows.device)[None, None, None, :] <= rows[:, None, :, None]
-        )
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~_allowed(key_valid, rows), torch.finfo(scores.dtype).min)
         return scores.softmax(dim=-1)
+
+    def rows_forward(
+        self, layer_index: int, hidden: torch.Tensor, position_embeddings, key_valid: torch.Tensor,
+        rows: torch.Tensor, *, value_mixing: bool | None = None,
+    ) -> torch.Tensor:
+        """Output ``[B, Q, D]`` of decoder layer ``layer_index`` at ``rows`` (``[B, Q]``) only.
+
+        In a causal decoder layer an output row depends on the other rows only through their keys
+        and values, so this equals running the whole layer on ``hidden`` (``[B, S, D]``, no cache)
+        and gathering ``rows``, at a fraction of the cost: norm + key projection (+ rotary) for all
+        ``S`` rows, queries, attention, ``o_proj``, ``post_attention_layernorm`` and MLP for the ``Q``
+        rows. Keys are masked causally per query row and by ``key_valid`` ``[B, S]`` (padding /
+        filler slots); grouped-query heads share their key/value head. Attention follows HF's eager
+        kernel (scores in the model dtype, softmax in at least float32). Uses the layer's own
+        modules, so it is differentiable w.r.t. ``hidden`` (the PIO-FVLM proxy back-propagates
+        through it).
+
+        Values: ``v_proj`` is affine and every attention row sums to 1, so head ``h``'s output
+        ``P_h @ v_proj(x)`` equals ``v_proj(P_h @ x)`` (its slice for head ``h``'s key/value head).
+        With ``value_mixing`` (default: when the ``H * Q`` mixed inputs are fewer than the ``S``
+        rows) the values are computed that way (``H * Q`` rows through ``v_proj`` instead of ``S``,
+        in the forward and in the backward); otherwise from the values of all rows. Same result up
+        to float rounding.
+        """
+        layer = self.layers[layer_index]
+        attn = self._check_full_attention(layer_index)
+        seq = hidden.shape[1]
+        mix_inputs = value_mixing
+        if mix_inputs is None:
+            mix_inputs = attn.config.num_attention_heads * rows.shape[1] < seq
+        q, k, v, normed = self.project_qkv(layer_index, hidden, position_embeddings, rows, values=not mix_inputs)
+        bsz, heads, nq, hd = q.shape
+        kv_heads = k.shape[1]
+        groups = heads // kv_heads
+        # head h reads key/value head h // groups (repeat_interleave order), without copying k / v
+        qg = q.reshape(bsz, kv_heads, groups * nq, hd)
+        scores = torch.matmul(qg, k.transpose(2, 3)).view(bsz, heads, nq, seq) * attn.scaling
+        scores = scores.masked_fill(~_allowed(key_valid, rows), torch.finfo(scores.dtype).min)
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(normed.dtype)
+        if mix_inputs:
+            mixed = torch.matmul(probs.view(bsz, heads * nq, seq), normed)  # [B, H*Q, D]
+            vals = attn.v_proj(mixed).view(bsz, kv_heads, groups, nq, kv_heads, hd)
+            out = vals.diagonal(dim1=1, dim2=4).permute(0, 4, 1, 2, 3)  # head h: its own kv head's slice
+        else:
+            out = torch.matmul(probs.view(bsz, kv_heads, groups * nq, seq), v)
+        out = out.reshape(bsz, heads, nq, hd)
+        out = attn.o_proj(out.transpose(1, 2).reshape(bsz, nq, heads * hd))
+        residual = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        mid = residual + out
+        return mid + layer.mlp(layer.post_attention_layernorm(mid))
+
+
+class Projections(NamedTuple):
+    """What :meth:`BackboneAdapter.project_qkv` returns (post-rotary queries / keys, values)."""
+
+    queries: torch.Tensor | None
+    keys: torch.Tensor
+    values: torch.Tensor | None
+    normed: torch.Tensor
+
+
+def _allowed(key_valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, Q, S]`` bool: key ``s`` is visible from query row ``rows[b, q]`` (valid and ``s <= row``)."""
+    seq = key_valid.shape[1]
+    causal = torch.arange(seq, device=rows.device)[None, None, None, :] <= rows[:, None, :, None]
+    return key_valid[:, None, None, :] & causal
 
 
 def _gather_seq(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

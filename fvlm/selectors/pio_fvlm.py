@@ -14,9 +14,13 @@ Differences from the authors' code (deliberate; see ``docs`` and the spec):
   per prompt are one pool of visual tokens;
 - the loss is the sum over samples of each sample's mean over its ``K`` rows, so a sample's
   saliency does not depend on what else is in the batch (with batch size 1 this is their loss);
-- ``head_rows="loss"`` (default) applies the final norm and LM head only to the ``K`` rows that
-  enter the loss (identical gradients; the authors materialise float32 logits for every row,
-  available as ``head_rows="all"``);
+- ``proxy="rows"`` (default) runs the proxy block for the ``K`` loss rows only: the loss reads
+  the block output at those rows, which depends on the other rows only through their keys and
+  values, so norm + key projection run on all rows and queries / attention / values / MLP / final
+  norm / LM head on the ``K`` rows (same loss and gradient up to float rounding, a fraction of the
+  cost; :meth:`fvlm.context.SelectionContext.run_layer_rows`). ``proxy="block"`` runs the whole block
+  like the authors, with ``head_rows="loss"`` (norm and head on the ``K`` rows; identical
+  gradients) or ``head_rows="all"`` (float32 logits for every row, as the authors materialise);
 - NMS runs batched on the device, with the same result as their CPU loop;
 - the proxy defaults to the LLaVA variant (next block, real LM head, final norm) on every backbone.
 """
@@ -47,6 +51,7 @@ DEFAULT_AVERAGE = 128.0
 DEFAULT_N_VISUAL = 576  # LLaVA-1.5: 24 x 24 patches
 
 PROXY_BLOCKS = ("next", "current")
+PROXIES = ("rows", "block")
 HEAD_ROWS = ("loss", "all")
 
 
@@ -74,9 +79,13 @@ class PIOFVLM(TokenSelector):
     (1-based; must be below the model's layer count). ``k_last``: number of shifted prompt
     positions in the loss (K). ``tau``: cosine threshold of the NMS. ``nms=False``: plain top-k by
     saliency. ``proxy_block``: ``"next"`` runs decoder layer ``l`` (0-based index; the authors'
-    LLaVA code), ``"current"`` re-runs layer ``l - 1`` (their Qwen code). ``head_rows``: ``"loss"``
-    applies the final norm and LM head to the ``K`` loss rows only (default, same gradient, less
-    memory), ``"all"`` to every row like the authors' code.
+    LLaVA code), ``"current"`` re-runs layer ``l - 1`` (their Qwen code). ``proxy``: ``"rows"``
+    (default) computes the proxy block's output at the ``K`` loss rows only (keys for every row,
+    everything else for ``K`` rows: same gradient up to float rounding, a fraction of the cost;
+    see ``docs/benchmarks-performance.md``), ``"block"`` runs the full block on every row (the
+    reference path). ``head_rows`` (``proxy="block"`` only): ``"loss"`` applies the final norm and
+    LM head to the ``K`` loss rows only (default, same gradient, less memory), ``"all"`` to every
+    row like the authors' code.
     """
 
     needs = frozenset({Need.GRADIENT, Need.LAYERS})
@@ -94,6 +103,7 @@ class PIOFVLM(TokenSelector):
         nms: bool = True,
         proxy_block: str = "next",
         head_rows: str = "loss",
+        proxy: str = "rows",
     ):
         self.layers = _int_list("layers", layers)
         if not self.layers:
@@ -140,6 +150,14 @@ class PIOFVLM(TokenSelector):
         if head_rows not in HEAD_ROWS:
             raise ValueError(f"PIOFVLM: `head_rows` must be one of {HEAD_ROWS}, got {head_rows!r}")
         self.head_rows = head_rows
+        if proxy not in PROXIES:
+            raise ValueError(f"PIOFVLM: `proxy` must be one of {PROXIES}, got {proxy!r}")
+        if proxy == "rows" and head_rows == "all":
+            raise ValueError(
+                "PIOFVLM: head_rows='all' applies the LM head to every block output row, which proxy='rows' "
+                "does not compute; use proxy='block' with head_rows='all'"
+            )
+        self.proxy = proxy
 
     def _check_budgets(self, name: str, values: list) -> None:
         if len(values) != len(self.layers):
@@ -218,11 +236,13 @@ class PIOFVLM(TokenSelector):
         norm, head = ctx.final_norm, ctx.lm_head
 
         def objective(x: torch.Tensor) -> torch.Tensor:
-            y = ctx.run_layer(block, x)
-            index = rows[..., None].expand(-1, -1, y.shape[-1])
-            if self.head_rows == "loss":
-                logits = head(norm(y.gather(1, index)))
+            if self.proxy == "rows":
+                logits = head(norm(ctx.run_layer_rows(block, x, rows)))
+            elif self.head_rows == "loss":
+                y = ctx.run_layer(block, x)
+                logits = head(norm(y.gather(1, rows[..., None].expand(-1, -1, y.shape[-1]))))
             else:
+                y = ctx.run_layer(block, x)
                 full = head(norm(y)).to(torch.promote_types(y.dtype, torch.float32))
                 logits = full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1]))
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

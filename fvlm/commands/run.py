@@ -1,0 +1,372 @@
+"""``fvlm run``: a recipe-driven data-set run (predict or test) with Lightning.
+
+A recipe is LightningCLI-style YAML with four sections plus a few run options::
+
+    model:    FVLMModule arguments (backbone, selector, generation, ...)
+    data:     VQADataModule arguments (path, batch_size, metric, ...)
+    trainer:  lightning.Trainer arguments (accelerator, devices, strategy, num_nodes, callbacks, ...)
+    mode: predict | test          output: outputs/<recipe>/<data>          seed_everything: 0
+
+Several ``-c`` files compose (later ones override earlier ones), a section may be a path to a
+fragment file (relative to the including file), and ``--section.key=value`` overrides any value.
+``--print_config`` prints the resolved, validated recipe and exits.
+
+Every run writes ``<output>/predictions.jsonl`` (one line per sample, resumable: re-running the
+same command only does the missing samples), ``<output>/summary.json`` (scores, fidelity,
+efficiency) and ``<output>/config.yaml``, and prints a summary table. Data-set runs scale with
+Lightning's strategies, e.g. ``--trainer.devices=8 --trainer.strategy=ddp`` (see
+docs/how-to/distributed-runs.md).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from fvlm.errors import FVLMError
+
+HELP = "run a recipe: predictions, scores and efficiency figures for a data set (fvlm run --help)"
+_ARGV_PREFIX = "\x00"  # no real argument starts with NUL: argparse forwards everything to jsonargparse
+# Sections whose change makes earlier predictions in the same output folder incomparable.
+_FINGERPRINT_SKIP = {"data.batch_size", "data.num_workers", "data.limit", "model.on_error"}
+
+
+class RecipeError(FVLMError):
+    """A recipe that parses but cannot run as given (the message names the key)."""
+
+
+# -- command-line wiring -----------------------------------------------------------------------
+def add_parser(sub) -> None:
+    """Register ``fvlm run`` on the ``fvlm`` subparsers (arguments go to :func:`main`)."""
+    p = sub.add_parser("run", help=HELP, add_help=False, prefix_chars=_ARGV_PREFIX)
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: main(args.argv))
+
+
+@functools.lru_cache(maxsize=1)
+def build_parser():
+    """The jsonargparse parser of a recipe (LightningCLI layout: model / data / trainer); built once."""
+    from jsonargparse import ActionConfigFile
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+    from typing import Literal
+
+    from fvlm.lightning.data import VQADataModule
+    from fvlm.lightning.module import FVLMModule
+
+    parser = LightningArgumentParser(
+        prog="fvlm run", description="Run a recipe over a data set (predict or test) with Lightning.",
+        exit_on_error=False, print_config=None, parser_mode="yaml", allow_abbrev=False,
+    )
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="recipe YAML file(s); later ones override")
+    parser.add_argument("--mode", type=Literal["predict", "test"], default="predict",
+                        help="predict: write predictions; test: also log accuracy through the Trainer's loggers")
+    parser.add_argument("--output", type=Optional[str], default=None,
+                        help="output folder (default: outputs/<last recipe file name>/<data file name>)")
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="delete earlier predictions in the output folder instead of resuming")
+    parser.add_argument("--retry_errors", type=bool, default=False,
+                        help="re-run samples whose earlier line holds an error")
+    parser.add_argument("--reference", type=Optional[str], default=None,
+                        help="predictions.jsonl of an unpruned run: adds answer agreement by id to the summary")
+    parser.add_argument("--seed_everything", type=Union[bool, int], default=0,
+                        help="seed for lightning.seed_everything (false: do not seed)")
+    parser.add_class_arguments(FVLMModule, "model", fail_untyped=False, sub_configs=True)
+    parser.add_class_arguments(VQADataModule, "data", fail_untyped=False, sub_configs=True)
+    parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True,
+                               skip={"inference_mode"})
+    parser.add_argument("--trainer.inference_mode", type=Optional[bool], default=None,
+                        help="default: true, or false when the selector needs gradients")
+    parser.set_defaults({
+        "trainer.logger": False,
+        "trainer.enable_checkpointing": False,
+        "trainer.enable_model_summary": False,
+    })
+    return parser
+
+
+# -- validation --------------------------------------------------------------------------------
+def _load_selector_classes() -> None:
+    """Import every registered selector so ``class_path: ClassName`` short forms resolve."""
+    from fvlm.registry import SELECTORS
+
+    for name in SELECTORS.names():
+        try:
+            SELECTORS.get_class(name)
+        except Exception:  # a broken plugin is reported by `fvlm list`, and by name when used
+            pass
+
+
+def _selector_section(cfg) -> Any:
+    model = cfg.get("model")
+    return None if model is None else model.get("selector")
+
+
+def check_selector(cfg) -> Any:
+    """Validate ``model.selector`` (resolve the name, type-check and build it); the instance or None.
+
+    A ``{name, args}`` selector gets its ``args`` completed with the class defaults, so the
+    printed config shows every parameter.
+    """
+    from jsonargparse import ArgumentParser, Namespace
+
+    from fvlm.lightning.module import resolve_selector_class
+
+    section = _selector_section(cfg)
+    if section is None:
+        return None
+    if section.get("class_path") is not None:  # jsonargparse has type-checked init_args already
+        try:
+            cls = resolve_selector_class(section.class_path)
+            init_args = section.get("init_args")
+            init_args = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
+            return cls(**init_args)
+        except Exception as exc:
+            raise RecipeError(f"model.selector ({section.class_path}): {type(exc).__name__}: {exc}") from None
+    name, args = section.get("name"), section.get("args") or {}
+    if not isinstance(args, dict):
+        raise RecipeError(f"model.selector.args must be a mapping, got {args!r}")
+    try:
+        cls = resolve_selector_class(name)
+    except Exception as exc:
+        raise RecipeError(f"model.selector.name: {exc}") from None
+    key = "model.selector.args"
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, key, fail_untyped=False)
+    try:
+        parsed = parser.parse_object({"model": {"selector": {"args": args}}})
+    except Exception as exc:
+        raise RecipeError(f"selector {name!r}: {exc}") from None
+    full = parsed.get(key)
+    full = full.as_dict() if isinstance(full, Namespace) else dict(full or {})
+    from fvlm.lightning.module import SelectorSpec
+
+    try:
+        selector = SelectorSpec(name=name, args=args).build()
+    except Exception as exc:
+        raise RecipeError(f"model.selector ({name!r}): {type(exc).__name__}: {exc}") from None
+    section.args = {k: _plain(v) for k, v in full.items() if k in args or _is_plain(v)}
+    return selector
+
+
+def _is_plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))
+
+
+def _plain(value):
+    """YAML-friendly copy: tuples become lists (jsonargparse warns when dumping tuples)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def check_inference_mode(cfg, selector) -> bool:
+    """The Trainer's ``inference_mode``: false for gradient selectors; an explicit true for one is an error."""
+    needs = getattr(selector, "needs", frozenset()) if selector is not None else frozenset()
+    from fvlm.selectors.base import Need
+
+    wanted = cfg.get("trainer.inference_mode")
+    if Need.GRADIENT in needs:
+        if wanted is True:
+            raise RecipeError(
+                f"trainer.inference_mode: the selector {type(selector).__name__} needs gradients, which "
+                "torch.inference_mode() forbids; set trainer.inference_mode: false or leave it out "
+                "(fvlm run then turns it off for gradient selectors)")
+        return False
+    return True if wanted is None else bool(wanted)
+
+
+# -- output folder -----------------------------------------------------------------------------
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 before Lightning starts any worker)."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)) or 0) > 0:
+        return 1
+    for key in ("LOCAL_RANK", "SLURM_PROCID"):
+        if key in env:
+            return int(env[key])
+    return 0
+
+
+def _flatten(value, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _fingerprint(config: dict) -> dict[str, Any]:
+    flat = _flatten({k: config.get(k) for k in ("model", "data")})
+    return {k: v for k, v in flat.items() if k not in _FINGERPRINT_SKIP}
+
+
+def prepare_output(output: Path, config: dict, dumped: str, overwrite: bool) -> None:
+    """Check that ``output`` holds no run of another configuration; write config.yaml (rank 0)."""
+    import yaml
+
+    from fvlm.lightning.callbacks import PREDICTIONS, SHARDS, prediction_files
+
+    previous = output / "config.yaml"
+    if overwrite:
+        for path in (output / PREDICTIONS, output / "summary.json", previous):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(output / SHARDS, ignore_errors=True)
+    elif prediction_files(output) and previous.is_file():
+        old, new = _fingerprint(yaml.safe_load(previous.read_text()) or {}), _fingerprint(config)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:5])
+            raise RecipeError(f"{output} holds predictions of a different configuration: {shown}. "
+                              "Use another --output, or --overwrite true to discard them.")
+    output.mkdir(parents=True, exist_ok=True)
+    previous.write_text(dumped)
+
+
+# -- run ---------------------------------------------------------------------------------------
+def parse(argv: Sequence[str]):
+    """``(parser, cfg, selector, print_config)`` for ``fvlm run`` arguments (validated)."""
+    argv = list(argv)
+    print_config = "--print_config" in argv
+    argv = [a for a in argv if a != "--print_config"]
+    _load_selector_classes()
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    selector = check_selector(cfg)
+    check_inference_mode(cfg, selector)
+    return parser, cfg, selector, print_config
+
+
+def _default_output(cfg) -> str:
+    """``outputs/<last recipe file>/<data file>``: one folder per experiment and data set."""
+    configs = [str(p) for p in (cfg.get("config") or []) if p is not None]
+    stem = Path(configs[-1]).stem if configs else "fvlm"
+    data = cfg.get("data.path")
+    return str(Path("outputs") / stem / (Path(os.fspath(data)).stem if data else "data"))
+
+
+def _callbacks(trainer_cfg: dict, output: Path, retry_errors: bool) -> list:
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+    from fvlm.lightning.callbacks import EfficiencyMonitor, PredictionWriter
+
+    given = trainer_cfg.get("callbacks") or []
+    given = list(given) if isinstance(given, (list, tuple)) else [given]
+    monitors = [c for c in given if isinstance(c, EfficiencyMonitor)] or [EfficiencyMonitor()]
+    writers = [c for c in given if isinstance(c, PredictionWriter)]
+    if not writers:
+        writers = [PredictionWriter(str(output), retry_errors=retry_errors)]
+    others = [c for c in given if not isinstance(c, (EfficiencyMonitor, PredictionWriter))]
+    if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in others):
+        others.append(RichProgressBar())
+    return others + monitors + writers  # the monitor adds timings to the records before they are written
+
+
+def run(argv: Sequence[str]) -> int:
+    parser, cfg, selector, print_config = parse(argv)
+    if print_config:
+        sys.stdout.write(parser.dump(cfg, skip_unset=False))
+        return 0
+    from lightning.pytorch import Trainer, seed_everything
+
+    from fvlm.lightning.callbacks import PredictionWriter, merge_predictions
+    from fvlm.metrics.scoring import read_jsonl, summarize
+
+    output = Path(cfg.output or _default_output(cfg))
+    cfg.output = str(output)
+    inference_mode = check_inference_mode(cfg, selector)
+    dumped = parser.dump(cfg, skip_unset=False)
+    if _launch_rank() == 0:
+        import yaml
+
+        prepare_output(output, yaml.safe_load(dumped), dumped, cfg.overwrite)
+    if cfg.seed_everything is not False:
+        seed_everything(int(cfg.seed_everything), workers=True, verbose=False)
+
+    init = parser.instantiate(cfg)
+    module, data = init.model, init.data
+    trainer_cfg = dict(vars(init.trainer))
+    trainer_cfg["callbacks"] = _callbacks(trainer_cfg, output, cfg.retry_errors)
+    trainer_cfg["inference_mode"] = inference_mode
+    trainer = Trainer(**trainer_cfg)
+    if cfg.mode == "test":
+        trainer.test(module, datamodule=data, verbose=False)
+    else:
+        trainer.predict(module, datamodule=data, return_predictions=False)
+    if not trainer.is_global_zero:
+        return 0
+    writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
+    predictions = merge_predictions(writer.output_dir, data.ids)  # no-op after a normal end; completes a resumed one
+    records = read_jsonl(predictions)
+    reference = read_jsonl(cfg.reference) if cfg.reference else None
+    summary = summarize(records, reference)
+    missing = sorted(set(data.ids) - {str(r["id"]) for r in records})
+    summary.update(selector=module.selector_name, backbone=module.backbone.path, mode=cfg.mode,
+                   missing=len(missing), output=str(output))
+    import json
+
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary, output)
+    return 0 if not missing else 1
+
+
+def print_summary(summary: dict, output: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(value, spec: str = ".3f") -> str:
+        if value is None:
+            return "-"
+        return format(value, spec) if isinstance(value, float) else str(value)
+
+    table = Table(title=f"fvlm run: {summary['backbone']} + {summary['selector']} ({summary['mode']})",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("samples", f"{summary['samples']} ({summary['errors']} errors, {summary['missing']} missing)")
+    table.add_row("accuracy (all scored)", fmt(summary["accuracy"]))
+    for metric, values in summary["scores"].items():
+        extra = ""
+        if metric == "yes_no":
+            extra = f"  F1 {values['f1']:.3f}, yes {values['yes_ratio']:.2f}"
+        table.add_row(f"  {metric}", f"{values['accuracy']:.3f} (n={values['count']}){extra}")
+    fid = summary.get("fidelity") or {}
+    if fid.get("answer_agreement") is not None:
+        table.add_row("agreement with unpruned", fmt(fid["answer_agreement"]))
+        table.add_row("first-token KL / top-1", f"{fmt(fid.get('first_token_kl'), '.4f')} / {fmt(fid.get('first_token_top1'))}")
+    if fid.get("reference_run_agreement") is not None:
+        table.add_row("agreement with --reference", fmt(fid["reference_run_agreement"]))
+    eff = summary.get("efficiency") or {}
+    if eff:
+        table.add_row("visual tokens: input -> LLM", f"{fmt(eff.get('visual_tokens'), '.1f')} -> {fmt(eff.get('llm_input_visual'), '.1f')}")
+        table.add_row("visual tokens: layer average", fmt(eff.get("layer_average"), ".1f"))
+        kv = eff.get("kv_bytes")
+        table.add_row("KV cache per sample", "-" if kv is None else f"{kv / 2**20:.2f} MiB")
+        table.add_row("prefill per sample", f"{fmt(eff.get('prefill_ms'), '.1f')} ms")
+        table.add_row("decode per token", f"{fmt(eff.get('decode_ms_per_token'), '.2f')} ms")
+    Console(highlight=False).print(table)
+    Console(highlight=False).print(f"predictions: {output / 'predictions.jsonl'}\nsummary: {output / 'summary.json'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fvlm run`` entry point; returns the exit status (2 for a recipe error)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (argparse.ArgumentError, RecipeError) as exc:
+        Console(stderr=True, highlight=False).print(Text(f"fvlm run: recipe error: {exc}", style="red"), soft_wrap=True)
+        return 2

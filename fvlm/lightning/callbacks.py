@@ -1,0 +1,326 @@
+"""Run callbacks: per-sample prediction lines (resumable, DDP-safe) and efficiency figures.
+
+Both work with the records :class:`~fvlm.lightning.module.FVLMModule` returns from
+``predict_step`` / ``test_step``. List :class:`EfficiencyMonitor` *before*
+:class:`PredictionWriter` in ``Trainer(callbacks=...)`` so that the written lines carry the
+timings (``fvlm run`` does this).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from lightning.pytorch import Callback
+
+from fvlm.metrics.scoring import read_jsonl, summarize_efficiency
+
+PREDICTIONS = "predictions.jsonl"
+SHARDS = "shards"
+
+
+# -- prediction files --------------------------------------------------------------------------
+def _repair(path: Path) -> None:
+    """Cut an interrupted last line (no trailing newline) off a JSONL file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        fh.truncate(cut)
+
+
+def prediction_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The merged file and every rank's shard (from this or an interrupted earlier run)."""
+    out = Path(output_dir)
+    files = [out / PREDICTIONS] if (out / PREDICTIONS).is_file() else []
+    return files + sorted((out / SHARDS).glob("*.jsonl"))
+
+
+def _lines(files: Iterable[Path]) -> Iterable[dict]:
+    for path in files:
+        yield from read_jsonl(path)
+
+
+def finished_ids(output_dir: str | os.PathLike, retry_errors: bool = False) -> set[str]:
+    """Ids that already have a line (error lines count unless ``retry_errors``)."""
+    return {str(r["id"]) for r in _lines(prediction_files(output_dir)) if not (retry_errors and r.get("error"))}
+
+
+def merge_predictions(output_dir: str | os.PathLike, order: Optional[list[str]] = None) -> Path:
+    """Merge the merged file and all shards into ``predictions.jsonl``: one line per id.
+
+    For an id with several lines (DDP sampler padding, retried errors) the first line without an
+    error wins, else the first line. Lines follow ``order`` (data-set ids), then any other ids in
+    first-seen order. Written atomically; the shards are removed afterwards.
+    """
+    out = Path(output_dir)
+    files = prediction_files(out)
+    best: dict[str, dict] = {}
+    for rec in _lines(files):
+        rid = str(rec["id"])
+        if rid not in best or (best[rid].get("error") and not rec.get("error")):
+            best[rid] = rec
+    ids = [i for i in (order or []) if i in best]
+    ids += [i for i in best if i not in set(ids)]
+    tmp = out / (PREDICTIONS + ".tmp")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rid in ids:
+            fh.write(json.dumps(best[rid], ensure_ascii=False) + "\n")
+    os.replace(tmp, out / PREDICTIONS)
+    for shard in files:
+        if shard.parent.name == SHARDS:
+            shard.unlink(missing_ok=True)
+    return out / PREDICTIONS
+
+
+class PredictionWriter(Callback):
+    """Writes one JSONL line per sample as its batch finishes; resumable and correct under DDP.
+
+    * Lines go to ``<output_dir>/predictions.jsonl`` (one process) or to
+      ``<output_dir>/shards/rank-<r>.jsonl`` (several), flushed per batch; at the end of the run
+      rank 0 merges everything into ``predictions.jsonl`` with exactly one line per id, in data-set
+      order (DistributedSampler padding and re-tried samples are de-duplicated).
+    * Resuming: at setup, rank 0 reads the ids already written (merged file and shards of an
+      interrupted run, a truncated last line dropped) and broadcasts them; the data module leaves
+      them out (``datamodule.skip_ids``), so a re-run only does the missing samples. Samples whose
+      line has an ``error`` are done too, unless ``retry_errors``.
+    """
+
+    def __init__(self, output_dir: str, retry_errors: bool = False):
+        super().__init__()
+        self.output_dir = Path(output_dir)
+        self.retry_errors = retry_errors
+        self.skipped: set[str] = set()
+        self.written = 0
+        self._fh = None
+        self._path: Path | None = None
+
+    # -- setup -----------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        done: Any = None
+        if trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for path in prediction_files(self.output_dir):
+                _repair(path)
+            done = sorted(finished_ids(self.output_dir, self.retry_errors))
+        done = trainer.strategy.broadcast(done, src=0)  # every rank filters the same ids
+        self.skipped = set(done)
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "skip_ids"):
+            datamodule.skip_ids = set(self.skipped)
+        if trainer.world_size > 1:
+            self._path = self.output_dir / SHARDS / f"rank-{trainer.global_rank}.jsonl"
+        else:
+            self._path = self.output_dir / PREDICTIONS
+        self.written = 0
+
+    def _open(self):
+        if self._fh is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            _repair(self._path)
+            self._fh = open(self._path, "a", encoding="utf-8")
+        return self._fh
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, records: Iterable[dict]) -> None:
+        fh = self._open()
+        for rec in records or []:
+            fh.write(json.dumps(_jsonable(rec), ensure_ascii=False) + "\n")
+            self.written += 1
+        fh.flush()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.write(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.write(outputs)
+
+    # -- end -------------------------------------------------------------------------------
+    def _finish(self, trainer) -> None:
+        self.close()
+        trainer.strategy.barrier("fvlm-predictions-written")
+        if trainer.is_global_zero:
+            datamodule = trainer.datamodule
+            order = list(datamodule.ids) if datamodule is not None and hasattr(datamodule, "ids") else None
+            merge_predictions(self.output_dir, order)
+        trainer.strategy.barrier("fvlm-predictions-merged")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._finish(trainer)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._finish(trainer)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.close()
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    return value
+
+
+# -- efficiency --------------------------------------------------------------------------------
+class _GenerateTimer:
+    """Forward hooks on the top model: the first call of a generate (empty cache) is the prefill,
+    every later call a decode step. CUDA is synchronised around each call for honest timings."""
+
+    def __init__(self, model: torch.nn.Module, owner=None, sync_cuda: bool = True):
+        self.model, self.owner, self.sync_cuda = model, owner, sync_cuda
+        self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        model.register_forward_hook(self._post, with_kwargs=True)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefill_s = self.decode_s = 0.0
+        self.decode_calls = 0
+        self._start = None
+        self._prefill = False
+
+    def _sync(self) -> None:
+        if self.sync_cuda and torch.cuda.is_available():
+            device = next(self.model.parameters()).device
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+    def _active(self) -> bool:
+        return getattr(self.owner, "measuring", True)
+
+    def _pre(self, module, args, kwargs):
+        if not self._active():
+            return
+        cache = kwargs.get("past_key_values")
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, kwargs, output):
+        if self._start is None or not self._active():
+            return
+        self._sync()
+        elapsed = time.perf_counter() - self._start
+        self._start = None
+        if self._prefill:
+            self.prefill_s += elapsed
+        else:
+            self.decode_s += elapsed
+            self.decode_calls += 1
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+class EfficiencyMonitor(Callback):
+    """Prefill / decode latency, KV bytes and visual tokens per layer, per sample and per run.
+
+    Times the backbone's forward calls (prefill = the first call of each generate, decode = the
+    rest; CUDA synchronised), adds ``prefill_ms`` / ``decode_ms`` (the batch time divided over its
+    samples) and the batch totals to each record's ``efficiency`` (which already holds the
+    session trace's visual-token counts and the KV accounting), and keeps ``summary``: the means
+    over every sample of the run, gathered from all ranks. ``output_dir`` (optional) also writes
+    the summary to ``<output_dir>/efficiency.json``.
+    """
+
+    def __init__(self, output_dir: Optional[str] = None, sync_cuda: bool = True):
+        super().__init__()
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.sync_cuda = sync_cuda
+        self.records: list[dict] = []
+        self.summary: dict = {}
+        self._timer: _GenerateTimer | None = None
+
+    def _start(self, pl_module) -> None:
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            raise RuntimeError("EfficiencyMonitor needs a module with its backbone in `.model` (FVLMModule)")
+        self._stop()
+        self._timer = _GenerateTimer(model, owner=pl_module, sync_cuda=self.sync_cuda)
+        self.records = []
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.remove()
+            self._timer = None
+
+    def _batch_start(self) -> None:
+        if self._timer is not None:
+            self._timer.reset()
+
+    def _batch_end(self, outputs) -> None:
+        if self._timer is None:
+            return
+        ok = [r for r in outputs or [] if isinstance(r, dict) and not r.get("error")]
+        if not ok:
+            return
+        timer = self._timer
+        for rec in ok:
+            eff = rec.setdefault("efficiency", {})
+            eff.update(
+                prefill_ms=timer.prefill_s * 1e3 / len(ok),
+                decode_ms=timer.decode_s * 1e3 / len(ok),
+                batch_prefill_ms=timer.prefill_s * 1e3,
+                batch_decode_ms=timer.decode_s * 1e3,
+                batch_decode_steps=timer.decode_calls,
+                batch_size=len(ok),
+            )
+            self.records.append({"efficiency": dict(eff)})
+
+    def _end(self, trainer) -> None:
+        self._stop()
+        records = self.records
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        self.summary = summarize_efficiency(records)
+        if self.output_dir is not None and trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "efficiency.json").write_text(json.dumps(self.summary, indent=2))
+
+    # hooks
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start()
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_end(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_end(outputs)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._end(trainer)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._end(trainer)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._stop()

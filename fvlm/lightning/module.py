@@ -1,0 +1,357 @@
+"""``FVLMModule``: a VLM backbone that answers batches with ``generate`` under a pruning session.
+
+The backbone is described by a :class:`BackboneSpec` (a local folder, a hub id, or a built-in
+``"tiny:<family>"`` model) and loaded lazily in ``configure_model`` together with its processor.
+``predict_step`` and ``test_step`` return one record per sample (the generated answer, its score
+where references exist, fidelity to the unpruned model when asked, and per-sample efficiency from
+the session's trace); callbacks write and aggregate them. Without a selector the module is the
+unpruned reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+
+from fvlm.errors import FVLMError, UnknownSelectorError
+from fvlm.metrics.scoring import first_token_fidelity, score_sample
+from fvlm.selectors.base import Need, TokenSelector
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BackboneSpec:
+    """Which VLM to load and how.
+
+    ``path``: a local checkpoint folder, a hub id, or ``"tiny:llava"`` / ``"tiny:llava_next"`` /
+    ``"tiny:qwen2_vl"`` / ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no
+    download). ``dtype``: ``auto`` (the checkpoint's; float32 for tiny models), ``float32``,
+    ``float16`` or ``bfloat16``. ``attn_implementation``: ``sdpa``, ``eager``,
+    ``flash_attention_2``, ... (``None``: transformers' default). ``processor_path`` defaults to
+    ``path``. ``model_kwargs`` / ``processor_kwargs`` go to ``from_pretrained``. ``seed`` and
+    ``num_layers`` apply to tiny models only.
+    """
+
+    path: str
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    attn_implementation: Optional[str] = "sdpa"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    processor_path: Optional[str] = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    num_layers: Optional[int] = None
+
+    def load(self):
+        """``(model, processor)``; the model is in eval mode with gradients off for its weights."""
+        from fvlm.tiny_backbones import parse_tiny, tiny_backbone
+
+        family = parse_tiny(self.path)
+        if family is not None:
+            kwargs = {} if self.num_layers is None else {"num_layers": self.num_layers}
+            model, processor = tiny_backbone(family, attn_implementation=self.attn_implementation or "sdpa",
+                                             dtype=DTYPES.get(self.dtype, torch.float32), seed=self.seed, **kwargs)
+        else:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            kwargs = dict(self.model_kwargs)
+            if self.attn_implementation is not None:
+                kwargs["attn_implementation"] = self.attn_implementation
+            model = AutoModelForImageTextToText.from_pretrained(
+                self.path, dtype=DTYPES.get(self.dtype, "auto"), revision=self.revision,
+                trust_remote_code=self.trust_remote_code, **kwargs)
+            processor = self._load_processor(AutoProcessor)
+        model.eval().requires_grad_(False)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = "left"
+        gen = model.generation_config
+        if gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return model, processor
+
+
+    def _load_processor(self, auto):
+        from fvlm.tiny_backbones import load_processor_without_video
+
+        path = self.processor_path or self.path
+        kwargs = dict(revision=self.revision, trust_remote_code=self.trust_remote_code, **self.processor_kwargs)
+        try:
+            return auto.from_pretrained(path, **kwargs)
+        except (ImportError, OSError):  # e.g. Qwen-VL's video processor without torchvision
+            processor = load_processor_without_video(path, **kwargs)
+            if processor is None:
+                raise
+            return processor
+
+
+@dataclass
+class GenerationSpec:
+    """Arguments of ``model.generate`` (greedy by default, as in the papers' evaluations).
+
+    ``extra`` takes any other ``generate`` keyword (e.g. ``{repetition_penalty: 1.1}``).
+    """
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    num_beams: int = 1
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        out = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+        if self.top_p is not None:
+            out["top_p"] = self.top_p
+        out.update(self.extra)
+        return out
+
+
+@dataclass
+class SelectorSpec:
+    """A selector by registered name (``fvlm list``) or dotted class path, with its arguments.
+
+    In a recipe: ``selector: {name: random, args: {keep: 0.25, seed: 0}}``. (The jsonargparse form
+    ``{class_path: ..., init_args: ...}`` is accepted by :class:`FVLMModule` as well.)
+    """
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def selector_class(self) -> type:
+        return resolve_selector_class(self.name)
+
+    def build(self) -> TokenSelector:
+        from fvlm.registry import SELECTORS
+
+        cls = self.selector_class()
+        if self.name in SELECTORS.names():
+            return SELECTORS.create(self.name, **self.args)
+        return cls(**self.args)
+
+
+def resolve_selector_class(name: str) -> type:
+    """The selector class of a registered short name or a dotted ``module.Class`` path."""
+    from fvlm.registry import SELECTORS
+
+    if name in SELECTORS.names() or "." not in name:
+        return SELECTORS.get_class(name)  # unknown names raise UnknownSelectorError with suggestions
+    module, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownSelectorError(f"cannot import selector class {name!r}: {exc}") from None
+    if not (isinstance(obj, type) and issubclass(obj, TokenSelector)):
+        raise UnknownSelectorError(f"{name!r} is not a TokenSelector subclass")
+    return obj
+
+
+def selector_label(selector: TokenSelector | None) -> str:
+    """The registered name of a selector instance's class (else its class name); "none" for None."""
+    if selector is None:
+        return "none"
+    from fvlm.registry import SELECTORS
+
+    for name in SELECTORS.names():
+        try:
+            if SELECTORS.get_class(name) is type(selector):
+                return name
+        except Exception:  # a broken or conflicting plugin cannot be this selector
+            continue
+    return type(selector).__name__
+
+
+def sample_efficiency(adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, trace, steps: int,
+                      new_tokens: list[int], dtype: torch.dtype) -> list[dict]:
+    """Per-sample visual-token and KV-cache accounting of one generate call.
+
+    ``trace`` is the session's :class:`~fvlm.trace.Trace` (``None`` for an unpruned run: every
+    layer sees every visual token). ``steps`` is the number of decode tokens that entered the
+    cache (generated length - 1). KV counts exclude padding: per layer, the sample's text tokens,
+    its visual tokens in that layer's input and the decode tokens.
+    """
+    info = adapter.info()
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    visual = (adapter.visual_mask(input_ids) & valid).sum(dim=1).tolist()
+    prompt = valid.sum(dim=1).tolist()
+    per_token = 2 * info.num_kv_heads * info.head_dim * torch.empty((), dtype=dtype).element_size()  # K+V, one layer
+    out = []
+    for b, n_vis in enumerate(visual):
+        if trace is not None:
+            per_layer = list(trace.visual_per_layer[b])
+            llm_input = trace.llm_input_visual[b]
+        else:
+            per_layer = [n_vis] * info.num_layers
+            llm_input = n_vis
+        text = prompt[b] - n_vis
+        kv_per_layer = [text + v + steps for v in per_layer]
+        out.append({
+            "visual_tokens": n_vis,
+            "llm_input_visual": llm_input,
+            "layer_average": sum(per_layer) / len(per_layer),
+            "visual_per_layer": per_layer,
+            "prompt_tokens": prompt[b],
+            "new_tokens": new_tokens[b],
+            "kv_tokens": sum(kv_per_layer) / len(kv_per_layer),
+            "kv_bytes": sum(kv_per_layer) * per_token,
+        })
+    return out
+
+
+class FVLMModule(LightningModule):
+    """Answers VQA batches with a (pruned) VLM.
+
+    Args:
+        backbone: the VLM and its processor (loaded in ``configure_model``).
+        selector: ``{name: ..., args: {...}}`` (:class:`SelectorSpec`), a ``TokenSelector`` instance
+            (``class_path`` / ``init_args`` in a recipe), or ``None`` for the unpruned reference.
+        generation: ``generate`` settings.
+        positions: position ids of kept tokens: ``original`` (default) or ``compact``.
+        fidelity: also run the unpruned model on every batch and record its answer, the KL
+            divergence and top-1 agreement of the first generated token (judges a method without
+            reference answers; doubles the generation cost).
+        on_error: ``raise`` (default) stops the run when generation fails (a resumed run retries
+            the batch); ``record`` writes the error on every sample of the failing batch and goes on.
+            Unreadable images are always recorded, never raised.
+    """
+
+    def __init__(self, backbone: BackboneSpec, selector: Optional[Union[SelectorSpec, TokenSelector]] = None,
+                 generation: GenerationSpec = GenerationSpec(), positions: Literal["original", "compact"] = "original",
+                 fidelity: bool = False, on_error: Literal["raise", "record"] = "raise"):
+        super().__init__()
+        if isinstance(backbone, dict):
+            backbone = BackboneSpec(**backbone)
+        if isinstance(selector, dict):
+            selector = SelectorSpec(**selector)
+        if on_error not in ("raise", "record"):
+            raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+        self.backbone = backbone
+        self.selector_spec = selector if isinstance(selector, SelectorSpec) else None
+        self.selector: TokenSelector | None = selector.build() if isinstance(selector, SelectorSpec) else selector
+        self.selector_name = self.selector_spec.name if self.selector_spec else selector_label(self.selector)
+        self.generation = GenerationSpec(**generation) if isinstance(generation, dict) else generation
+        self.positions = positions
+        self.fidelity = fidelity and self.selector is not None
+        self.on_error = on_error
+        self.model = None
+        self.processor = None
+        self.measuring = True  # read by EfficiencyMonitor: False while the unpruned fidelity pass runs
+        self._adapter_cache = None
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.selector is not None and Need.GRADIENT in getattr(self.selector, "needs", frozenset())
+
+    # -- loading ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model, self.processor = self.backbone.load()
+
+    def _adapter(self):
+        if self._adapter_cache is None:
+            from fvlm.adapters import adapter_for
+
+            self._adapter_cache = adapter_for(self.model)
+        return self._adapter_cache
+
+    # -- steps -----------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        return self.answer(batch)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        records = self.answer(batch)
+        scores = [float(r["score"]) for r in records if r.get("score") is not None]
+        # Sums, logged on every step by every rank (a skipped log would stall the DDP reduction);
+        # accuracy = test/correct / test/scored. summary.json has the exact per-metric scores.
+        self.log("test/correct", sum(scores), reduce_fx="sum", sync_dist=True, batch_size=1)
+        self.log("test/scored", float(len(scores)), reduce_fx="sum", sync_dist=True, batch_size=1)
+        return records
+
+    def answer(self, batch: dict) -> list[dict]:
+        """Records for every sample of a collated batch (failed samples carry ``error``)."""
+        records = [self._record(s, error=s["error"]) for s in batch.get("failed", [])]
+        samples = batch.get("samples", [])
+        if batch.get("inputs") is None or not samples:
+            return records
+        if self.needs_gradients and torch.is_inference_mode_enabled():
+            raise FVLMError(
+                f"selector {self.selector_name!r} needs gradients, but prediction runs under "
+                "torch.inference_mode(): use Trainer(inference_mode=False) (fvlm run does this unless the "
+                "recipe sets trainer.inference_mode: true)")
+        try:
+            return records + self._generate(batch["inputs"], samples)
+        except Exception as exc:
+            if self.on_error == "raise":
+                raise
+            return records + [self._record(s, error=f"{type(exc).__name__}: {exc}") for s in samples]
+
+    def _record(self, sample: dict, **fields) -> dict:
+        rec = {"id": sample["id"], "question": sample["question"], "images": sample.get("image_paths", []),
+               "answers": sample.get("answers", []), "selector": self.selector_name}
+        if sample.get("choices"):
+            rec["choices"] = sample["choices"]
+        if sample.get("extra"):
+            rec["extra"] = sample["extra"]
+        rec.update(fields)
+        if "answer" in rec and rec.get("answers"):
+            rec["metric"], rec["score"] = score_sample(rec["answer"], rec["answers"], rec.get("choices"),
+                                                       sample.get("metric") or "auto")
+        return rec
+
+    def _inputs(self, inputs: dict) -> dict:
+        dtype = self.model.dtype
+        return {k: v.to(self.model.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+    def _decode(self, sequences: torch.Tensor, prompt_len: int) -> tuple[list[str], list[int]]:
+        new = sequences[:, prompt_len:]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        lengths = []
+        for row in new.tolist():
+            n = len(row)
+            for i, tok in enumerate(row):
+                if tok in eos:
+                    n = i + 1
+                    break
+            lengths.append(n)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [t.strip() for t in texts], lengths
+
+    def _generate(self, inputs: dict, samples: list[dict]) -> list[dict]:
+        from fvlm.session import prune
+
+        inputs = self._inputs(inputs)
+        prompt_len = inputs["input_ids"].shape[1]
+        kwargs = dict(self.generation.kwargs(), return_dict_in_generate=True, output_logits=self.fidelity)
+        reference = None
+        if self.fidelity:
+            self.measuring = False
+            try:
+                reference = self.model.generate(**inputs, **kwargs)
+            finally:
+                self.measuring = True
+        session = prune(self.model, self.selector, positions=self.positions) if self.selector is not None else None
+        with session if session is not None else contextlib.nullcontext():
+            out = self.model.generate(**inputs, **kwargs)
+        texts, lengths = self._decode(out.sequences, prompt_len)
+        steps = max(out.sequences.shape[1] - prompt_len - 1, 0)
+        eff = sample_efficiency(self._adapter(), inputs["input_ids"], inputs.get("attention_mask"),
+                                session.trace if session is not None else None, steps, lengths, self.model.dtype)
+        records = []
+        for b, sample in enumerate(samples):
+            fields: dict[str, Any] = {"answer": texts[b], "efficiency": eff[b]}
+            records.append(fields)
+        if reference is not None:
+            ref_texts, _ = self._decode(reference.sequences, prompt_len)
+            kl, top1 = first_token_fidelity(reference.logits[0], out.logits[0])
+            for b, fields in enumerate(records):
+                fields.update(reference_answer=ref_texts[b], first_token_kl=kl[b], first_token_top1=top1[b])
+        return [self._record(s, **f) for s, f in zip(samples, records)]

@@ -1,0 +1,297 @@
+"""Analytic efficiency profile of a stage schedule on an architecture (no weights, no forward).
+
+One :class:`ProfileRow` per configuration (keep-all, an explicit schedule, a registered selector at a
+budget): visual tokens (original, LLM input, per layer, layer average), FLOPs in the paper and full
+conventions, KV-cache bytes after prefill (+ decode tokens), and one decode step's FLOPs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from fvlm.adapters.base import ModelInfo
+from fvlm.errors import FVLMError
+from fvlm.metrics.flops import (
+    FlopsBreakdown,
+    full_flops,
+    llm_decode_flops,
+    paper_flops,
+    selector_overhead_flops,
+)
+from fvlm.metrics.kv import dtype_bytes, kv_bytes
+from fvlm.metrics.tokens import VisualCounts, stage_count, visual_counts
+from fvlm.profiling.arch import Architecture, model_info
+from fvlm.selectors.base import Stage
+
+# Parameters a layer-average budget sets, in this order of preference. AVERAGE_PARAMETERS take the
+# target itself (the selector maps it to its own stage counts); COUNT_PARAMETERS are a kept-token
+# count, searched until the schedule's layer average is nearest the target.
+AVERAGE_PARAMETERS = ("average", "target_average", "budget")
+COUNT_PARAMETERS = ("keep", "num_tokens", "tokens")
+BUDGET_PARAMETERS = AVERAGE_PARAMETERS + COUNT_PARAMETERS
+
+
+@dataclass
+class ProfileRow:
+    """The analytic profile of one configuration (per sample)."""
+
+    label: str
+    kind: str  # "keep_all" | "schedule" | "selector"
+    stages: list[Stage]
+    counts: VisualCounts
+    text_tokens: int
+    paper_flops: float
+    full: FlopsBreakdown
+    kv_bytes: int
+    decode_flops: float  # the first decode step, full convention
+    selector: str | None = None
+    params: dict = field(default_factory=dict)
+    target: float | None = None  # requested layer average, if any
+
+    @property
+    def layer_average(self) -> float:
+        return self.counts.layer_average
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "selector": self.selector,
+            "params": self.params,
+            "target_layer_average": self.target,
+            "stages": [[s.where, s.keep] for s in self.stages],
+            "original_visual": self.counts.original,
+            "llm_input_visual": self.counts.llm_input,
+            "visual_per_layer": list(self.counts.per_layer),
+            "layer_average": self.layer_average,
+            "text_tokens": self.text_tokens,
+            "paper_flops": self.paper_flops,
+            "full_flops": self.full.to_dict(),
+            "kv_bytes": self.kv_bytes,
+            "decode_step_flops": self.decode_flops,
+        }
+
+
+def parse_schedule(text: str) -> list[Stage]:
+    """``"1:218,10:128,15:54"`` -> stages; ``where`` is a layer, ``input`` or ``vision``; ``keep`` an
+    int count or a float fraction of the original count (``"input:0.25"``)."""
+    stages = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        where, sep, keep = part.partition(":")
+        if not sep:
+            raise FVLMError(f"bad schedule entry {part!r}: expected WHERE:KEEP, e.g. 1:218 or input:64")
+        where = where.strip()
+        try:
+            where_v: Any = where if where in ("vision", "input") else int(where)
+            keep_v: Any = float(keep) if "." in keep else int(keep)
+            stages.append(Stage(where_v, keep_v))
+        except (TypeError, ValueError) as exc:
+            raise FVLMError(f"bad schedule entry {part!r}: {exc}") from None
+    if not stages:
+        raise FVLMError(f"empty schedule {text!r}")
+    return stages
+
+
+def format_schedule(stages: Sequence[Stage], original: int | None = None) -> str:
+    """``"1:218,10:128,15:54"``; with ``original``, fractional keeps are shown as the counts they give."""
+    def keep(s: Stage) -> str:
+        if original is not None and isinstance(s.keep, float):
+            return str(stage_count(s.keep, original))
+        return f"{s.keep:g}" if isinstance(s.keep, float) else str(s.keep)
+
+    return ",".join(f"{s.where}:{keep(s)}" for s in sorted(stages, key=lambda s: s.order))
+
+
+def _overhead(selector, needs: Iterable, counts: VisualCounts, stages: Sequence[Stage], text_tokens: int,
+              arch: Architecture) -> float:
+    """Selector FLOPs over its in-LLM stages: its own ``overhead_flops`` if it defines one, else the
+    estimate from its needs (:func:`fvlm.metrics.flops.selector_overhead_flops`)."""
+    total = 0.0
+    custom = getattr(selector, "overhead_flops", None) if selector is not None else None
+    for stage in stages:
+        if isinstance(stage.where, int):
+            n_visual = counts.per_layer[stage.where - 1]  # the layer that just ran
+        else:
+            n_visual = counts.original
+        seq = text_tokens + n_visual
+        if custom is not None:
+            total += float(custom(model_info(arch), stage, seq, n_visual))
+        elif isinstance(stage.where, int):
+            total += selector_overhead_flops(needs, seq, arch.text, n_visual=n_visual, **proxy_options(selector))
+    return total
+
+
+def proxy_options(selector) -> dict:
+    """Options of a gradient proxy read from a selector's public attributes (PIO-FVLM's ``k_last``,
+    ``proxy`` = ``"rows"`` | ``"block"``, ``head_rows``, ``nms``); absent ones keep the defaults."""
+    out = {}
+    for attr, key in (("k_last", "loss_rows"), ("proxy", "mode"), ("head_rows", "head_rows"), ("nms", "nms")):
+        value = getattr(selector, attr, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def profile_stages(
+    arch: Architecture,
+    stages: Sequence[Stage],
+    *,
+    label: str,
+    kind: str = "schedule",
+    selector=None,
+    selector_name: str | None = None,
+    params: dict | None = None,
+    target: float | None = None,
+    visual_tokens: int | None = None,
+    text_tokens: int | None = None,
+    decode_tokens: int = 0,
+    kv_dtype: str | None = None,
+) -> ProfileRow:
+    """Profile one stage schedule (optionally produced by ``selector``) on ``arch``."""
+    original = arch.visual_tokens if visual_tokens is None else int(visual_tokens)
+    text_n = arch.text_tokens if text_tokens is None else int(text_tokens)
+    counts = visual_counts(list(stages), arch.text.num_layers, original)
+    tokens = [text_n + v for v in counts.per_layer]
+    needs = getattr(type(selector), "needs", frozenset()) if selector is not None else frozenset()
+    overhead = _overhead(selector, needs, counts, stages, text_n, arch)
+    full = full_flops(arch.text, tokens, vision=arch.vision, images=arch.images, lm_head_rows=1, overhead=overhead)
+    width = dtype_bytes(kv_dtype or arch.kv_dtype)
+    kv = kv_bytes([t + decode_tokens for t in tokens], arch.text.num_kv_heads, arch.text.head_dim, width)
+    decode = llm_decode_flops([t + 1 for t in tokens], arch.text)
+    return ProfileRow(
+        label=label, kind=kind, stages=list(stages), counts=counts, text_tokens=text_n,
+        paper_flops=paper_flops(counts.per_layer, arch.text.hidden_size, arch.text.intermediate_size),
+        full=full, kv_bytes=kv, decode_flops=decode, selector=selector_name, params=dict(params or {}),
+        target=target,
+    )
+
+
+def keep_all_row(arch: Architecture, **kwargs) -> ProfileRow:
+    """The unpruned reference (every visual token at every layer)."""
+    return profile_stages(arch, [Stage("input", 1.0)], label="keep_all", kind="keep_all", **kwargs)
+
+
+def _visionzip_split(average: float) -> dict:
+    """VisionZip's dominant + contextual split at the community ratio 54 : 10 (64 = 54 + 10,
+    128 = 108 + 20, 192 = 162 + 30)."""
+    total = int(round(average))
+    dominant = int(round(total * 54 / 64))
+    return {"dominant": dominant, "contextual": total - dominant}
+
+
+# Selectors whose budget is not one parameter: name -> (layer average -> kwargs).
+BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split}
+
+
+def budget_parameter(name: str) -> str | None:
+    """The parameter of selector ``name`` that a layer-average budget sets (see BUDGET_PARAMETERS),
+    ``"*"`` when :data:`BUDGET_MAPS` knows how to split it, else None."""
+    from fvlm.registry import selector_info
+
+    if name in BUDGET_MAPS:
+        return "*"
+    params = selector_info(name).parameters
+    return next((p for p in BUDGET_PARAMETERS if p in params), None)
+
+
+def _with_input_size(name: str, params: dict, original: int) -> dict:
+    """Selectors that derive stage counts for an input size take it as ``n_visual``: set it to the
+    profiled count unless given."""
+    from fvlm.registry import selector_info
+
+    if "n_visual" in selector_info(name).parameters and "n_visual" not in params:
+        return {**params, "n_visual": original}
+    return params
+
+
+def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, original: int,
+                                params: dict | None = None) -> dict:
+    """Keyword arguments for selector ``name`` so that its schedule has a layer average of ``target``
+    visual tokens (of ``original``) on a model described by ``info``.
+
+    The parameter set is the first of :data:`BUDGET_PARAMETERS` the selector accepts: an average
+    parameter (``average``, ``budget``, ...) gets ``target`` as is (the selector's own mapping to stage
+    counts is authoritative; the real average is reported); a count parameter (``keep``, ...) is
+    searched over 1..original for the schedule whose layer average is nearest ``target`` (FastV
+    keeping R after K layers: R = (L * target - K * N) / (L - K), rounded). :data:`BUDGET_MAPS`
+    covers selectors with a split budget (VisionZip). Selectors with an ``n_visual`` parameter get
+    ``original``.
+    """
+    from fvlm.registry import create_selector
+
+    params = _with_input_size(name, dict(params or {}), original)
+    param = budget_parameter(name)
+    if param is None:
+        raise FVLMError(
+            f"selector {name!r} has none of the budget parameters {', '.join(BUDGET_PARAMETERS)}; "
+            "give its own parameters with --set instead of --budget"
+        )
+    if param == "*":
+        return {**params, **BUDGET_MAPS[name](target)}
+
+    def average(value) -> float:
+        stages = list(create_selector(name, **{**params, param: value}).stages(info))
+        return visual_counts(stages, info.num_layers, original).layer_average
+
+    if param in AVERAGE_PARAMETERS:
+        value = int(target) if float(target).is_integer() else target
+        try:
+            average(value)
+        except (ValueError, TypeError) as exc:
+            raise FVLMError(f"selector {name!r} with {param}={value}: {exc}") from None
+        return {**params, param: value}
+
+    def safe(value: int) -> float | None:
+        try:
+            return average(value)
+        except (ValueError, TypeError, FVLMError):
+            return None
+
+    lo, hi = 1, original  # the smallest count whose layer average reaches the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        avg = safe(mid)
+        if avg is not None and avg >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = None
+    for value in sorted({max(1, lo - 1), lo}):
+        avg = safe(value)
+        if avg is not None and (best is None or abs(avg - target) < best[0]):
+            best = (abs(avg - target), value)
+    if best is None:
+        raise FVLMError(f"selector {name!r}: no value of {param!r} gives a valid schedule")
+    return {**params, param: best[1]}
+
+
+def selector_for_average(name: str, target: float, arch: Architecture, params: dict | None = None,
+                         visual_tokens: int | None = None):
+    """:func:`selector_kwargs_for_average` on an :class:`Architecture`; returns
+    ``(selector, kwargs, stages)``."""
+    from fvlm.registry import create_selector
+
+    original = arch.visual_tokens if visual_tokens is None else int(visual_tokens)
+    kwargs = selector_kwargs_for_average(name, target, model_info(arch), original, params)
+    selector = create_selector(name, **kwargs)
+    return selector, kwargs, list(selector.stages(model_info(arch)))
+
+
+def profile_selector(arch: Architecture, name: str, *, budget: float | None = None, params: dict | None = None,
+                     **kwargs) -> ProfileRow:
+    """Profile a registered selector, at a layer-average ``budget`` or with explicit ``params``."""
+    from fvlm.registry import create_selector
+
+    if budget is not None:
+        selector, used, stages = selector_for_average(name, budget, arch, params, kwargs.get("visual_tokens"))
+        label = f"{name} @{budget:g}"
+    else:
+        original = arch.visual_tokens if kwargs.get("visual_tokens") is None else kwargs["visual_tokens"]
+        used = _with_input_size(name, dict(params or {}), original)
+        selector = create_selector(name, **used)
+        stages = list(selector.stages(model_info(arch)))
+        given = dict(params or {})
+        label = name if not given else f"{name} ({', '.join(f'{k}={v}' for k, v in given.items())})"
+    return profile_stages(arch, stages, label=label, kind="selector", selector=selector, selector_name=name,
+                          params=used, target=budget, **kwargs)
+

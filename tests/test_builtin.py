@@ -1,0 +1,233 @@
+"""The built-in model: synthetic data, checkpoint, training script, accuracy benchmark, visualisation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from fvlm.builtin import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def builtin_model():
+    from fvlm import builtin
+
+    return builtin.load()
+
+
+# -- data ----------------------------------------------------------------------------------------
+def test_dataset_is_deterministic_and_splits_differ():
+    a, b = synthetic.sample("test", 7), synthetic.sample("test", 7)
+    assert a["question"] == b["question"] and a["answer"] == b["answer"]
+    assert a["image"].tobytes() == b["image"].tobytes()
+    assert a["image"].size == (336, 336)
+    other = synthetic.sample("train", 7)
+    assert (other["image"].tobytes(), other["question"]) != (a["image"].tobytes(), a["question"])
+    assert synthetic.dataset("val", 3, start=5)[0]["id"] == synthetic.sample("val", 5)["id"]
+
+
+def test_dataset_balance_and_answers():
+    records = synthetic.dataset("test", 100)
+    assert Counter(r["kind"] for r in records) == {k: 20 for k in synthetic.KINDS}
+    yes_no = Counter(r["answer"] for r in records if r["kind"] == "exists")
+    assert yes_no == {"yes": 10, "no": 10}
+    for r in records:
+        objects = r["objects"]
+        assert synthetic.MIN_OBJECTS <= len(objects) <= synthetic.MAX_OBJECTS
+        assert len({o.cell for o in objects}) == len(objects)
+        if r["kind"] == "colour":
+            assert r["answer"] in synthetic.COLOURS
+        elif r["kind"] == "shape":
+            assert r["answer"] in synthetic.SHAPES
+        elif r["kind"] == "count":
+            assert r["answer"] == str(len(r["target"]))
+        elif r["kind"] == "exists":
+            assert (r["answer"] == "yes") == bool(r["target"])
+        else:
+            assert r["answer"] in synthetic.LETTERS and len(r["choices"]) == 3
+            assert r["choices"][synthetic.LETTERS.index(r["answer"])] == r["target"][0].region
+    # the object a region question is about is drawn where the question says
+    r = next(r for r in records if r["kind"] == "colour")
+    obj = r["target"][0]
+    x0, y0, x1, y1 = obj.box
+    assert r["image"].getpixel(((x0 + x1) // 2, (y0 + 3 * y1) // 4)) == synthetic.COLOURS[obj.colour]
+
+
+def test_tokenizer_covers_the_task_and_processor_layout():
+    from fvlm.builtin import model as M
+    from fvlm.builtin.train import encode_conversation
+
+    processor = M.build_processor()
+    tok = processor.tokenizer
+    records = synthetic.dataset("val", 10)
+    for r in records:
+        ids = tok(r["question"] + " " + r["answer"], add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+    inputs = processor(images=[r["image"] for r in records[:2]], text=[M.prompt(r["question"]) for r in records[:2]],
+                       return_tensors="pt", padding=True)
+    image_id = tok.convert_tokens_to_ids(M.IMAGE)
+    assert (inputs["input_ids"] == image_id).sum(dim=1).tolist() == [576, 576]
+    assert tuple(inputs["pixel_values"].shape) == (2, 3, 336, 336)
+    # the chat template renders the same prompt the training data and the benchmark use
+    chat = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": records[0]["question"]}]}],
+        add_generation_prompt=True)
+    assert chat == M.prompt(records[0]["question"])
+    # training's first turn is exactly the inference prompt
+    single = processor(images=[records[0]["image"]], text=[M.prompt(records[0]["question"])], return_tensors="pt")
+    ids, labels = encode_conversation(tok, [(records[0]["question"], records[0]["answer"])])
+    assert ids[: single["input_ids"].shape[1]] == single["input_ids"][0].tolist()
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100], skip_special_tokens=True) == records[0]["answer"]
+
+
+# -- checkpoint ----------------------------------------------------------------------------------
+def test_checkpoint_is_small_and_loads_offline(builtin_model):
+    from fvlm.builtin import CHECKPOINT
+
+    model, processor = builtin_model
+    size = sum(f.stat().st_size for f in CHECKPOINT.iterdir())
+    assert size < 10 * 2**20
+    cfg = model.config
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert (cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.image_seq_length) == (336, 14, 576)
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-2, "default")
+    assert processor.tokenizer.padding_side == "left"
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_checkpoint_answers_held_out_questions(builtin_model):
+    from fvlm.builtin import answer
+
+    model, processor = builtin_model
+    records = synthetic.dataset("test", 50, start=1000)  # not the benchmark's records
+    answers = answer(model, processor, [r["image"] for r in records], [r["question"] for r in records])
+    accuracy = sum(a == r["answer"] for a, r in zip(answers, records)) / len(records)
+    assert accuracy >= 0.9, list(zip(answers, [r["answer"] for r in records]))
+
+
+def test_batched_left_padded_answers_match_single(builtin_model):
+    from fvlm.builtin import answer
+
+    model, processor = builtin_model
+    records = [synthetic.sample("test", i) for i in (0, 4, 2)]  # prompts of different lengths
+    images, questions = [r["image"] for r in records], [r["question"] for r in records]
+    batched = answer(model, processor, images, questions, batch_size=3)
+    assert batched == [answer(model, processor, [im], [q])[0] for im, q in zip(images, questions)]
+
+
+# -- training script -----------------------------------------------------------------------------
+def test_training_script_smoke(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from fvlm.builtin import load, train
+
+    results = train.train(train.parse_args(["--out", str(tmp_path / "ckpt"), "--smoke"]))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "training.json"} <= {
+        p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert [e["stage"] for e in results["log"]] == ["vision", "vision", "pooled", "vlm", "vlm"]
+    model, processor = load(tmp_path / "ckpt")
+    assert isinstance(model, LlavaForConditionalGeneration)
+    assert model.config.image_seq_length == 576
+
+
+def test_pooled_forward_with_factor_one_is_the_model_forward():
+    from fvlm.builtin import model as M
+    from fvlm.builtin import train
+
+    processor = M.build_processor()
+    model = M.build_model(M.build_config(processor.tokenizer, **M.SMOKE_SIZES)).eval()
+    batch = train.make_batch(processor, [0, 1], seed=0, questions=2)
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+        pooled, labels = train.pooled_forward(model, batch, factor=1)
+        short, short_labels = train.pooled_forward(model, batch, factor=2)
+    torch.testing.assert_close(pooled, full)
+    assert torch.equal(labels, batch["labels"])
+    assert short.shape[1] == full.shape[1] - 576 + 144
+    assert torch.equal(short_labels[short_labels != -100], batch["labels"][batch["labels"] != -100])
+
+
+# -- benchmark -----------------------------------------------------------------------------------
+def test_accuracy_benchmark_tiny(tmp_path):
+    import fvlm
+
+    out, raw = tmp_path / "acc.md", tmp_path / "acc.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--n", "8", "--budgets", "64",
+           "--out", str(out), "--json", str(raw), "--threads", "1"]
+    try:
+        import matplotlib  # noqa: F401
+
+        cmd += ["--plot", str(tmp_path / "acc.png")]
+    except ImportError:
+        pass
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    results = json.loads(raw.read_text())
+    assert "## Accuracy (%)" in text and "| (unpruned) |" in text
+    for name in fvlm.list_selectors():
+        if name != "compose":
+            assert f"| {name} " in text
+    keep_all = results["rows"]["keep_all"]["all"]
+    assert keep_all["fidelity"] == 1.0  # a session that prunes nothing changes nothing
+    random64 = results["rows"]["random"]["64"]
+    assert random64["layer_average"] == 64.0 and 0.0 <= random64["accuracy"] <= 1.0
+    if "--plot" in cmd:
+        assert (tmp_path / "acc.png").stat().st_size > 1000
+
+
+def test_benchmark_reports_a_failing_selector(tmp_path):
+    out = tmp_path / "acc.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--n", "2", "--budgets", "16",
+           "--selectors", "uniform", "no_such_selector", "--out", str(out), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "| no_such_selector | failed |" in text and "## Failures" in text
+
+
+# -- visualisation -------------------------------------------------------------------------------
+def test_visualize_writes_png(tmp_path, capsys):
+    from PIL import Image
+
+    from fvlm.cli import main
+
+    path = tmp_path / "keep.png"
+    code = main(["visualize", "--sample", "3", "--selectors", "pio_fvlm", "fastv", "visionzip", "divprune",
+                 "--keep", "32", "--out", str(path)])
+    assert code == 0
+    image = Image.open(path)
+    assert image.width >= 5 * 336 and image.height > 336  # unpruned + 4 panels
+    out = capsys.readouterr().out
+    assert "pio_fvlm: answer" in out and "32 patches kept" in out
+
+
+def test_stage_recorder_maps_multi_stage_selections(builtin_model):
+    import fvlm
+    from fvlm.builtin import budgets, prompt_inputs
+    from fvlm.commands.visualize import StageRecorder
+
+    model, processor = builtin_model
+    record = synthetic.sample("test", 1)
+    inputs = prompt_inputs(processor, [record["image"]], [record["question"]])
+    kwargs = budgets.SETTINGS["pio_fvlm_3stage"].make_kwargs(64, model.config.text_config.num_hidden_layers)
+    selector = fvlm.create_selector("pio_fvlm", **kwargs)
+    recorder = StageRecorder(selector)
+    with fvlm.prune(model, selector), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1)
+    assert len(recorder.stages) == 3
+    kept = recorder.kept(576)
+    assert len(kept) == kwargs["keep"][-1] == len(set(kept))
+    # stage 2's picks are a subset of stage 1's, expressed in original patch indices
+    first = recorder.stages[0][1].tolist()
+    assert set(kept) <= set(first)
