@@ -1,7 +1,11 @@
-"""mkdocs hook: render the selector catalogue from the installed registry at build time."""
+"""mkdocs hook: render the selector catalogue (from the installed registry) and the recipe list at build time."""
 from __future__ import annotations
 
+from pathlib import Path
+
 MARKER = "<!-- selector-catalogue -->"
+RECIPES = "<!-- recipe-list -->"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _section(name: str) -> str:
@@ -22,7 +26,17 @@ def _section(name: str) -> str:
     )
 
 
+def _recipes() -> str:
+    rows = []
+    for path in sorted((ROOT / "recipes").rglob("*.yaml")):
+        comment = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        rows.append(f"| `{path.relative_to(ROOT)}` | {comment} |")
+    return "| file | what it is |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
 def on_page_markdown(markdown, page, config, files, **kwargs):
+    if RECIPES in markdown:
+        markdown = markdown.replace(RECIPES, _recipes())
     if MARKER not in markdown:
         return markdown
     import fvlm
