@@ -1,0 +1,31 @@
+"""The benchmark scripts must keep running: each at a tiny size (figures are not checked here)."""
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("selection_cost.py", ["--hidden", "64", "--layers", "3", "--vocab", "512", "--repeats", "1"]),
+        ("pio_proxy_cost.py", ["--hidden", "64", "--heads", "2", "--layers", "4", "--vocab", "512", "--visual", "576",
+                               "--text", "16", "--repeats", "1", "--skip-memory", "--tp-hidden", "64",
+                               "--tp-batch", "2", "--tp-new-tokens", "2", "--tp-repeats", "1"]),
+        ("prefill_speedup.py", ["--hidden", "64", "--layers", "16", "--vocab", "512", "--visual", "64", "--text", "16",
+                                "--budgets", "16", "--repeats", "1", "--warmup", "0", "--generate-tokens", "2"]),
+    ],
+)
+def test_benchmark_runs_at_tiny_size(script, argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    except SystemExit as done:  # scripts that end with sys.exit(main())
+        assert done.code in (0, None)
+    out = capsys.readouterr().out
+    assert "pio" in out.lower() and "not installed" not in out
