@@ -141,6 +141,7 @@ def test_tiny_recipe_runs_end_to_end(recipe, tmp_path, capsys):
     assert fvlm_run("-c", recipe, "--output", out) == 0
     console = capsys.readouterr().out
     assert "fvlm run" in console and "layer average" in console  # the rich summary table
+    assert "answers (first samples)" in console and "color-1" in console  # the first answers
     data_ids = [json.loads(line)["id"] for line in (TINY / "data/vqa.jsonl").read_text().splitlines()]
     records = lines(out / "predictions.jsonl")
     assert [r["id"] for r in records] == data_ids  # one line per id, data-set order

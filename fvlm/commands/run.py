@@ -73,6 +73,7 @@ def build_parser():
                         help="re-run samples whose earlier line holds an error")
     parser.add_argument("--reference", type=Optional[str], default=None,
                         help="predictions.jsonl of an unpruned run: adds answer agreement by id to the summary")
+    parser.add_argument("--show", type=int, default=5, help="print the answers of the first N samples")
     parser.add_argument("--seed_everything", type=Union[bool, int], default=0,
                         help="seed for lightning.seed_everything (false: do not seed)")
     parser.add_class_arguments(FVLMModule, "model", fail_untyped=False, sub_configs=True)
@@ -251,7 +252,8 @@ def _default_output(cfg) -> str:
     configs = [str(p) for p in (cfg.get("config") or []) if p is not None]
     stem = Path(configs[-1]).stem if configs else "fvlm"
     data = cfg.get("data.path")
-    return str(Path("outputs") / stem / (Path(os.fspath(data)).stem if data else "data"))
+    name = Path(os.fspath(data)).stem.replace(":", "-") if data else "data"  # builtin:test -> builtin-test
+    return str(Path("outputs") / stem / name)
 
 
 def _callbacks(trainer_cfg: dict, output: Path, retry_errors: bool) -> list:
@@ -315,13 +317,27 @@ def run(argv: Sequence[str]) -> int:
     import json
 
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_summary(summary, output)
+    print_summary(summary, output, records[: cfg.show])
     return 0 if not missing else 1
 
 
-def print_summary(summary: dict, output: Path) -> None:
+def print_summary(summary: dict, output: Path, examples: Sequence[dict] = ()) -> None:
+    """The summary table, preceded by ``examples`` (prediction records) as a table of answers."""
     from rich.console import Console
     from rich.table import Table
+
+    if examples:
+        answers = Table(title="answers (first samples)", title_justify="left")
+        for column in ("id", "question", "reference", "answer"):
+            answers.add_column(column)
+        unpruned = any(r.get("reference_answer") is not None for r in examples)
+        if unpruned:
+            answers.add_column("unpruned")
+        for r in examples:
+            reference = " | ".join(str(a) for a in (r.get("answers") or [])[:3])
+            row = [str(r["id"]), r.get("question", ""), reference, r.get("error") or r.get("answer", "")]
+            answers.add_row(*row, *([str(r.get("reference_answer", "-"))] if unpruned else []))
+        Console(highlight=False).print(answers)
 
     def fmt(value, spec: str = ".3f") -> str:
         if value is None:

@@ -202,7 +202,8 @@ class VQADataModule(LightningDataModule):
     """A local VQA file for ``Trainer.predict`` / ``Trainer.test`` (the same loader for both).
 
     ``path``: JSONL / JSON file (in a recipe, a relative path is looked up next to the recipe file
-    first, then in the working directory);
+    first, then in the working directory), or ``builtin:<split>`` for the built-in synthetic task
+    (:mod:`fvlm.builtin.data`: ``limit`` records, default 500, written once to a cache folder);
     ``image_root``: base of relative image paths (default: the data file's folder); ``limit``: use
     the first N records; ``metric``: how samples are scored ("auto" picks per sample, see
     :mod:`fvlm.metrics.scoring`); ``short_answer_prompt`` / ``choice_prompt``: appended to open and
@@ -236,7 +237,12 @@ class VQADataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.records is None:
-            records = load_records(self.path, self.image_root)
+            from fvlm.builtin.data import materialize, parse
+
+            path, builtin = self.path, parse(self.path)
+            if builtin is not None:  # builtin:<split>: the synthetic task, written to disk once
+                path = materialize(builtin[0], n=self.limit or 500, seed=builtin[1])
+            records = load_records(path, self.image_root)
             records = records[: self.limit] if self.limit is not None else records
             for rec in records:
                 rec["metric"] = rec["metric"] or self.metric

@@ -1,7 +1,7 @@
 """``FVLMModule``: a VLM backbone that answers batches with ``generate`` under a pruning session.
 
-The backbone is described by a :class:`BackboneSpec` (a local folder, a hub id, or a built-in
-``"tiny:<family>"`` model) and loaded lazily in ``configure_model`` together with its processor.
+The backbone is described by a :class:`BackboneSpec` (a local folder, a hub id, the trained
+``"builtin"`` model or a random ``"tiny:<family>"`` model) and loaded lazily in ``configure_model`` together with its processor.
 ``predict_step`` and ``test_step`` return one record per sample (the generated answer, its score
 where references exist, fidelity to the unpruned model when asked, and per-sample efficiency from
 the session's trace); callbacks write and aggregate them. Without a selector the module is the
@@ -28,9 +28,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class BackboneSpec:
     """Which VLM to load and how.
 
-    ``path``: a local checkpoint folder, a hub id, or ``"tiny:llava"`` / ``"tiny:llava_next"`` /
-    ``"tiny:qwen2_vl"`` / ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no
-    download). ``dtype``: ``auto`` (the checkpoint's; float32 for tiny models), ``float32``,
+    ``path``: a local checkpoint folder, a hub id, ``"builtin"`` (the trained model shipped with
+    fvlm, :mod:`fvlm.builtin`), or ``"tiny:llava"`` / ``"tiny:llava_next"`` / ``"tiny:qwen2_vl"`` /
+    ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no download).
+    ``dtype``: ``auto`` (the checkpoint's; float32 for tiny models), ``float32``,
     ``float16`` or ``bfloat16``. ``attn_implementation``: ``sdpa``, ``eager``,
     ``flash_attention_2``, ... (``None``: transformers' default). ``processor_path`` defaults to
     ``path``. ``model_kwargs`` / ``processor_kwargs`` go to ``from_pretrained``. ``seed`` and
@@ -53,7 +54,12 @@ class BackboneSpec:
         from fvlm.tiny_backbones import parse_tiny, tiny_backbone
 
         family = parse_tiny(self.path)
-        if family is not None:
+        if self.path == "builtin":
+            from fvlm import builtin
+
+            model, processor = builtin.load(dtype=DTYPES.get(self.dtype, torch.float32),
+                                            attn_implementation=self.attn_implementation or "sdpa")
+        elif family is not None:
             kwargs = {} if self.num_layers is None else {"num_layers": self.num_layers}
             model, processor = tiny_backbone(family, attn_implementation=self.attn_implementation or "sdpa",
                                              dtype=DTYPES.get(self.dtype, torch.float32), seed=self.seed, **kwargs)
