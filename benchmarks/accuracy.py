@@ -192,10 +192,18 @@ def markdown(results: dict) -> str:
                 out.append(f"| {label} | " + " | ".join(_cell(row[b], metric) for b in budgets) + " |")
         return out
 
-    lines += table("accuracy")
+    # the section markers let docs/benchmarks.md include this table (pymdownx.snippets)
+    lines += ["<!-- --8<-- [start:accuracy-table] -->", *table("accuracy"), "<!-- --8<-- [end:accuracy-table] -->"]
     lines += ["", "## Fidelity to the unpruned model (%)", ""] + table("fidelity")
     if results.get("plot"):
         lines += ["", f"![accuracy vs budget]({results['plot']})"]
+    if results.get("picture"):
+        pic = results["picture"]
+        lines += ["", "## What the selectors keep", "",
+                  f"Test record {pic['sample']}, budget {pic['keep']} of {v} "
+                  f"(`fvlm visualize --sample {pic['sample']} --keep {pic['keep']} --selectors "
+                  f"{' '.join(pic['labels'])}`): kept patches in colour, the rest dimmed, each selector's answer "
+                  "in its title.", "", f"![kept patches]({pic['path']})"]
 
     smallest = budgets[-1] if budgets else None
     kinds = list(base["per_kind"])
@@ -243,18 +251,24 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     ax.axhline(100 * base["accuracy"], color="black", linestyle="--", linewidth=1,
                label=f"unpruned ({meta['visual_tokens']} tokens)")
+    markers, styles = "osD^vP*Xh<>", ["-", "--", "-.", ":"]
+    colours = plt.get_cmap("tab20").colors
+    drawn = 0
     for label, row in results["rows"].items():
         if "error" in row or "all" in row:
             continue
         xs = [b for b in budgets if "error" not in row[str(b)]]
         if xs:
-            ax.plot(xs, [100 * row[str(b)]["accuracy"] for b in xs], marker="o", label=label)
+            ax.plot(xs, [100 * row[str(b)]["accuracy"] for b in xs], marker=markers[drawn % len(markers)],
+                    linestyle=styles[drawn % len(styles)], color=colours[(2 * drawn) % 20], label=label)
+            drawn += 1
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.minorticks_off()
     ax.invert_xaxis()
     ax.set_xlabel(f"visual tokens kept (of {meta['visual_tokens']})")
     ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
     ax.set_title(f"Built-in model, {meta['n']} held-out records")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left", ncol=2)
@@ -262,6 +276,19 @@ def plot(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def picture(args, labels: list[str]) -> dict:
+    """Draw the kept patches of ``labels`` for one test record (``fvlm visualize``) into ``args.visualize``."""
+    from fvlm.commands.visualize import render
+
+    model, processor = builtin.load(args.checkpoint)
+    record = synthetic.sample(args.split, args.visualize_sample, seed=args.seed)
+    sheet, _ = render(model, processor, record["image"], record["question"], labels, args.visualize_keep,
+                      record["answer"])
+    args.visualize.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(args.visualize)
+    return {"sample": args.visualize_sample, "keep": args.visualize_keep, "labels": labels}
 
 
 def parse_args(argv):
@@ -279,6 +306,10 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None, help="Markdown report")
     p.add_argument("--plot", type=Path, default=None, help="PNG plot of accuracy vs budget (needs matplotlib)")
     p.add_argument("--json", type=Path, default=None, help="raw results")
+    p.add_argument("--visualize", type=Path, default=None,
+                   help="also draw the patches a few selectors keep on one test record (PNG, shown in the report)")
+    p.add_argument("--visualize-sample", type=int, default=3, help="test record for --visualize")
+    p.add_argument("--visualize-keep", type=int, default=64, help="budget for --visualize")
     args = p.parse_args(argv)
     args.argv = list(argv)
     return args
@@ -296,6 +327,11 @@ def main(argv=None) -> int:
         plot(results, args.plot)
         if args.out:
             results["plot"] = os.path.relpath(args.plot, args.out.parent)
+    if args.visualize:
+        wanted = [n for n in ("pio_fvlm", "fastv", "sparsevlm", "visionzip", "divprune") if n in fvlm.list_selectors()]
+        results["picture"] = picture(args, wanted)
+        if args.out:
+            results["picture"]["path"] = os.path.relpath(args.visualize, args.out.parent)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown(results))

@@ -45,12 +45,12 @@ CHAT_TEMPLATE = (
 #: Sizes of the shipped checkpoint (see :func:`build_config`).
 DEFAULT_SIZES = dict(
     vision_hidden=64, vision_intermediate=192, vision_layers=3, vision_heads=4,
-    text_hidden=128, text_intermediate=384, text_layers=4, text_heads=4, text_kv_heads=4,
+    text_hidden=128, text_intermediate=384, text_layers=4, text_heads=4, text_kv_heads=4, rope_theta=10000.0, text_init=0.08,
 )
 #: A tiny variant for smoke tests of the training script (same token layout, same 576 patches).
 SMOKE_SIZES = dict(
     vision_hidden=16, vision_intermediate=32, vision_layers=2, vision_heads=2,
-    text_hidden=32, text_intermediate=64, text_layers=4, text_heads=2, text_kv_heads=2,
+    text_hidden=32, text_intermediate=64, text_layers=4, text_heads=2, text_kv_heads=2, rope_theta=10000.0, text_init=0.08,
 )
 
 
@@ -63,8 +63,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over :func:`fvlm.builtin.synthetic.vocabulary` (ids 0-4 are the specials)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+    from tokenizers import AddedToken
+
     vocab = {token: i for i, token in enumerate([*SPECIALS, *synthetic.vocabulary()])}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # Two-word region names ("top left") are single tokens: matched before the whitespace split.
+    core.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in vocab if " " in w])
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
@@ -106,6 +110,8 @@ def build_config(tokenizer: PreTrainedTokenizerFast | None = None, **sizes) -> L
         num_key_value_heads=s["text_kv_heads"], max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": float(s["rope_theta"])},
+        initializer_range=float(s["text_init"]),
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),

@@ -223,42 +223,60 @@ def iter_dataset(split: str, n: int, seed: int = 0, start: int = 0) -> Iterator[
         yield sample(split, i, seed)
 
 
-DESCRIBE = "describe the image ."
+LISTINGS = {"colour": "list the colours .", "shape": "list the shapes .", "count colours": "count the colours .",
+            "count shapes": "count the shapes .", "pairs": "list the pairs ."}
 
 
-def describe(objects: list[Obj]) -> str:
-    """The scene as text, cell by cell: ``top left small red circle , center large blue square .``"""
-    return " , ".join(f"{o.region} {o.size} {o.colour} {o.shape}" for o in sorted(objects, key=lambda o: o.cell)) + " ."
+def listing(objects: list[Obj], attribute: str) -> str:
+    """Dense grounded text about a scene (training data; ``attribute`` is a key of :data:`LISTINGS`).
+
+    ``colour`` / ``shape``: the attribute of all nine cells in reading order (``top left red , top
+    center empty , ... .``); ``count colours`` / ``count shapes``: ``red 2 , green 0 , ...``;
+    ``pairs``: ``red circle yes , red square no , ...`` for every colour-shape pair.
+    """
+    if attribute in ("colour", "shape"):
+        by_cell = {o.cell: o for o in objects}
+        parts = [f"{region_name(c)} {getattr(by_cell[c], attribute) if c in by_cell else 'empty'}" for c in range(9)]
+    elif attribute == "count colours":
+        parts = [f"{c} {sum(o.colour == c for o in objects)}" for c in COLOURS]
+    elif attribute == "count shapes":
+        parts = [f"{s} {sum(o.shape == s for o in objects)}" for s in SHAPES]
+    elif attribute == "pairs":
+        present = {(o.colour, o.shape) for o in objects}
+        parts = [f"{c} {s} {'yes' if (c, s) in present else 'no'}" for c in COLOURS for s in SHAPES]
+    else:
+        raise ValueError(f"attribute must be one of {tuple(LISTINGS)}, got {attribute!r}")
+    return " , ".join(parts) + " ."
 
 
 def training_scene(index: int, seed: int = 0, questions: int = 6, split: str = "train",
-                   description: bool = True) -> dict:
+                   description: bool = True, extra_kinds: tuple[str, ...] = KINDS) -> dict:
     """One image with several questions for multi-turn training: ``{image, objects, qa: [(q, a), ...]}``.
 
-    The first ``len(KINDS)`` questions cover every kind once (in a random order), the rest are random
-    kinds; ``exists`` questions are yes or no with equal probability. With ``description`` a last turn
-    asks for :func:`describe` (LLaVA's caption-style alignment data; last, so that no question can
-    be answered from it).
+    The first ``len(KINDS)`` questions cover every kind once (in a random order), the rest are drawn
+    from ``extra_kinds``; ``exists`` questions are yes or no with equal probability. With ``description`` the last
+    turns ask for :func:`listing` of every attribute in :data:`LISTINGS` (dense grounded data in the
+    role of LLaVA's caption-style alignment data; last, so that no question can be answered from them).
     """
     rng = _rng(split, seed, index)
     objects = make_scene(rng)
     kinds = list(KINDS)
     rng.shuffle(kinds)
-    kinds += [rng.choice(KINDS) for _ in range(max(0, questions - len(kinds)))]
+    kinds += [rng.choice(extra_kinds) for _ in range(max(0, questions - len(kinds)))]
     qa = []
     for kind in kinds[:questions]:
         record = _question(objects, kind, rng)
         qa.append((record["question"], record["answer"]))
     if description:
-        qa.append((DESCRIBE, describe(objects)))
+        qa += [(question, listing(objects, attribute)) for attribute, question in LISTINGS.items()]
     return {"image": render(objects), "objects": objects, "qa": qa}
 
 
 def vocabulary() -> list[str]:
     """Every word the questions and answers use (the tokenizer's vocabulary, specials excluded)."""
     words = {"USER", "ASSISTANT", ":", "?", ",", "what", "colour", "is", "the", "shape", "in", "how", "many",
-             "are", "there", "shapes", "a", "where", "options", "yes", "no", "describe", "image", "."}
+             "are", "there", "shapes", "a", "where", "options", "yes", "no", "list", "colours", ".", "empty", "count", "pairs"}
     words |= set(SIZES)
-    words |= set(COLOURS) | set(SHAPES) | set(PLURAL.values()) | set(ROWS) | set(COLS) | set(LETTERS)
+    words |= set(COLOURS) | set(SHAPES) | set(PLURAL.values()) | set(REGIONS) | set(LETTERS)
     words |= {str(i) for i in range(MAX_OBJECTS + 1)}
     return sorted(words)

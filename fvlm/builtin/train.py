@@ -1,18 +1,36 @@
 """Train the built-in LLaVA model on the synthetic task and save it as a Hugging Face checkpoint.
 
     python -m fvlm.builtin.train --out fvlm/builtin/checkpoint          # the shipped checkpoint
-    python -m fvlm.builtin.train --out /tmp/smoke --smoke               # 2 steps of a tiny variant
+    python -m fvlm.builtin.train --out /tmp/smoke --smoke               # a few steps of a tiny variant
 
-Plain PyTorch on the CPU, everything seeded. Each training sequence is a multi-turn LLaVA-1.5
-conversation about one image (``USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...``),
-so the 576 visual tokens are paid for once per several answers; the loss is the cross-entropy of
-the answer tokens and their ``</s>`` only. A small auxiliary head on the vision tower's pooled CLS
-output predicts which colour-shape pairs the image holds and how many objects of each colour and
-shape, like the image-level objective that trains CLIP's CLS token: CLS attention is then about
-the objects, which the CLS-attention selectors (VisionZip) rely on. The head is not saved.
+Plain PyTorch on the CPU, everything seeded, two stages like LLaVA's (vision pretraining, then the
+language side with the vision tower frozen):
+
+1. *Vision tower* (the stand-in for CLIP pretraining): dense labels from the scene generator. Per
+   patch of the layer that feeds the projector: object or background, the object's colour and
+   shape, its layout cell, and whether it is the object's centre patch; per image, from the pooled
+   CLS output: which colour-shape pairs occur and how many objects of each colour and shape (the
+   image-level objective gives CLS attention a meaning, which VisionZip-style selectors rely on);
+   and the same image-level targets from every patch (CLIP patch tokens carry global information
+   too; without it counting stays near chance). These heads are not saved.
+2. *Projector + language model*, vision tower frozen: single-turn LLaVA-1.5 prompts
+   (``USER: <image>\n{question} ASSISTANT: {answer}</s>``), the loss on the answer tokens and
+   ``</s>`` only. Besides the task's questions, every image comes with dense "listing" answers
+   (``list the colours .`` -> ``top left red , top center empty , ...``, counts, colour-shape pairs)
+   that make every listed token depend on one place or one attribute of the image: they teach the
+   language model where to look far sooner than the questions alone. A curriculum first shows the
+   language model the visual tokens average-pooled 4 x 4 (36 tokens), then 2 x 2 (144), then all
+   576 (the real model); pooled tokens keep their original position ids. Full-resolution steps
+   pack each image's questions and listings into one multi-turn conversation (questions first),
+   so the 576 visual tokens are paid for once per image. They are needed: counts and yes / no
+   answers learnt on pooled tokens come out miscalibrated on all 576.
+
+Things that turned out to matter: the language model's ``initializer_range`` (0.08; with
+Llama's 0.02 attention stays uniform over the visual tokens for hundreds of steps) and freezing the
+vision tower in stage 2.
 
 The output folder holds ``config.json``, ``model.safetensors``, ``generation_config.json``, the
-tokenizer and processor files and ``training.json`` (settings, wall time, accuracies per split).
+tokenizer and processor files and ``training.json`` (settings, wall and CPU time, accuracies).
 """
 from __future__ import annotations
 
@@ -62,33 +80,57 @@ def aux_targets(objects) -> torch.Tensor:
     return torch.tensor(present + colours + shapes)
 
 
+_SIDE = synthetic.IMAGE_SIZE // synthetic.PATCH
+#: The 3 x 3 layout cell of every patch (row-major), a target of the patch head.
+CELLS = torch.tensor([(r * 3 // _SIDE) * 3 + (c * 3 // _SIDE) for r in range(_SIDE) for c in range(_SIDE)])[None]
 COLOUR_IDS = {c: i + 1 for i, c in enumerate(synthetic.COLOURS)}  # 0: background
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(synthetic.SHAPES)}
 
 
 def patch_targets(objects) -> torch.Tensor:
-    """Per patch ``[576, 2]``: colour id and shape id of the object covering it (0, 0 on background)."""
+    """Per patch ``[576, 3]``: colour id and shape id of the object covering it (0, 0 on background),
+    and 1 on the centre patch of every object (one per object: what counting needs)."""
     owner = synthetic.patch_owner(objects)
-    return torch.tensor([(COLOUR_IDS[objects[o].colour], SHAPE_IDS[objects[o].shape]) if o >= 0 else (0, 0)
-                         for o in owner])
+    centres = set()
+    for o in objects:
+        x0, y0, x1, y1 = o.box
+        centres.add(((y0 + y1) // 2 // synthetic.PATCH) * _SIDE + (x0 + x1) // 2 // synthetic.PATCH)
+    return torch.tensor([(COLOUR_IDS[objects[o].colour], SHAPE_IDS[objects[o].shape], int(i in centres)) if o >= 0
+                         else (0, 0, 0) for i, o in enumerate(owner)])
 
 
-def make_batch(processor, indices: list[int], seed: int, questions: int) -> dict:
+#: Kinds of the questions beyond one of each per image: the ones that need colour and shape bound
+#: to one object (adversarial "no" answers, multiple choice by colour and shape) and counting.
+HARD_KINDS = ("count", "exists", "choice")
+
+
+def make_batch(processor, indices: list[int], seed: int, questions: int, listings: bool = True,
+               packed: bool = False) -> dict:
+    """Training batch for the scenes ``indices``, right-padded; ``image_index`` maps sequences to images.
+
+    By default every (question, answer) is its own single-turn sequence about its image (exactly
+    the inference format). ``packed``: one multi-turn conversation per image, the questions first
+    and the listings last (so no question can be answered from a listing): the 576 visual tokens
+    are paid for once per image, for the expensive full-resolution steps.
+    """
     tokenizer = processor.tokenizer
-    scenes = [synthetic.training_scene(i, seed=seed, questions=questions) for i in indices]
-    encoded = [encode_conversation(tokenizer, s["qa"]) for s in scenes]
+    scenes = [synthetic.training_scene(i, seed=seed, questions=questions, description=listings, extra_kinds=HARD_KINDS)
+              for i in indices]
+    encoded, image_index = [], []
+    for k, scene in enumerate(scenes):
+        for conversation in ([scene["qa"]] if packed else [[qa] for qa in scene["qa"]]):
+            encoded.append(encode_conversation(tokenizer, conversation))
+            image_index.append(k)
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for b, (ids, lab) in enumerate(encoded):  # right padding for training
+    for b, (ids, lab) in enumerate(encoded):  # right padding: causal attention needs no mask then
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
-        attention_mask[b, : len(ids)] = 1
     pixel_values = processor.image_processor([s["image"] for s in scenes], return_tensors="pt")["pixel_values"]
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-        "labels": labels, "aux": torch.stack([aux_targets(s["objects"]) for s in scenes]),
+        "input_ids": input_ids, "labels": labels, "image_index": torch.tensor(image_index),
+        "pixel_values": pixel_values, "aux": torch.stack([aux_targets(s["objects"]) for s in scenes]),
         "patches": torch.stack([patch_targets(s["objects"]) for s in scenes]),
     }
 
@@ -141,12 +183,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pooled_forward(model, batch: dict, factor: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels with the visual span average-pooled ``factor x factor`` (training curriculum).
+def lm_forward(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of ``batch`` with the visual tokens average-pooled ``factor x factor``.
 
-    Pooled tokens keep the position id of their group's top-left patch and the text after the
-    image keeps its original position ids, so the rotary geometry is that of the full sequence.
-    Needs every sample's image span at the same offset (true for the conversations built here).
+    The vision tower runs once per image (several sequences share an image); ``factor=1`` is the
+    model's own forward. Pooled tokens keep the position id of their group's top-left patch and the
+    text after the image keeps its original position ids, so the rotary geometry is that of the
+    full sequence (a curriculum: a short visual span is cheap and easy to search). Needs every
+    sequence's image span at the same offset (true for the prompts built here).
     """
     image_id = model.config.image_token_index
     ids = batch["input_ids"]
@@ -154,24 +198,26 @@ def pooled_forward(model, batch: dict, factor: int = 2) -> tuple[torch.Tensor, t
     n = model.config.image_seq_length
     side = int(round(n ** 0.5))
     if not bool((ids[:, first : first + n] == image_id).all()):
-        raise ValueError("pooled_forward needs the image span at the same offset in every sample")
+        raise ValueError("lm_forward needs the image span at the same offset in every sequence")
     features = model.model.get_image_features(
         pixel_values=batch["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
     ).pooler_output
-    features = torch.stack(list(features))  # [B, n, D]
-    bsz, _, dim = features.shape
-    grid = features.reshape(bsz, side // factor, factor, side // factor, factor, dim)
-    pooled = grid.mean(dim=(2, 4)).reshape(bsz, -1, dim)
+    features = torch.stack(list(features))  # [images, n, D]
+    dim = features.shape[-1]
     rows = torch.arange(0, side, factor)
+    if factor > 1:
+        grid = features.reshape(len(features), side // factor, factor, side // factor, factor, dim)
+        features = grid.mean(dim=(2, 4)).reshape(len(features), -1, dim)
     image_pos = (rows[:, None] * side + rows[None, :]).reshape(-1) + first
+    features = features[batch["image_index"]]
+    bsz, length = ids.shape
     embeds = model.get_input_embeddings()(ids)
-    inputs = torch.cat([embeds[:, :first], pooled.to(embeds.dtype), embeds[:, first + n :]], dim=1)
-    length = ids.shape[1]
+    inputs = torch.cat([embeds[:, :first], features.to(embeds.dtype), embeds[:, first + n :]], dim=1)
     positions = torch.cat([torch.arange(first), image_pos, torch.arange(first + n, length)])
     hidden = model.model.language_model(inputs_embeds=inputs, position_ids=positions[None].expand(bsz, -1)).last_hidden_state
     labels = batch["labels"]
-    labels = torch.cat([labels[:, :first], labels.new_full((bsz, pooled.shape[1]), -100), labels[:, first + n :]], dim=1)
+    labels = torch.cat([labels[:, :first], labels.new_full((bsz, features.shape[1]), -100), labels[:, first + n :]], dim=1)
     return model.lm_head(hidden), labels
 
 
@@ -181,30 +227,44 @@ class VisionHeads(nn.Module):
     ``image``: presence of every colour-shape pair (BCE) and object counts per colour and per shape
     (MSE), from the pooled CLS output. ``patch``: for every patch of the layer that feeds the
     projector, object vs background (BCE), and the colour and shape of the object (cross-entropy on
-    object patches only) - dense labels standing in for the pretraining a real CLIP tower has had.
+    object patches only), the layout cell, the object's centre patch - dense labels standing in for
+    the pretraining a real CLIP tower has had. ``scene``: every patch also predicts the image-level
+    targets (pairs and counts), the way CLIP patch tokens carry global information: counting and
+    existence questions can then be answered from few tokens, region questions cannot.
     """
 
     def __init__(self, hidden: int):
         super().__init__()
         self.n_pairs, self.n_colours, self.n_shapes = len(ATTRIBUTES), len(synthetic.COLOURS), len(synthetic.SHAPES)
         self.image = nn.Linear(hidden, self.n_pairs + self.n_colours + self.n_shapes)
-        self.patch = nn.Linear(hidden, 1 + self.n_colours + self.n_shapes)
+        self.patch = nn.Linear(hidden, 1 + self.n_colours + self.n_shapes + 9 + 1)
+        self.scene = nn.Linear(hidden, self.n_pairs + self.n_colours + self.n_shapes)
 
     def forward(self, cls: torch.Tensor, patches: torch.Tensor, aux: torch.Tensor, targets: torch.Tensor) -> dict:
         f = nn.functional
         image = self.image(cls)
         n = self.n_pairs
         dense = self.patch(patches)
+        scene = self.scene(patches)
+        everywhere = aux[:, None].expand(-1, scene.shape[1], -1)
         obj = targets[..., 0] > 0
         losses = {
             "pairs": f.binary_cross_entropy_with_logits(image[:, :n], aux[:, :n]),
             "counts": f.mse_loss(image[:, n:], aux[:, n:]),
             "object": f.binary_cross_entropy_with_logits(dense[..., 0], obj.float()),
             "colour": f.cross_entropy(dense[..., 1 : 1 + self.n_colours][obj], targets[..., 0][obj] - 1),
-            "shape": f.cross_entropy(dense[..., 1 + self.n_colours :][obj], targets[..., 1][obj] - 1),
+            "shape": f.cross_entropy(dense[..., 1 + self.n_colours : 1 + self.n_colours + self.n_shapes][obj],
+                                     targets[..., 1][obj] - 1),
+            "cell": f.cross_entropy(dense[..., -10:-1].flatten(0, 1), CELLS.expand(len(dense), -1).flatten()),
+            "centre": f.binary_cross_entropy_with_logits(dense[..., -1], targets[..., 2].float(),
+                                                         pos_weight=torch.tensor(20.0)),
+            "scene_pairs": f.binary_cross_entropy_with_logits(scene[..., :n], everywhere[..., :n]),
+            "scene_counts": f.mse_loss(scene[..., n:], everywhere[..., n:]),
         }
         with torch.no_grad():
-            losses["shape_acc"] = (dense[..., 1 + self.n_colours :][obj].argmax(-1) == targets[..., 1][obj] - 1).float().mean()
+            shape = dense[..., 1 + self.n_colours : 1 + self.n_colours + self.n_shapes][obj]
+            losses["shape_acc"] = (shape.argmax(-1) == targets[..., 1][obj] - 1).float().mean()
+            losses["count_acc"] = (scene[..., n:].round() == everywhere[..., n:]).float().mean()
         return losses
 
 
@@ -235,9 +295,16 @@ def train(args: argparse.Namespace) -> dict:
     processor.tokenizer.padding_side = "left"  # for evaluation; training batches are built by hand
     sizes = M.SMOKE_SIZES if args.smoke else M.DEFAULT_SIZES
     config = M.build_config(processor.tokenizer, **sizes)
-    model = M.build_model(config, seed=args.seed)
-    if args.init_2d_positions:
-        init_2d_positions(model)
+    if args.init:  # continue from a checkpoint of this script: stage 2 only, on scenes it has not seen
+        from fvlm.builtin import load
+
+        model, _ = load(args.init)
+        M.set_generation_defaults(model)
+        args.vision_steps, args.vision_cache = 0, None
+    else:
+        model = M.build_model(config, seed=args.seed)
+        if args.init_2d_positions:
+            init_2d_positions(model)
     heads = VisionHeads(config.vision_config.hidden_size)
     tower = model.model.vision_tower
     log: list[dict] = []
@@ -268,58 +335,56 @@ def train(args: argparse.Namespace) -> dict:
         optimizer.step()
         if step % args.log_every == 0 or step == args.vision_steps - 1:
             _log(log, {"stage": "vision", "step": step, "loss": loss, "shape_acc": losses["shape_acc"],
+                       "count_acc": losses["count_acc"],
                        "seconds": round(time.perf_counter() - start, 1)})
 
     if cached is not None and not cached.is_file():
         torch.save({"tower": tower.state_dict(), "heads": heads.state_dict()}, cached)
 
-    # Stage 2: the whole model on multi-turn conversations, the vision objectives kept as auxiliaries.
-    # The first `pooled_steps` steps show the language model 2 x 2-average-pooled visual tokens (144,
-    # at their original position ids): a 4x shorter visual span, so attention learns to find objects
-    # 4x sooner and steps cost a third; the rest use all 576 tokens (the real model).
-    seen = {}
-    hooks = [
-        tower.register_forward_hook(lambda m, a, out: seen.__setitem__("cls", out.pooler_output)),
-        model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.__setitem__("patches", a[0])),
-    ]
-    optimizer = _optimizer([*model.parameters(), *heads.parameters()], args.lr, args.weight_decay)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    total = args.pooled_steps + args.steps
+    # Stage 2: projector + language model, the vision tower frozen (as in LLaVA; tuning it with the
+    # language loss of a random language model wrecks its features), with the pooling curriculum.
+    vision_seconds = time.perf_counter() - start
+    eval_seconds = 0.0
+    tower.requires_grad_(False)
+    tower.eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(trainable, args.lr, args.weight_decay)
+    factors = [f for f, n in args.curriculum for _ in range(n)]  # pooling factor of every step
+    total = len(factors)
     for step in range(total):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, args.lr, args.warmup)
-        batch = make_batch(processor, list(range(step * args.batch, (step + 1) * args.batch)), args.seed, args.questions)
-        # Right padding needs no attention mask: causal attention never lets a real token see the
-        # pads after it (and without a mask SDPA takes its fast causal kernel on the CPU).
-        if step < args.pooled_steps:
-            logits, labels = pooled_forward(model, batch, factor=2)
-        else:
-            logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
-            labels = batch["labels"]
+        factor = factors[step]
+        first = args.first_scene + step * args.batch
+        batch = make_batch(processor, list(range(first, first + args.batch)), args.seed,
+                           args.questions, packed=factor == 1 and args.packed)
+        logits, labels = lm_forward(model, batch, factor)
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
-        loss_qa = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        losses = heads(seen["cls"], seen["patches"], batch["aux"], batch["patches"])
-        loss = loss_qa + args.aux_weight * _vision_loss(losses)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == total - 1:
             mask = labels != -100
             acc = (logits.argmax(-1)[mask] == labels[mask]).float().mean()
-            _log(log, {"stage": "pooled" if step < args.pooled_steps else "vlm", "step": step, "loss": loss_qa, "vision": _vision_loss(losses),
+            _log(log, {"stage": f"vlm/{factors[step]}", "step": step, "loss": loss,
                        "token_acc": acc, "seconds": round(time.perf_counter() - start, 1)})
         if args.eval_every and step and step % args.eval_every == 0:
+            eval_start = time.perf_counter()
             print(json.dumps({"step": step, "val": evaluate(model, processor, "val", args.eval_n)}), flush=True)
             model.train()
-    train_seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    for hook in hooks:
-        hook.remove()
+            tower.eval()
+            eval_seconds += time.perf_counter() - eval_start
+    train_seconds = time.perf_counter() - start - eval_seconds
+    cpu_seconds = time.process_time() - cpu_start
+    tower.requires_grad_(True)
     model.eval()
 
     results = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "sizes": sizes,
                "parameters": sum(p.numel() for p in model.parameters()),
-               "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), "torch_threads": torch.get_num_threads(),
+               "train_seconds": round(train_seconds, 1), "vision_seconds": round(vision_seconds, 1),
+               "train_cpu_seconds": round(cpu_seconds, 1), "periodic_eval_seconds": round(eval_seconds, 1), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "log": log}
     if args.eval_n:
         results["val"] = evaluate(model, processor, "val", args.eval_n)
@@ -336,23 +401,40 @@ def save(model, processor, out: Path, results: dict) -> None:
     (out / "training.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
+def _curriculum(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or p[0] not in (1, 2, 3, 4, 6, 8, 12, 24) or p[1] < 0 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected FACTOR:STEPS,... with FACTOR dividing 24, got {text!r}")
+    return pairs
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fvlm.builtin.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
-    p.add_argument("--vision-steps", type=int, default=300, help="stage 1: vision tower steps")
+    p.add_argument("--vision-steps", type=int, default=400, help="stage 1: vision tower steps")
     p.add_argument("--vision-batch", type=int, default=16, help="stage 1: images per step")
-    p.add_argument("--pooled-steps", type=int, default=300,
-                   help="stage 2, first part: steps with 2 x 2-pooled visual tokens (curriculum)")
-    p.add_argument("--steps", type=int, default=300, help="stage 2, second part: steps with all 576 visual tokens")
+    p.add_argument("--curriculum", type=_curriculum, default="4:300,2:200,1:900",
+                   help="stage 2 as FACTOR:STEPS,...: steps with the visual tokens average-pooled FACTOR x FACTOR "
+                        "(1: all 576, the real model)")
     p.add_argument("--batch", type=int, default=8, help="stage 2: images per step")
-    p.add_argument("--questions", type=int, default=8, help="questions per image (conversation turns)")
+    p.add_argument("--questions", type=int, default=10,
+                   help="questions per image: one of each kind, the rest of the hard kinds (HARD_KINDS)")
+    p.add_argument("--no-packed", dest="packed", action="store_false",
+                   help="full-resolution steps: one single-turn sequence per question (default: one "
+                        "multi-turn conversation per image)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-2d-positions", dest="init_2d_positions", action="store_false",
                    help="keep HF's random init of the vision position embeddings")
+    p.add_argument("--init", default=None,
+                   help="start from this checkpoint (written by this script) and run stage 2 only")
+    p.add_argument("--first-scene", type=int, default=0,
+                   help="stage 2 uses training scenes from this index on (give a continuation fresh scenes)")
     p.add_argument("--vision-cache", default=None, help="load stage 1 from this file if it exists, else save it there")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default); 1 is fastest on a shared 2-core machine")
@@ -363,8 +445,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps, no evaluation (for CI)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.batch, args.questions, args.eval_n, args.log_every, args.warmup = 2, 2, 2, 0, 1, 1
-        args.vision_steps, args.vision_batch, args.pooled_steps = 2, 2, 1
+        args.batch, args.questions, args.eval_n, args.log_every, args.warmup = 2, 2, 0, 1, 1
+        args.vision_steps, args.vision_batch, args.curriculum = 2, 2, [(2, 1), (1, 2)]
     return args
 
 
