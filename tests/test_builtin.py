@@ -100,7 +100,7 @@ def test_builtin_data_path_writes_the_split_once(tmp_path, monkeypatch):
     assert [r["id"] for r in records] == [f"val-2-{i}" for i in range(6)]
     for r in records:
         expected = synthetic.sample("val", int(r["id"].rsplit("-", 1)[1]), seed=2)
-        assert (r["question"], r["answers"], r["extra"]["kind"]) == (expected["question"], [expected["answer"]], expected["kind"])
+        assert (r["question"], r["answers"], r["extra"]["category"]) == (expected["question"], [expected["answer"]], expected["kind"])
         assert r["metric"] == ("yes_no" if expected["kind"] == "exists" else "exact_match")
         with Image.open(r["image_paths"][0]) as image:
             assert image.convert("RGB").tobytes() == expected["image"].tobytes()
@@ -169,6 +169,8 @@ def test_builtin_recipe_answers_like_the_model_and_reports_efficiency(builtin_mo
     summary = json.loads((tmp_path / "pio/summary.json").read_text())
     assert summary["selector"] == "pio_fvlm" and summary["errors"] == 0 and summary["accuracy"] is not None
     assert summary["fidelity"]["count"] == 10
+    assert {c: v["count"] for c, v in summary["categories"].items()} == {k: 2 for k in synthetic.KINDS}
+    assert "category colour" in console  # per-kind accuracy in the printed table
     layers = model.config.text_config.num_hidden_layers
     assert summary["efficiency"]["layer_average"] == (576 + 64 * (layers - 1)) / layers
 

@@ -91,14 +91,15 @@ def test_summarize_records():
                                                    "visual_per_layer": [16, 8], "kv_bytes": 300, "new_tokens": 4,
                                                    "prefill_ms": 20.0, "decode_ms": 6.0, "batch_decode_steps": 3,
                                                    "batch_size": 1}},
-        {"id": "3", "answer": "B", "answers": ["B"], "choices": ["x", "y"]},
-        {"id": "4", "answer": "free text"},  # no references: fidelity only
+        {"id": "3", "answer": "B", "answers": ["B"], "choices": ["x", "y"], "extra": {"category": "spatial"}},
+        {"id": "4", "answer": "free text", "extra": {"category": "spatial"}},  # no references: fidelity only
         {"id": "5", "error": "FileNotFoundError: x.png"},
     ]
     s = S.summarize(records, reference=[{"id": "1", "answer": "Yes."}, {"id": "2", "answer": "no"}])
     assert s["samples"] == 5 and s["errors"] == 1 and s["scored"] == 3
     assert s["scores"]["yes_no"]["accuracy"] == 0.5 and s["scores"]["multiple_choice"]["accuracy"] == 1.0
     assert s["accuracy"] == pytest.approx(2 / 3)
+    assert s["categories"] == {"spatial": {"accuracy": 1.0, "count": 1}}  # per extra.category, scored samples only
     assert s["fidelity"]["answer_agreement"] == 0.5 and s["fidelity"]["first_token_kl"] == pytest.approx(0.2)
     assert s["fidelity"]["first_token_top1"] == 0.5 and s["fidelity"]["reference_run_agreement"] == 1.0
     eff = s["efficiency"]

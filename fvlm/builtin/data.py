@@ -14,6 +14,9 @@ from pathlib import Path
 from fvlm.builtin import synthetic
 
 PREFIX = "builtin:"
+#: Version of the files :func:`materialize` writes (part of the cache folder name: a change in
+#: the record format or the generator never reuses stale files).
+FORMAT = 2
 #: Scoring of each question kind (``yes_no`` adds POPE's precision / recall / F1 to the summary).
 METRIC = {"colour": "exact_match", "shape": "exact_match", "count": "exact_match", "exists": "yes_no",
           "choice": "exact_match"}
@@ -42,7 +45,7 @@ def materialize(split: str, n: int, seed: int = 0, root: str | os.PathLike | Non
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    folder = Path(root) if root is not None else cache_root() / "builtin" / f"{split}-{seed}-{n}"
+    folder = Path(root) if root is not None else cache_root() / "builtin" / f"v{FORMAT}" / f"{split}-{seed}-{n}"
     target = folder / "data.jsonl"
     if target.is_file():
         return target
@@ -53,7 +56,7 @@ def materialize(split: str, n: int, seed: int = 0, root: str | os.PathLike | Non
         record["image"].save(folder / image)
         lines.append(json.dumps({
             "id": record["id"], "image": image, "question": record["question"], "answer": record["answer"],
-            "metric": METRIC[record["kind"]], "kind": record["kind"],
+            "metric": METRIC[record["kind"]], "category": record["kind"],
         }))
     partial = folder / f".data.jsonl.{os.getpid()}"
     partial.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -355,6 +355,8 @@ def print_summary(summary: dict, output: Path, examples: Sequence[dict] = ()) ->
         if metric == "yes_no":
             extra = f"  F1 {values['f1']:.3f}, yes {values['yes_ratio']:.2f}"
         table.add_row(f"  {metric}", f"{values['accuracy']:.3f} (n={values['count']}){extra}")
+    for category, values in (summary.get("categories") or {}).items():
+        table.add_row(f"  category {category}", f"{values['accuracy']:.3f} (n={values['count']})")
     fid = summary.get("fidelity") or {}
     if fid.get("answer_agreement") is not None:
         table.add_row("agreement with unpruned", fmt(fid["answer_agreement"]))

@@ -13,7 +13,8 @@ Record format (one JSON object per line of a ``.jsonl`` file, or a JSON list / `
 * ``choices`` (optional list): a multiple-choice question; the reference is an option letter, a
   0-based index or the option text.
 * ``metric`` (optional): overrides the data module's metric for this sample.
-* Any other key is passed through to the prediction line under ``extra``.
+* Any other key is passed through to the prediction line under ``extra``; ``category`` there also
+  gets its own accuracy in the run's summary.
 
 A sample whose images are missing or unreadable is not dropped: it reaches the model's step as a
 *failed* sample and is written to the predictions with its ``error``; the run goes on.

@@ -245,6 +245,7 @@ def summarize(records: Iterable[dict], reference: Iterable[dict] | None = None) 
     ok = [r for r in records if not r.get("error")]
     errors = [r for r in records if r.get("error")]
     by_metric: dict[str, list[float]] = defaultdict(list)
+    by_category: dict[str, list[float]] = defaultdict(list)
     yes_no_preds, yes_no_labels = [], []
     for r in ok:
         metric, score = r.get("metric"), r.get("score")
@@ -253,6 +254,9 @@ def summarize(records: Iterable[dict], reference: Iterable[dict] | None = None) 
         if metric is None or score is None:
             continue
         by_metric[metric].append(score)
+        category = (r.get("extra") or {}).get("category")
+        if category is not None:
+            by_category[str(category)].append(score)
         if metric == "yes_no":
             yes_no_preds.append(r.get("answer", ""))
             yes_no_labels.append(_answers(r.get("answers"))[0])
@@ -280,6 +284,7 @@ def summarize(records: Iterable[dict], reference: Iterable[dict] | None = None) 
         "scored": len(scored),
         "accuracy": sum(scored) / len(scored) if scored else None,
         "scores": scores,
+        "categories": {c: {"accuracy": sum(v) / len(v), "count": len(v)} for c, v in sorted(by_category.items())},
         "fidelity": fidelity,
         "efficiency": summarize_efficiency(ok),
         "error_samples": [{"id": r["id"], "error": r["error"]} for r in errors][:50],
