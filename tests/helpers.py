@@ -94,3 +94,30 @@ def hook_count(model) -> int:
         + len(getattr(m, "_forward_hooks_with_kwargs", {})) + len(getattr(m, "_forward_pre_hooks_with_kwargs", {}))
         for m in model.modules()
     )
+
+
+def reference_nms_picks(saliency, features, k: int, tau: float, nms: bool = True) -> list[int]:
+    """Saliency-ordered greedy NMS then fill, for one sample, in plain Python (the spec's loop).
+
+    Ties in saliency go to the lower index; a kept token suppresses every token whose cosine
+    similarity to it is >= ``tau``; suppressed tokens fill up to ``k``. Returns sorted indices.
+    """
+    import torch.nn.functional as F
+
+    n = len(saliency)
+    order = sorted(range(n), key=lambda i: (-float(saliency[i]), i))
+    unit = F.normalize(torch.as_tensor(features)[:n].float(), dim=-1)
+    similar = (unit @ unit.T).tolist()
+    kept, suppressed = [], set()
+    for i in order if nms else ():
+        if len(kept) == k:
+            break
+        if i not in suppressed:
+            kept.append(i)
+            suppressed |= {j for j in range(n) if similar[i][j] >= tau} | {i}
+    for i in order:
+        if len(kept) == k:
+            break
+        if i not in kept:
+            kept.append(i)
+    return sorted(kept)

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import reference_nms_picks
+
 from fvlm.selectors import algorithms
 from fvlm.selectors.algorithms import (
     cls_dominant_and_contextual,
@@ -55,24 +57,6 @@ def ref_topk(s, k):
 def ref_cos(f):
     v = F.normalize(f.float(), dim=-1)
     return (v @ v.T).tolist()
-
-
-def ref_nms(sal, f, k, tau):
-    sim, order = ref_cos(f), ref_order(sal)
-    kept, supp = [], set()
-    for i in order:
-        if len(kept) == k:
-            break
-        if i in supp:
-            continue
-        kept.append(i)
-        supp |= {j for j in range(len(sal)) if sim[i][j] >= tau} | {i}
-    for i in order:
-        if len(kept) == k:
-            break
-        if i not in kept:
-            kept.append(i)
-    return sorted(kept)
 
 
 def ref_maxmin(f, k):
@@ -203,7 +187,7 @@ def test_nms_random(seed, monkeypatch):
     out = rows(nms_fill(garbage(sal, valid), garbage(f, valid), valid, k, tau=tau))
     for b in range(B):
         idx = compact(valid[b])
-        ref = ref_nms([sal[b, i].item() for i in idx], f[b, idx], int(k[b]), tau)
+        ref = reference_nms_picks([sal[b, i].item() for i in idx], f[b, idx], int(k[b]), tau)
         assert out[b] == [idx[i] for i in ref]
 
 

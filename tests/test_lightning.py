@@ -31,16 +31,6 @@ SIZES = [(32, 32), (48, 64), (64, 40), (40, 64), (64, 64), (24, 56)]  # (height,
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU the spinning
-    OpenMP threads make them 10x slower: one thread for these tests, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_data(folder: Path, n: int, missing=(), corrupt=(), multi=()) -> Path:
     """``n`` VQA records over PNG images of several sizes; some ids with a missing / corrupt image."""
     from PIL import Image

@@ -47,16 +47,6 @@ from fvlm.selectors.base import Stage
 from fvlm.testing import _llava_next_count, tiny_inputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~100x slower with 2 intra-op threads when the 2 cores are oversubscribed
-    (OpenMP barrier waits); nothing here measures parallel speed, so use one thread, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # A small architecture whose numbers are easy to check by hand.
 TINY = TextArch(num_layers=2, hidden_size=4, intermediate_size=6, num_heads=2, num_kv_heads=1, head_dim=2,
                 vocab_size=10, gated_mlp=True)

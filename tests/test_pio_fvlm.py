@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import reference_nms_picks
+
 import fvlm
 from fvlm.adapters.base import ModelInfo
 from fvlm.selectors.pio_fvlm import PIOFVLM
@@ -147,29 +149,6 @@ def test_head_on_loss_rows_equals_head_on_all_rows(model_cache, family):
 
 
 # ------------------------------------------------------------------------- NMS + fill vs. Python loop
-def _reference_picks(sal, feats, n, k, tau, nms):
-    """The spec's selection, one sample, plain Python: sort, greedy NMS, fill, spatial order."""
-    order = sorted(range(n), key=lambda i: (-float(sal[i]), i))
-    v = F.normalize(feats[:n].float(), dim=-1)
-    kept = []
-    if nms:
-        suppressed = set()
-        for i in order:
-            if len(kept) == k:
-                break
-            if i in suppressed:
-                continue
-            kept.append(i)
-            suppressed.update(j for j in range(n) if float(v[i] @ v[j]) >= tau)
-            suppressed.add(i)
-    for i in order:
-        if len(kept) == k:
-            break
-        if i not in kept:
-            kept.append(i)
-    return sorted(kept)
-
-
 class GivenSaliency(PIOFVLM):
     def __init__(self, saliency, **kwargs):
         super().__init__(**kwargs)
@@ -197,7 +176,7 @@ def test_selection_equals_python_reference_on_random_inputs(nms):
         tau = 0.8 if seed % 2 else 0.5
         got = GivenSaliency(sal, layers=[1], keep=[1], tau=tau, nms=nms).select(ctx)
         for b in range(batch):
-            expected = _reference_picks(sal[b], feats[b], int(n[b]), int(budget[b]), tau, nms)
+            expected = reference_nms_picks(sal[b, : int(n[b])], feats[b, : int(n[b])], int(budget[b]), tau, nms)
             row = got[b][got[b] >= 0].tolist()
             assert row == expected, (seed, b)
 
@@ -210,7 +189,7 @@ def test_real_run_picks_equal_python_reference(model_cache):
     for r in rec.records:
         for b in range(2):
             n = int(r["visual_valid"][b].sum())
-            expected = _reference_picks(r["saliency"][b], r["visual_hidden"][b], n, int(r["budget"][b]), 0.8, True)
+            expected = reference_nms_picks(r["saliency"][b][:n], r["visual_hidden"][b][:n], int(r["budget"][b]), 0.8)
             assert r["picks"][b][r["picks"][b] >= 0].tolist() == expected
 
 

@@ -23,16 +23,6 @@ IMPLS = ("eager", "sdpa")
 SCHEDULE = dict(layers=[1, 2], keep_fraction=[0.5, 0.25])  # unequal budgets: filler slots at stage 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads
-    spin against each other (about 8x slower here); restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Recorder(PIOFVLM):
     """Records per stage: the gradient, saliency and picks, and the proxy block on every row both ways."""
 

@@ -4,7 +4,6 @@ import contextlib
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import fvlm
@@ -18,16 +17,6 @@ BASE = ["--model.backbone", str(RECIPES / "fragments/backbones/tiny-llava.yaml")
         "--data", str(RECIPES / "fragments/data/tiny-vqa.yaml")]
 SECTION = {"backbones": "--model.backbone", "selectors": "--model.selector", "data": "--data",
            "trainer": "--trainer", "generation": "--model.generation"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU the spinning
-    OpenMP threads make them 10x slower: one thread for these tests, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _yaml_files():
