@@ -138,7 +138,7 @@ def build_configs(args, info, console) -> tuple[list[Config], list[Config]]:
     for budget in args.budgets:
         for name in names:
             try:
-                kwargs = selector_kwargs_for_average(name, budget, info, args.visual)
+                kwargs = selector_kwargs_for_average(name, budget, info, args.visual_total)
             except Exception as exc:  # noqa: BLE001 -- report and go on with the others
                 console.print(f"[yellow]skip {name} @{budget:g}: {exc}[/yellow]")
                 continue
@@ -151,7 +151,7 @@ def build_configs(args, info, console) -> tuple[list[Config], list[Config]]:
     if args.fastv_compare:
         budget = min(args.budgets)
         if "fastv" in fvlm.list_selectors():
-            kwargs = selector_kwargs_for_average("fastv", budget, info, args.visual)
+            kwargs = selector_kwargs_for_average("fastv", budget, info, args.visual_total)
             k, keep = kwargs.get("k", 2), kwargs["keep"]
             fastv = [
                 Config(f"fastv k={k} keep={keep}: SDPA model, rows recomputed", "fastv-sdpa", budget,
@@ -245,7 +245,7 @@ def run_rounds(model, inputs, configs: list[Config], repeats: int, warmup: int, 
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------
-def flops_of(cfg: Config, text, vision, seq: int, batch: int) -> tuple[float, float]:
+def flops_of(cfg: Config, text, vision, seq: int, batch: int, images: int = 1) -> tuple[float, float]:
     """(model FLOPs, selector overhead FLOPs) of one configuration's prefill, full convention."""
     tokens = cfg.trace.prefill_length if cfg.trace is not None else [seq] * text.num_layers
     over = 0.0
@@ -257,7 +257,7 @@ def flops_of(cfg: Config, text, vision, seq: int, batch: int) -> tuple[float, fl
                 n_visual = per_layer[st.where - 1]
                 over += selector_overhead_flops(needs, tokens[st.where - 1], text, n_visual=n_visual,
                                                 **proxy_options(cfg.selector))
-    flops = full_flops(text, tokens, vision=vision, images=[{"tiles": 1}], lm_head_rows=1, batch=batch)
+    flops = full_flops(text, tokens, vision=vision, images=[{"tiles": 1}] * images, lm_head_rows=1, batch=batch)
     return flops.model, over * batch
 
 
@@ -283,6 +283,8 @@ def main(argv=None) -> int:
                    help="vocabulary (LM head rows); default 8192 keeps Vicuna-7B's LM-head : decoder-layer weight ratio "
                         "(0.65) at d=1024; 32000 at d=1024 makes the head 2.6 layers' worth of weights")
     p.add_argument("--visual", type=int, default=576, help="visual tokens per image (a square: 576 = 24 x 24)")
+    p.add_argument("--images", type=int, default=1,
+                   help="images per prompt, back to back (5 x 576 = LLaVA-NeXT's 2,880 visual tokens)")
     p.add_argument("--text", type=int, default=64, help="text tokens per prompt")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--budgets", type=float, nargs="+", default=[192, 128, 64], help="layer-average budgets")
@@ -317,13 +319,14 @@ def main(argv=None) -> int:
     model = sized_llava(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
                         intermediate=args.intermediate, vocab=args.vocab, image_size=side * 14, patch=14,
                         dtype=dtype, seed=args.seed).to(args.device)
-    inputs = sized_llava_inputs(model, text_tokens=args.text, batch=args.batch, seed=args.seed)
+    inputs = sized_llava_inputs(model, text_tokens=args.text, batch=args.batch, seed=args.seed, images=args.images)
+    args.visual_total = args.visual * args.images
     info = fvlm.PruningSession(model, fvlm.create_selector("keep_all")).info
     text, vision = text_arch(model.config), vision_arch(model.config)
     seq = int(inputs["input_ids"].shape[1])
     started = datetime.datetime.now().astimezone()
     header = (f"random LLaVA: LLM {args.layers} layers, d={args.hidden}, m={text.intermediate_size}, "
-              f"{text.num_heads} heads ({text.num_kv_heads} KV), vocab {args.vocab}; tiny CLIP -> {args.visual} visual "
+              f"{text.num_heads} heads ({text.num_kv_heads} KV), vocab {args.vocab}; tiny CLIP -> {args.images} x {args.visual} visual "
               f"tokens; prompt {seq} tokens x batch {args.batch}; {args.device} {args.dtype}, "
               f"{torch.get_num_threads()} thread(s); built in {time.perf_counter() - t0:.1f} s")
     clock = args.clock or ("cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall")
@@ -338,7 +341,7 @@ def main(argv=None) -> int:
 
     ref = main_cfgs[0]
     ref_time = statistics.median(ref.times)
-    ref_flops, _ = flops_of(ref, text, vision, seq, args.batch)
+    ref_flops, _ = flops_of(ref, text, vision, seq, args.batch, args.images)
     ref_peak = f", peak +{max(ref.peaks) / 2**20:.0f} MiB" if ref.peaks else ""
     table = Table(title=f"prefill speedup vs keep-all ({ref_time:.3f} s {clock} time, {ref_flops / 1e12:.3f} TFLOPs "
                         f"full convention{ref_peak})")
@@ -351,7 +354,7 @@ def main(argv=None) -> int:
             table.add_row(f"{cfg.budget:g}", cfg.group, *["-"] * 9, cfg.error or "no run")
             continue
         med = statistics.median(cfg.times)
-        flops, over = flops_of(cfg, text, vision, seq, args.batch)
+        flops, over = flops_of(cfg, text, vision, seq, args.batch, args.images)
         ideal, ideal_ovh, measured = ref_flops / flops, ref_flops / (flops + over), ref_time / med
         avg = cfg.trace.mean_layer_average
         stages = ",".join(f"{s.where}:{s.budget[0]}" for s in cfg.trace.stages)
@@ -415,7 +418,7 @@ def _generate_table(args, model, inputs, info, clock, console) -> list[dict]:
     configs = [("keep_all", None)]
     for name in args.generate_selectors:
         if name in fvlm.list_selectors():
-            configs.append((f"{name} @{budget:g}", (name, selector_kwargs_for_average(name, budget, info, args.visual))))
+            configs.append((f"{name} @{budget:g}", (name, selector_kwargs_for_average(name, budget, info, args.visual_total))))
     table = Table(title=f"generate, {args.generate_tokens} new tokens, batch {args.batch} "
                         f"(medians of {args.repeats}, {clock} time)")
     for col in ("config", "TTFT s", "prefill s", "decode s/token", "end-to-end s", "samples/s", "peak incr. MiB"):

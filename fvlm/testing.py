@@ -298,11 +298,12 @@ def sized_llava(
     return model
 
 
-def sized_llava_inputs(model, text_tokens: int = 64, batch: int = 1, seed: int = 0) -> dict:
-    """One image per prompt (its full placeholder span) between ``text_tokens`` random text tokens
-    (a quarter before the image, the rest after); ``batch`` identical-length rows, no padding."""
+def sized_llava_inputs(model, text_tokens: int = 64, batch: int = 1, seed: int = 0, images: int = 1) -> dict:
+    """``images`` images per prompt (their placeholder spans back to back, e.g. 5 x 576 = LLaVA-NeXT's
+    2,880 visual tokens) between ``text_tokens`` random text tokens (a quarter before the images, the
+    rest after); ``batch`` identical-length rows, no padding."""
     config = model.config
-    n_visual = int(config.image_seq_length)
+    n_visual = int(config.image_seq_length) * images
     size = config.vision_config.image_size
     gen = torch.Generator().manual_seed(seed)
     vocab = config.get_text_config().vocab_size
@@ -312,6 +313,6 @@ def sized_llava_inputs(model, text_tokens: int = 64, batch: int = 1, seed: int =
         text = torch.randint(FIRST_TEXT_ID, vocab, (text_tokens,), generator=gen).tolist()
         rows.append([BOS_ID, *text[: before - 1], *([IMAGE_ID] * n_visual), *text[before - 1:]])
     input_ids = torch.tensor(rows, dtype=torch.long)
-    pixels = torch.randn(batch, 3, size, size, generator=gen).to(model.dtype)
+    pixels = torch.randn(batch * images, 3, size, size, generator=gen).to(model.dtype)
     return {k: v.to(model.device) for k, v in dict(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels).items()}

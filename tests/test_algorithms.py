@@ -173,6 +173,21 @@ def test_nms_hand():
     assert rows(nms_fill(one(sal), one(f), full(5), torch.tensor([3]), tau=0.7)) == [[0, 1, 3]]
 
 
+def test_nms_needs_a_row_beyond_the_2k_best(monkeypatch):
+    """Similarity rows are precomputed for the 2k best-ranked tokens; when NMS suppresses more than k
+    of them a pick lies further down and the selection is redone with every row: same picks."""
+    calls = []
+    greedy = algorithms._greedy_nms
+    monkeypatch.setattr(algorithms, "_greedy_nms", lambda *a, **kw: calls.append(kw["rows_by_rank"]) or greedy(*a, **kw))
+    f = torch.tensor([[1.0, 0, 0]] * 5 + [[0, 1.0, 0], [0, 0, 1.0], [0, 1.0, 1.0]])  # t0-t4 duplicates
+    sal = torch.arange(8, 0, -1).float()  # saliency order t0, t1, ..., t7
+    other = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))  # no duplicates: no redo needed
+    out = rows(nms_fill(torch.stack([sal, sal]), torch.stack([f, other]), torch.ones(2, 8, dtype=torch.bool), 2))
+    assert out[0] == [0, 5] == reference_nms_picks(sal, f, 2, 0.8)  # t5 has rank 5 >= 2k = 4
+    assert out[1] == reference_nms_picks(sal, other, 2, 0.8)
+    assert calls == [4, 8]
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nms_random(seed, monkeypatch):
     if seed % 2:  # exercise the row-by-row path used for big batches

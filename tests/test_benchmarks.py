@@ -19,6 +19,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
                                "--tp-batch", "2", "--tp-new-tokens", "2", "--tp-repeats", "1"]),
         ("prefill_speedup.py", ["--hidden", "64", "--layers", "16", "--vocab", "512", "--visual", "64", "--text", "16",
                                 "--budgets", "16", "--repeats", "1", "--warmup", "0", "--generate-tokens", "2"]),
+        ("prefill_speedup.py", ["--hidden", "64", "--layers", "16", "--vocab", "512", "--visual", "16", "--images", "3",
+                                "--text", "8", "--budgets", "16", "--selectors", "pio_fvlm", "--no-fastv-compare",
+                                "--repeats", "1", "--warmup", "0", "--generate-tokens", "0"]),
     ],
 )
 def test_benchmark_runs_at_tiny_size(script, argv, monkeypatch, capsys):
@@ -29,3 +32,5 @@ def test_benchmark_runs_at_tiny_size(script, argv, monkeypatch, capsys):
         assert done.code in (0, None)
     out = capsys.readouterr().out
     assert "pio" in out.lower() and "not installed" not in out
+    if "--images" in argv:  # several images per prompt: LLaVA-NeXT-sized visual spans
+        assert "3 x 16 visual tokens" in " ".join(out.split())

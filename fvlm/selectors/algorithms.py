@@ -113,8 +113,11 @@ def nms_fill(saliency: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor, k
     suppress every j with cosine(i, j) >= tau (itself included), cosine on L2-normalised float32
     ``feats``; stop at k kept. Then fill up to k with not-yet-kept tokens in saliency order
     (suppressed ones included). Returns ascending indices. ``nms=False``: plain top-k by saliency.
-    One batched [B, N, N] similarity matmul (row by row past 2**27 entries), then k.max() batched
-    greedy steps with no host loop over tokens.
+    Similarities are computed for the 2k best-ranked tokens only (one batched [B, 2k, N] matmul: a
+    pick is always the best-ranked unsuppressed token, so it lies there unless NMS suppressed more
+    than k of them); in that rare case the selection is redone with all N rows (one host check after
+    the loop, none per step). Past 2**27 similarity entries, one row per pick instead. Then k.max()
+    batched greedy steps, no host loop over tokens.
     """
     if not nms:
         return topk_indices(saliency, valid, k)
@@ -123,24 +126,44 @@ def nms_fill(saliency: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor, k
     order = _order(saliency, valid)
     rank = torch.empty_like(order).scatter_(1, order, _arange(N, order).expand(B, N))
     v = _unit(feats)
+    picks = _max(k)
+    kept = _greedy_nms(order, rank, v, valid, k, tau, picks, rows_by_rank=min(N, 2 * picks))
+    if kept is None:  # more than k of the 2k best were suppressed: use every row
+        kept = _greedy_nms(order, rank, v, valid, k, tau, picks, rows_by_rank=N)
+    return _mask_to_indices(kept, picks)
+
+
+def _greedy_nms(order, rank, v, valid, k, tau, picks: int, rows_by_rank: int) -> Optional[torch.Tensor]:
+    """Kept mask of saliency-ordered greedy NMS + fill using the similarity rows of the
+    ``rows_by_rank`` best-ranked tokens; ``None`` when a pick needed a row beyond them."""
+    B, N = valid.shape
     rows = _arange(B, valid)
-    # sim = V V^T once (one fast matmul) unless it is big; then one row per pick (memory-bound)
-    full = v @ v.transpose(1, 2) if B * N * N <= _FULL_SIM_MAX else None
+    m = rows_by_rank
+    if B * m * N <= _FULL_SIM_MAX:  # similarity rows of the m best-ranked tokens, one matmul
+        sim_by_rank = _gather_rows(v, order[:, :m]) @ v.transpose(1, 2)
+    else:  # too big to hold: one row per pick (memory-bound), any rank
+        sim_by_rank, m = None, N
     kept = torch.zeros_like(valid)
     suppressed = ~valid
     count = torch.zeros_like(k)
-    for _ in range(_max(k)):
+    beyond = torch.zeros((), dtype=torch.bool, device=valid.device)
+    for _ in range(picks):
         # the best-ranked unsuppressed token of every row that still needs picks
         r = torch.where(~suppressed & (count < k)[:, None], rank, N).amin(1)
         has = r < N
+        beyond |= (has & (r >= m)).any()
         i = order.gather(1, r.clamp(max=N - 1)[:, None]).squeeze(1)
-        sim = full[rows, i] if full is not None else torch.bmm(v, v[rows, i][:, :, None])[..., 0]
+        if sim_by_rank is not None:
+            sim = sim_by_rank[rows, r.clamp(max=m - 1)]
+        else:
+            sim = torch.bmm(v, v[rows, i][:, :, None])[..., 0]
         suppressed |= has[:, None] & (sim >= tau)
         suppressed[rows, i] |= has
         kept[rows, i] |= has
         count += has.long()
-    kept |= _take_first(order, valid & ~kept, k - count)
-    return _mask_to_indices(kept, _max(k))
+    if bool(beyond):
+        return None
+    return kept | _take_first(order, valid & ~kept, k - count)
 
 
 # ----------------------------------------------------------------------------- DivPrune max-min
