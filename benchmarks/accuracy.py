@@ -38,20 +38,6 @@ from fvlm.builtin import budgets as B  # noqa: E402
 from fvlm.builtin import synthetic  # noqa: E402
 
 
-def make_batches(processor, records: list[dict], batch_size: int, dtype) -> list[tuple[list[int], dict]]:
-    """(record indices, processor outputs) per batch; prompts sorted by length so batches rarely pad."""
-    tok = processor.tokenizer
-    lengths = [len(tok(r["question"], add_special_tokens=False)["input_ids"]) for r in records]
-    order = sorted(range(len(records)), key=lambda i: (lengths[i], i))
-    batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        inputs = builtin.prompt_inputs(processor, [records[i]["image"] for i in chunk],
-                                       [records[i]["question"] for i in chunk], dtype=dtype)
-        batches.append((chunk, inputs))
-    return batches
-
-
 def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2) -> dict:
     """Answers for every record (in record order), mean layer-average visual tokens, seconds."""
     answers: list[str | None] = [None] * n
@@ -94,7 +80,8 @@ def benchmark(args) -> dict:
     model, processor = builtin.load(args.checkpoint)
     num_layers = model.config.text_config.num_hidden_layers
     records = synthetic.dataset(args.split, args.n, seed=args.seed)
-    batches = make_batches(processor, records, args.batch_size, model.dtype)
+    batches = list(builtin.length_batches(processor, [r["image"] for r in records],
+                                          [r["question"] for r in records], args.batch_size, model.dtype))
 
     base = run(model, processor, batches, len(records), max_new_tokens=args.max_new_tokens)
     reference = base["answers"]

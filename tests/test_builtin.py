@@ -115,8 +115,6 @@ def test_builtin_data_path_writes_the_split_once(tmp_path, monkeypatch):
 
 # -- checkpoint ----------------------------------------------------------------------------------
 def test_checkpoint_is_small_and_loads_offline(builtin_model):
-    from fvlm.builtin import CHECKPOINT
-
     model, processor = builtin_model
     size = sum(f.stat().st_size for f in CHECKPOINT.iterdir())
     assert size < 10 * 2**20

@@ -9,7 +9,7 @@ patches go. :mod:`fvlm.builtin.train` reproduces the checkpoint; ``benchmarks/ac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 
@@ -49,21 +49,25 @@ def prompt_inputs(processor, images: Sequence, questions: Sequence[str], dtype=N
     return inputs.to(device) if device is not None else inputs
 
 
-def answer(model, processor, images: Sequence, questions: Sequence[str], batch_size: int = 16,
-           max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers, one per (image, question), in input order.
-
-    Prompts are batched by token length (left padding only where lengths differ in a batch).
-    """
-    import torch
-
+def length_batches(processor, images: Sequence, questions: Sequence[str], batch_size: int, dtype=None,
+                   device=None) -> Iterator[tuple[list[int], dict]]:
+    """``(indices, processor outputs)`` per batch, prompts sorted by token length (ties by index) so
+    that left padding is needed only where lengths differ within a batch."""
     lengths = [len(processor.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]
     order = sorted(range(len(questions)), key=lambda i: (lengths[i], i))
-    out: list[str | None] = [None] * len(questions)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        inputs = prompt_inputs(processor, [images[i] for i in chunk], [questions[i] for i in chunk],
-                               dtype=model.dtype, device=model.device)
+        yield chunk, prompt_inputs(processor, [images[i] for i in chunk], [questions[i] for i in chunk],
+                                   dtype=dtype, device=device)
+
+
+def answer(model, processor, images: Sequence, questions: Sequence[str], batch_size: int = 16,
+           max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers, one per (image, question), in input order (batched by :func:`length_batches`)."""
+    import torch
+
+    out: list[str | None] = [None] * len(questions)
+    for chunk, inputs in length_batches(processor, images, questions, batch_size, model.dtype, model.device):
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         texts = processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -104,9 +104,21 @@ def patch_targets(objects) -> torch.Tensor:
 HARD_KINDS = ("count", "exists", "choice")
 
 
+def _pixels(processor, scenes: list[dict]) -> torch.Tensor:
+    return processor.image_processor([s["image"] for s in scenes], return_tensors="pt")["pixel_values"]
+
+
+def vision_batch(processor, indices: list[int], seed: int) -> dict:
+    """Stage-1 batch for the scenes ``indices``: pixel values and the vision heads' targets."""
+    scenes = [synthetic.training_scene(i, seed=seed, questions=0, description=False) for i in indices]
+    return {"pixel_values": _pixels(processor, scenes),
+            "aux": torch.stack([aux_targets(s["objects"]) for s in scenes]),
+            "patches": torch.stack([patch_targets(s["objects"]) for s in scenes])}
+
+
 def make_batch(processor, indices: list[int], seed: int, questions: int, listings: bool = True,
                packed: bool = False) -> dict:
-    """Training batch for the scenes ``indices``, right-padded; ``image_index`` maps sequences to images.
+    """Stage-2 batch for the scenes ``indices``, right-padded; ``image_index`` maps sequences to images.
 
     By default every (question, answer) is its own single-turn sequence about its image (exactly
     the inference format). ``packed``: one multi-turn conversation per image, the questions first
@@ -127,12 +139,8 @@ def make_batch(processor, indices: list[int], seed: int, questions: int, listing
     for b, (ids, lab) in enumerate(encoded):  # right padding: causal attention needs no mask then
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
-    pixel_values = processor.image_processor([s["image"] for s in scenes], return_tensors="pt")["pixel_values"]
-    return {
-        "input_ids": input_ids, "labels": labels, "image_index": torch.tensor(image_index),
-        "pixel_values": pixel_values, "aux": torch.stack([aux_targets(s["objects"]) for s in scenes]),
-        "patches": torch.stack([patch_targets(s["objects"]) for s in scenes]),
-    }
+    return {"input_ids": input_ids, "labels": labels, "image_index": torch.tensor(image_index),
+            "pixel_values": _pixels(processor, scenes)}
 
 
 @torch.no_grad()
@@ -299,7 +307,6 @@ def train(args: argparse.Namespace) -> dict:
         from fvlm.builtin import load
 
         model, _ = load(args.init)
-        M.set_generation_defaults(model)
         args.vision_steps, args.vision_cache = 0, None
     else:
         model = M.build_model(config, seed=args.seed)
@@ -324,7 +331,7 @@ def train(args: argparse.Namespace) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.vision_steps, args.lr, args.warmup)
         first = 10_000_000 + step * args.vision_batch  # scenes disjoint from stage 2's
-        batch = make_batch(processor, list(range(first, first + args.vision_batch)), args.seed, 1)
+        batch = vision_batch(processor, list(range(first, first + args.vision_batch)), args.seed)
         out = tower(batch["pixel_values"], output_hidden_states=True)
         layer = config.vision_feature_layer
         losses = heads(out.pooler_output, out.hidden_states[layer][:, 1:], batch["aux"], batch["patches"])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 Budget = Union[int, torch.Tensor]
-_FULL_SIM_MAX = 2**27  # entries of a [B, N, N] float32 matrix (512 MiB) that nms_fill may allocate
+_FULL_SIM_MAX = 2**27  # entries of the [B, 2k, N] float32 similarity rows (512 MiB) nms_fill may allocate
 
 __all__ = [
     "topk_indices",
