@@ -256,7 +256,7 @@ def flops_of(cfg: Config, text, vision, seq: int, batch: int, images: int = 1) -
             if isinstance(st.where, int):
                 n_visual = per_layer[st.where - 1]
                 over += selector_overhead_flops(needs, tokens[st.where - 1], text, n_visual=n_visual,
-                                                **proxy_options(cfg.selector))
+                                                kept=per_layer[st.where], **proxy_options(cfg.selector))
     flops = full_flops(text, tokens, vision=vision, images=[{"tiles": 1}] * images, lm_head_rows=1, batch=batch)
     return flops.model, over * batch
 

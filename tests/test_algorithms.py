@@ -174,11 +174,11 @@ def test_nms_hand():
 
 
 def test_nms_needs_a_row_beyond_the_2k_best(monkeypatch):
-    """Similarity rows are precomputed for the 2k best-ranked tokens; when NMS suppresses more than k
-    of them a pick lies further down and the selection is redone with every row: same picks."""
+    """The walk runs on the 2k best-ranked tokens first; when NMS suppresses more than k of them a
+    pick lies further down and the block doubles: same picks."""
     calls = []
-    greedy = algorithms._greedy_nms
-    monkeypatch.setattr(algorithms, "_greedy_nms", lambda *a, **kw: calls.append(kw["rows_by_rank"]) or greedy(*a, **kw))
+    by_rank = algorithms._nms_keep_by_rank
+    monkeypatch.setattr(algorithms, "_nms_keep_by_rank", lambda u, *a: calls.append(u.shape[1]) or by_rank(u, *a))
     f = torch.tensor([[1.0, 0, 0]] * 5 + [[0, 1.0, 0], [0, 0, 1.0], [0, 1.0, 1.0]])  # t0-t4 duplicates
     sal = torch.arange(8, 0, -1).float()  # saliency order t0, t1, ..., t7
     other = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))  # no duplicates: no redo needed
@@ -188,10 +188,22 @@ def test_nms_needs_a_row_beyond_the_2k_best(monkeypatch):
     assert calls == [4, 8]
 
 
+def test_nms_long_suppression_chain():
+    """Each token suppresses only its saliency-order neighbour: the kept set alternates down a chain of
+    200, the worst case for the fixed-point rounds (every round settles one more link)."""
+    n = 200
+    f = angles(*[1.5 * i for i in range(n)])  # cos(1.5 deg) = 0.99966 >= tau > cos(3 deg) = 0.99863
+    sal = torch.arange(n, 0, -1).float()
+    for k in (50, 100, 150):
+        out = rows(nms_fill(one(sal), one(f), full(n), torch.tensor([k]), tau=0.9992))
+        assert out[0] == reference_nms_picks(sal, f, k, 0.9992)
+    assert rows(nms_fill(one(sal), one(f), full(n), torch.tensor([100]), tau=0.9992))[0] == list(range(0, n, 2))
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nms_random(seed, monkeypatch):
-    if seed % 2:  # exercise the row-by-row path used for big batches
-        monkeypatch.setattr(algorithms, "_FULL_SIM_MAX", 0)
+    if seed % 2:  # exercise the row-per-pick path used for big batches
+        monkeypatch.setattr(algorithms, "_SIM_MAX", 0)
     g = torch.Generator().manual_seed(seed)
     B, N, D = 3, 30, 6
     valid = rand_valid(g, B, N)

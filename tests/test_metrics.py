@@ -128,6 +128,9 @@ def test_selector_overhead_by_hand():
     assert selector_overhead_flops(["keys"], 5, TINY) == key_states_flops(5, TINY)
     assert selector_overhead_flops(["gradient"], 5, TINY, n_visual=3, nms=True, loss_rows=2) == (
         proxy_flops(5, TINY, loss_rows=2) + similarity_flops(3, 4))
+    # NMS keeping k computes the similarities of the 2k best-ranked tokens only
+    assert selector_overhead_flops(["gradient"], 5, TINY, n_visual=30, kept=4, nms=True) == (
+        proxy_flops(5, TINY) + similarity_flops(8, 4))
     assert selector_overhead_flops([], 5, TINY) == 0
 
 
@@ -157,8 +160,9 @@ def _analytic(model, inputs, session=None, images=None):
         for stage in session.schedule:
             if isinstance(stage.where, int):
                 n_visual = session.trace.visual_per_layer[0][stage.where - 1]
+                kept = session.trace.visual_per_layer[0][stage.where]
                 over += selector_overhead_flops(type(sel).needs, tokens[stage.where - 1], text, n_visual=n_visual,
-                                                **proxy_options(sel))
+                                                kept=kept, **proxy_options(sel))
     # images of the whole batch at once (samples hold different images); the LLM per row x batch
     llm = full_flops(text, tokens, batch=batch, overhead=over / batch)
     return llm.total + (sum(vision_flops(vision, images).values()) if images else 0.0)
@@ -188,6 +192,7 @@ def test_full_flops_llava_next_tiles(model_cache):
     ("random", dict(keep=6, layer=2, seed=0)),
     ("fastv", dict(k=2, keep=6)),
     ("pio_fvlm", dict(layers=[1, 3], keep=[8, 4])),
+    ("pio_fvlm", dict(layers=[1, 3], keep=[5, 2])),  # NMS on 2k < N best-ranked tokens
     ("pio_fvlm", dict(layers=[1, 3], keep=[8, 4], proxy="block")),
 ])
 def test_full_flops_equal_measured_flops_pruned(model_cache, selector, kwargs):

@@ -195,7 +195,7 @@ class BackboneAdapter:
         cos, sin = position_embeddings
         rotary = self._rotary_fn(attn)
         keys = attn.k_proj(normed).view(bsz, seq, -1, hd).transpose(1, 2)
-        _, keys = rotary(keys, keys, cos, sin)
+        _, keys = rotary(keys[:, :1], keys, cos, sin)  # a one-head stand-in for the unused query side
         vals = attn.v_proj(normed).view(bsz, seq, -1, hd).transpose(1, 2) if values else None
         q = None
         if queries:
@@ -205,7 +205,7 @@ class BackboneAdapter:
                 q_in = normed.gather(1, rows.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
                 q_cos, q_sin = _gather_seq(cos, rows), _gather_seq(sin, rows)
             q = attn.q_proj(q_in).view(bsz, q_in.shape[1], -1, hd).transpose(1, 2)
-            q, _ = rotary(q, q, q_cos, q_sin)
+            q, _ = rotary(q, q[:, :1], q_cos, q_sin)
         return Projections(q, keys, vals, normed)
 
     def key_states(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings) -> torch.Tensor:

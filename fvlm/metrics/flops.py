@@ -280,25 +280,34 @@ def key_states_flops(seq_len: float, text: TextArch) -> float:
 
 
 def similarity_flops(n_visual: float, hidden: int) -> float:
-    """The ``N x N`` cosine-similarity matrix of ``n_visual`` tokens (PIO-FVLM's NMS): ``2 N^2 d``."""
+    """The ``N x N`` cosine-similarity matrix of ``n_visual`` tokens: ``2 N^2 d``."""
     return 2 * n_visual * n_visual * hidden
 
 
+def nms_similarity_flops(n_visual: float, kept: float | None, hidden: int) -> float:
+    """PIO-FVLM's NMS (:func:`fvlm.selectors.algorithms.nms_fill`): the similarity block of the
+    ``min(N, 2 k)`` best-ranked of ``n_visual`` tokens (``kept`` = k; ``None``: all ``N``). A stage
+    where NMS suppresses more than k of them recomputes a bigger block, which this does not count."""
+    m = n_visual if kept is None else min(n_visual, 2 * kept)
+    return similarity_flops(m, hidden)
+
+
 def selector_overhead_flops(needs: Iterable, seq_len: float, text: TextArch, n_visual: float = 0,
-                            nms: bool = False, **proxy_options) -> float:
+                            nms: bool = False, kept: float | None = None, **proxy_options) -> float:
     """Estimated extra FLOPs of one in-LLM stage from what the selector declares it needs.
 
     ``needs`` holds :class:`fvlm.Need` members (or their string values): ``gradient`` -> the
     PIO-FVLM proxy (:func:`proxy_flops` with ``proxy_options``: ``loss_rows``, ``mode``,
-    ``head_rows``) plus, with ``nms``, the similarity matrix of the ``n_visual`` tokens
-    (:func:`similarity_flops`); else ``attention`` -> one recomputed attention row
+    ``head_rows``) plus, with ``nms``, the similarity block of the NMS that keeps ``kept`` of the
+    ``n_visual`` tokens (:func:`nms_similarity_flops`); else ``attention`` -> one recomputed attention row
     (:func:`attention_rows_flops`); else ``keys`` -> one layer's keys. Other similarity / top-k work
     is not counted. A selector can replace this estimate by defining
     ``overhead_flops(info, stage, seq_len, n_visual) -> float``.
     """
     values = {getattr(n, "value", n) for n in needs}
     if "gradient" in values:
-        return proxy_flops(seq_len, text, **proxy_options) + (similarity_flops(n_visual, text.hidden_size) if nms else 0.0)
+        nms_flops = nms_similarity_flops(n_visual, kept, text.hidden_size) if nms else 0.0
+        return proxy_flops(seq_len, text, **proxy_options) + nms_flops
     if "attention" in values:
         return attention_rows_flops(seq_len, text)
     if "keys" in values:

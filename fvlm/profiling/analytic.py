@@ -117,7 +117,8 @@ def _overhead(selector, needs: Iterable, counts: VisualCounts, stages: Sequence[
         if custom is not None:
             total += float(custom(model_info(arch), stage, seq, n_visual))
         elif isinstance(stage.where, int):
-            total += selector_overhead_flops(needs, seq, arch.text, n_visual=n_visual, **proxy_options(selector))
+            total += selector_overhead_flops(needs, seq, arch.text, n_visual=n_visual,
+                                             kept=counts.per_layer[stage.where], **proxy_options(selector))
     return total
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 Budget = Union[int, torch.Tensor]
-_FULL_SIM_MAX = 2**27  # entries of the [B, 2k, N] float32 similarity rows (512 MiB) nms_fill may allocate
+_SIM_MAX = 2**26  # entries of the [B, m, m] similarity block nms_fill may hold (256 MiB in float32)
 
 __all__ = [
     "topk_indices",
@@ -113,57 +113,73 @@ def nms_fill(saliency: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor, k
     suppress every j with cosine(i, j) >= tau (itself included), cosine on L2-normalised float32
     ``feats``; stop at k kept. Then fill up to k with not-yet-kept tokens in saliency order
     (suppressed ones included). Returns ascending indices. ``nms=False``: plain top-k by saliency.
-    Similarities are computed for the 2k best-ranked tokens only (one batched [B, 2k, N] matmul: a
-    pick is always the best-ranked unsuppressed token, so it lies there unless NMS suppressed more
-    than k of them); in that rare case the selection is redone with all N rows (one host check after
-    the loop, none per step). Past 2**27 similarity entries, one row per pick instead. Then k.max()
-    batched greedy steps, no host loop over tokens.
+
+    The walk is computed without a loop over picks (:func:`_nms_keep_by_rank`) on the ``m`` best-ranked
+    tokens, ``m = 2k`` first: the picks lie there unless NMS suppressed more than ``k`` of them, in
+    which case ``m`` doubles (one host check per round). Past ``2**26`` pairwise entries it falls
+    back to one similarity row per pick (:func:`_nms_keep_per_pick`, memory-bound).
     """
     if not nms:
         return topk_indices(saliency, valid, k)
     B, N = valid.shape
     k = _budget(k, valid.sum(1))
     order = _order(saliency, valid)
-    rank = torch.empty_like(order).scatter_(1, order, _arange(N, order).expand(B, N))
+    valid_by_rank = valid.gather(1, order)
     v = _unit(feats)
     picks = _max(k)
-    kept = _greedy_nms(order, rank, v, valid, k, tau, picks, rows_by_rank=min(N, 2 * picks))
-    if kept is None:  # more than k of the 2k best were suppressed: use every row
-        kept = _greedy_nms(order, rank, v, valid, k, tau, picks, rows_by_rank=N)
+    m = min(N, 2 * picks)
+    kept_by_rank = None
+    while picks and B * m * m <= _SIM_MAX:
+        kept_by_rank = _nms_keep_by_rank(_gather_rows(v, order[:, :m]), valid_by_rank[:, :m], tau)
+        kept_by_rank &= kept_by_rank.cumsum(1) <= k[:, None]  # the walk stops at k picks
+        short = (kept_by_rank.sum(1) < k) & (valid_by_rank[:, m:].any(1))
+        if m == N or not bool(short.any()):
+            break
+        kept_by_rank, m = None, min(N, 2 * m)
+    if kept_by_rank is None:
+        m, kept_by_rank = N, _nms_keep_per_pick(v.gather(1, order[..., None].expand_as(v)), valid_by_rank, k, tau, picks)
+    kept = torch.zeros_like(valid).scatter(1, order[:, :m], kept_by_rank)
+    kept |= _take_first(order, valid & ~kept, k - kept_by_rank.sum(1))
     return _mask_to_indices(kept, picks)
 
 
-def _greedy_nms(order, rank, v, valid, k, tau, picks: int, rows_by_rank: int) -> Optional[torch.Tensor]:
-    """Kept mask of saliency-ordered greedy NMS + fill using the similarity rows of the
-    ``rows_by_rank`` best-ranked tokens; ``None`` when a pick needed a row beyond them."""
-    B, N = valid.shape
-    rows = _arange(B, valid)
-    m = rows_by_rank
-    if B * m * N <= _FULL_SIM_MAX:  # similarity rows of the m best-ranked tokens, one matmul
-        sim_by_rank = _gather_rows(v, order[:, :m]) @ v.transpose(1, 2)
-    else:  # too big to hold: one row per pick (memory-bound), any rank
-        sim_by_rank, m = None, N
-    kept = torch.zeros_like(valid)
-    suppressed = ~valid
+def _nms_keep_by_rank(u: torch.Tensor, ok: torch.Tensor, tau: float) -> torch.Tensor:
+    """Unbounded greedy NMS over rank-ordered unit features ``u [B, m, D]`` (``ok``: may be kept).
+
+    Token ``a`` is kept iff ``ok[a]`` and no kept ``b < a`` has cosine(b, a) >= tau. That rule has one
+    solution (by induction over ``a``); it is reached by repeating ``keep <- rule(keep)`` from
+    ``keep = ok``: after round ``t`` ranks ``< t`` are final, and in practice a few rounds settle
+    everything (each one a boolean ``[B, m, m]`` pass, no FLOPs; one host check per round).
+    """
+    suppresses = ((u @ u.transpose(1, 2)) >= tau).triu_(1)  # [b, a]: b < a suppresses a (if b is kept)
+    suppressed_by = suppresses.transpose(1, 2).contiguous()  # [a, b]
+    keep = ok
+    for _ in range(ok.shape[1] + 1):
+        new = ok & ~(suppressed_by & keep[:, None, :]).any(-1)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
+def _nms_keep_per_pick(u: torch.Tensor, ok: torch.Tensor, k: torch.Tensor, tau: float, picks: int) -> torch.Tensor:
+    """The same walk, stopped at ``k`` picks, with one similarity row per pick (``picks`` batched steps)."""
+    B, N = ok.shape
+    rows = _arange(B, ok)
+    kept = torch.zeros_like(ok)
+    suppressed = ~ok
     count = torch.zeros_like(k)
-    beyond = torch.zeros((), dtype=torch.bool, device=valid.device)
     for _ in range(picks):
-        # the best-ranked unsuppressed token of every row that still needs picks
-        r = torch.where(~suppressed & (count < k)[:, None], rank, N).amin(1)
-        has = r < N
-        beyond |= (has & (r >= m)).any()
-        i = order.gather(1, r.clamp(max=N - 1)[:, None]).squeeze(1)
-        if sim_by_rank is not None:
-            sim = sim_by_rank[rows, r.clamp(max=m - 1)]
-        else:
-            sim = torch.bmm(v, v[rows, i][:, :, None])[..., 0]
+        free = ~suppressed & (count < k)[:, None]
+        a = torch.where(free, _arange(N, ok), N).amin(1)  # best-ranked unsuppressed token per row
+        has = a < N
+        a = a.clamp(max=N - 1)
+        sim = torch.bmm(u, u[rows, a][:, :, None])[..., 0]
         suppressed |= has[:, None] & (sim >= tau)
-        suppressed[rows, i] |= has
-        kept[rows, i] |= has
+        kept[rows, a] |= has
+        suppressed[rows, a] |= has
         count += has.long()
-    if bool(beyond):
-        return None
-    return kept | _take_first(order, valid & ~kept, k - count)
+    return kept
 
 
 # ----------------------------------------------------------------------------- DivPrune max-min
