@@ -118,9 +118,20 @@ class ProxyProbe(PIOFVLM):
             seconds={k: min(v) for k, v in seconds.items() if v}, all_seconds=seconds,
             peak_bytes=memory, nms_seconds=nms,
             picks_equal=all(torch.equal(p, picks["block/loss"]) for p in picks.values()),
+            picks_shared=min(_shared(p, picks["block/loss"]) for p in picks.values()), picks_total=_shared(*[picks["rows"]] * 2),
             max_rel_saliency_diff=max(float(((s - ref).abs().max() / ref.abs().max())) for s in saliency.values()),
         ))
         return picks["rows"]
+
+
+def _shared(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Kept tokens two index sets ``[B, K]`` (``-1`` padded) have in common."""
+    return sum(len(set(x.tolist()) & set(y.tolist()) - {-1}) for x, y in zip(a, b))
+
+
+def _same(r: dict) -> str:
+    """``yes``, or the smallest overlap with the block/loss picks (low precision can flip near-ties)."""
+    return "yes" if r["picks_equal"] else f"{r['picks_shared']}/{r['picks_total']}"
 
 
 def prompt(model, n_images: int, text_tokens: int, seed: int = 0) -> dict:
@@ -149,16 +160,20 @@ def analytic_ratios(model, seq_len: int) -> dict:
             for name, o in VARIANTS.items()}
 
 
+def _model(args, hidden: int, layers: int, heads: int):
+    return sized_llava(hidden=hidden, layers=layers, heads=heads, vocab=args.vocab, attn_implementation=args.attn,
+                       dtype=getattr(torch, args.dtype), device=args.device)
+
+
 def proxy_cost(args, console: Console, memory: bool = False) -> list[dict]:
-    model = sized_llava(hidden=args.hidden, layers=args.layers, heads=args.heads, vocab=args.vocab,
-                        attn_implementation=args.attn)
+    model = _model(args, args.hidden, args.layers, args.heads)
     per_image = int(model.config.image_seq_length)
     keep = [k / 576 for k in AUTHORS_SHAPE]
     rows = []
     for n_visual in args.visual:
         if n_visual % per_image:
             raise SystemExit(f"--visual {n_visual}: must be a multiple of {per_image} (whole images)")
-        inputs = prompt(model, n_visual // per_image, args.text)
+        inputs = {k: v.to(args.device) for k, v in prompt(model, n_visual // per_image, args.text).items()}
         probe = ProxyProbe(repeats=args.repeats, memory=memory, layers=[1, 2, 3], keep_fraction=keep)
         start = time.perf_counter()
         with fvlm.prune(model, probe), torch.no_grad():
@@ -206,14 +221,13 @@ def proxy_table(rows: list[dict]) -> Table:
             lead = [str(r["visual_tokens"]), f"after {r['layer']}", str(r["seq_len"])] if first else ["", "", ""]
             table.add_row(*lead, what, f"{sec * 1e3:.1f}", f"{sec / unit:.2f}", "" if flops is None else f"{flops:.2f}",
                           _mib(mem, what) if what in mem else "",
-                          ("yes" if r["picks_equal"] else "NO") if first else "", end_section=what == "nms")
+                          _same(r) if first else "", end_section=what == "nms")
             first = False
     return table
 
 
 def throughput(args, console: Console) -> list[dict]:
-    model = sized_llava(hidden=args.tp_hidden, layers=args.layers, heads=max(1, args.tp_hidden // 64), vocab=args.vocab,
-                        attn_implementation=args.attn)
+    model = _model(args, args.tp_hidden, args.tp_layers or args.layers, args.tp_heads or max(1, args.tp_hidden // 64))
     keep = [k / 576 for k in AUTHORS_SHAPE]
     selectors = {
         "keep_all": None,
@@ -228,7 +242,7 @@ def throughput(args, console: Console) -> list[dict]:
                 continue
             row = dict(selector=name, new_tokens=new_tokens)
             for batch in (1, args.tp_batch):
-                inputs = sized_llava_inputs(model, text_tokens=args.text, batch=batch)
+                inputs = sized_llava_inputs(model, text_tokens=args.text, batch=batch)  # on the model's device
                 context = (lambda s=spec: fvlm.prune(model, s[0], **s[1])) if spec else None
                 timing = measure_generate(model, inputs, max_new_tokens=new_tokens, context=context,
                                           repeats=args.tp_repeats, warmup=1)
@@ -265,7 +279,10 @@ def machine() -> str:
             model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    cpu = f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); {cpu}"
+    return cpu
 
 
 def _mib(mem: dict, key: str) -> str:
@@ -286,7 +303,7 @@ def markdown(args, proxy_rows: list[dict], tp_rows: list[dict]) -> str:
             lines.append(f"| {r['visual_tokens']} | after {r['layer']} | {r['seq_len']} | {unit * 1e3:.0f} ms "
                          f"({_mib(mem, 'unit')}) | " + " | ".join(cells)
                          + f" | {r['nms_seconds'] / unit:.2f} | {s['block/all'] / s['rows']:.1f} | "
-                         f"{'yes' if r['picks_equal'] else 'NO'} | {flops} |")
+                         f"{_same(r)} | {flops} |")
         lines += ["", "| visual | 3 layer forwards | " + " | ".join(VARIANTS) + " | NMS + fill | "
                   + " | ".join(f"block/all ÷ {v}" for v in CHEAPER) + " |",
                   "|" + "---:|" * (3 + len(VARIANTS) + len(CHEAPER))]
@@ -313,7 +330,8 @@ def memory_pass(args, console: Console) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-pass", "--json", path, "--skip-throughput",
                "--hidden", str(args.hidden), "--heads", str(args.heads), "--layers", str(args.layers),
                "--vocab", str(args.vocab), "--text", str(args.text), "--attn", args.attn,
-               "--threads", str(args.threads), "--visual", *map(str, args.visual)]
+               "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
+               "--visual", *map(str, args.visual)]
         subprocess.run(cmd, check=True, env={**os.environ, MMAP_ENV: "65536"})
         with open(path) as fh:
             rows = json.load(fh)["proxy"]
@@ -334,7 +352,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: on a shared 2-core machine, 2 OpenMP threads spin "
                         "against other processes and timings scatter by several x; 0 = torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--tp-hidden", type=int, default=256)
+    p.add_argument("--tp-layers", type=int, default=None, help="default --layers")
+    p.add_argument("--tp-heads", type=int, default=None, help="default tp-hidden // 64")
     p.add_argument("--tp-batch", type=int, default=8)
     p.add_argument("--tp-new-tokens", type=int, nargs="+", default=[8, 32])
     p.add_argument("--tp-repeats", type=int, default=2)

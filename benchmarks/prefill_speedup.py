@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = sized_llava(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
                         intermediate=args.intermediate, vocab=args.vocab, image_size=side * 14, patch=14,
-                        dtype=dtype, seed=args.seed).to(args.device)
+                        dtype=dtype, seed=args.seed, device=args.device)
     inputs = sized_llava_inputs(model, text_tokens=args.text, batch=args.batch, seed=args.seed, images=args.images)
     args.visual_total = args.visual * args.images
     info = fvlm.PruningSession(model, fvlm.create_selector("keep_all")).info

@@ -264,8 +264,10 @@ def sized_llava(
     attn_implementation: str = "sdpa",
     dtype=torch.float32,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ):
-    """A random ``LlavaForConditionalGeneration`` of a chosen size (benchmarks, not tests).
+    """A random ``LlavaForConditionalGeneration`` of a chosen size (benchmarks, not tests), built on
+    ``device`` (random init on a GPU takes seconds at the 7B shape, minutes on the CPU).
 
     The LLM is Llama-shaped (``heads`` default ``hidden // 64``, ``kv_heads`` default ``heads``,
     ``intermediate`` default ``round(2.6875 * hidden)`` rounded to 64, the Vicuna-7B ratio); the
@@ -288,7 +290,9 @@ def sized_llava(
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
                          vision_feature_layer=-1 if vision_layers == 1 else -2,
                          vision_feature_select_strategy="default", image_seq_length=(image_size // patch) ** 2)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    cuda = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), device:
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     model.eval()
