@@ -279,6 +279,49 @@ def test_on_error_record_goes_on(tmp_path):
     assert "injected failure" in records[1]["error"]
 
 
+class BatchOnlyFailure(RandomSelector):
+    """Random selection that raises on a batch of several samples, and on sample ``bad`` alone
+    (recognised by its prompt length: it is the only one with two images)."""
+
+    def __init__(self, bad_length: int, **kwargs):
+        super().__init__(**kwargs)
+        self.bad_length = bad_length
+
+    def select(self, ctx):
+        if ctx.hidden.shape[0] > 1:
+            raise RuntimeError("injected batch failure")
+        if ctx.hidden.shape[1] == self.bad_length:
+            raise RuntimeError("injected sample failure")
+        return super().select(ctx)
+
+
+def test_on_error_record_retries_a_failing_batch_one_sample_at_a_time(tmp_path):
+    """A batch that fails is answered sample by sample: only the sample that fails alone is lost,
+    the others get the same answers as an unbatched run, with the batch's error noted."""
+    data = make_data(tmp_path / "d", 4, multi=(2,))
+    dm = VQADataModule(str(data), batch_size=1)
+    dm.processor = tiny_processor("llava")
+    dm.setup()
+    lengths = [dm.single_batch(r)["inputs"]["input_ids"].shape[1] for r in dm.records]
+    assert lengths.count(lengths[2]) == 1  # the two-image sample is recognisable by its length
+    module = FVLMModule(BackboneSpec("tiny:llava"), BatchOnlyFailure(lengths[2], keep=0.5, seed=0),
+                        GenerationSpec(max_new_tokens=2), on_error="record")
+    _trainer(tmp_path / "run").predict(module, datamodule=VQADataModule(str(data), batch_size=4), return_predictions=False)
+    records = lines(tmp_path / "run" / "predictions.jsonl")
+    assert [r["id"] for r in records] == ["s00", "s01", "s02", "s03"]
+    assert [bool(r.get("error")) for r in records] == [False, False, True, False]
+    assert "injected sample failure" in records[2]["error"] and "batch_error" not in records[2]
+    assert all("injected batch failure" in records[i]["batch_error"] for i in (0, 1, 3))
+    # the same answers as a run that never batched
+    module = FVLMModule(BackboneSpec("tiny:llava"), BatchOnlyFailure(lengths[2], keep=0.5, seed=0),
+                        GenerationSpec(max_new_tokens=2), on_error="record")
+    _trainer(tmp_path / "single").predict(module, datamodule=VQADataModule(str(data), batch_size=1),
+                                          return_predictions=False)
+    single = lines(tmp_path / "single" / "predictions.jsonl")
+    assert [r.get("answer") for r in records] == [r.get("answer") for r in single]
+    assert [r.get("error") for r in single] == [None, None, records[2]["error"], None]
+
+
 def test_gradient_selector_under_inference_mode_is_a_clear_error(tmp_path):
     needs("pio_fvlm")
     data = make_data(tmp_path / "d", 2)

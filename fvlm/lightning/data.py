@@ -268,6 +268,12 @@ class VQADataModule(LightningDataModule):
     def collator(self) -> VQACollator:
         return VQACollator(self._processor(), self.short_answer_prompt, self.choice_prompt, self.system_prompt)
 
+    def single_batch(self, sample: dict) -> dict:
+        """One sample (a collated batch's ``samples`` entry) collated alone, its images read again:
+        what :class:`~fvlm.lightning.module.FVLMModule` retries with when a batch fails under
+        ``on_error: record``."""
+        return self.collator()([VQADataset([sample])[0]])
+
     def dataset(self) -> VQADataset:
         self.setup()
         return VQADataset([r for r in self.records if r["id"] not in self.skip_ids])

@@ -224,8 +224,10 @@ class FVLMModule(LightningModule):
             divergence and top-1 agreement of the first generated token (judges a method without
             reference answers; doubles the generation cost).
         on_error: ``raise`` (default) stops the run when generation fails (a resumed run retries
-            the batch); ``record`` writes the error on every sample of the failing batch and goes on.
-            Unreadable images are always recorded, never raised.
+            the batch); ``record`` retries a failing batch one sample at a time (the data module
+            collates each sample alone, see :meth:`~fvlm.lightning.data.VQADataModule.single_batch`),
+            writes the error on the samples that fail alone and goes on; samples answered alone carry
+            the batch's error as ``batch_error``. Unreadable images are always recorded, never raised.
     """
 
     def __init__(self, backbone: BackboneSpec, selector: Optional[Union[SelectorSpec, TokenSelector]] = None,
@@ -296,7 +298,12 @@ class FVLMModule(LightningModule):
         except Exception as exc:
             if self.on_error == "raise":
                 raise
-            return records + [self._record(s, error=f"{type(exc).__name__}: {exc}") for s in samples]
+            error = f"{type(exc).__name__}: {exc}"
+            single = getattr(getattr(self._trainer, "datamodule", None), "single_batch", None)
+            if len(samples) == 1 or single is None:
+                return records + [self._record(s, error=error) for s in samples]
+            alone = [r for s in samples for r in self.answer(single(s))]
+            return records + [r if "error" in r else {**r, "batch_error": error} for r in alone]
 
     def _record(self, sample: dict, **fields) -> dict:
         rec = {"id": sample["id"], "question": sample["question"], "images": sample.get("image_paths", []),
