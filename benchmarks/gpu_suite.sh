@@ -8,8 +8,21 @@
 # VOCAB / DEVICE / DTYPE / REPEATS override the defaults, e.g. a dry run on the CPU:
 #
 #   DEVICE=cpu HIDDEN=128 HEADS=2 VOCAB=1000 REPEATS=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh
+#
+# SETUP=1 first installs, offline, the wheels in .whl/ and fvlm itself (without its dependencies)
+# into /tmp/site: for a machine whose python3 already has a CUDA torch and the other dependencies
+# but no network (carry the transformers wheel fvlm pins in .whl/; see docs/benchmarks-performance.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ "${SETUP:-0}" = 1 ]; then
+    site=/tmp/site
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$site" .
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 OUT=${OUT:-gpu-results}
 HIDDEN=${HIDDEN:-4096}
 HEADS=${HEADS:-32}
@@ -22,18 +35,19 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 model=(--hidden "$HIDDEN" --heads "$HEADS" --vocab "$VOCAB" --device "$DEVICE" --dtype "$DTYPE")
 {
-    python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    "$PY" -c "import torch, transformers, fvlm; print('torch', torch.__version__, 'transformers', transformers.__version__,
+        'fvlm', fvlm.__file__, 'selectors', len(fvlm.list_selectors()))"
     echo "== 1. LLaVA-NeXT shape: 5 x 576 = 2,880 visual tokens, 11.1 % (layer average 320), vs keep-all"
-    python benchmarks/prefill_speedup.py "${model[@]}" --layers "$LAYERS" --images 5 --budgets 320 \
+    "$PY" benchmarks/prefill_speedup.py "${model[@]}" --layers "$LAYERS" --images 5 --budgets 320 \
         --selectors pio_fvlm fastv random --no-fastv-compare --generate-tokens 16 --repeats "$REPEATS" \
         --json "$OUT/prefill_2880.json"
     echo "== 2. LLaVA-1.5 shape: 576 visual tokens, every selector at layer averages 192 / 128 / 64"
-    python benchmarks/prefill_speedup.py "${model[@]}" --layers "$LAYERS" --repeats "$REPEATS" \
+    "$PY" benchmarks/prefill_speedup.py "${model[@]}" --layers "$LAYERS" --repeats "$REPEATS" \
         --json "$OUT/prefill_576.json" --plot "$OUT/prefill_576.png"
     echo "== 3. PIO-FVLM proxy per stage: rows-only vs full block vs one layer forward (576 and 2,880)"
-    python benchmarks/pio_proxy_cost.py "${model[@]}" --layers 4 --repeats "$REPEATS" --skip-throughput \
+    "$PY" benchmarks/pio_proxy_cost.py "${model[@]}" --layers 4 --repeats "$REPEATS" --skip-throughput \
         --markdown "$OUT/proxy_cost.md" --json "$OUT/proxy_cost.json"
     echo "== 4. samples/s of greedy generate at batch 8 vs batch 1 (keep-all, FastV, PIO-FVLM)"
-    python benchmarks/pio_proxy_cost.py "${model[@]}" --skip-proxy --tp-hidden "$HIDDEN" --tp-heads "$HEADS" \
+    "$PY" benchmarks/pio_proxy_cost.py "${model[@]}" --skip-proxy --tp-hidden "$HIDDEN" --tp-heads "$HEADS" \
         --tp-layers "$LAYERS" --markdown "$OUT/throughput.md" --json "$OUT/throughput.json"
 } 2>&1 | tee "$OUT/suite.log"
