@@ -50,7 +50,7 @@ import fvlm  # noqa: E402
 from fvlm.profiling.timing import PeakMemory, measure_generate  # noqa: E402
 from fvlm.selectors.algorithms import nms_fill  # noqa: E402
 from fvlm.selectors.pio_fvlm import PIOFVLM  # noqa: E402
-from fvlm.testing import BOS_ID, FIRST_TEXT_ID, IMAGE_ID, sized_llava, sized_llava_inputs  # noqa: E402
+from fvlm.testing import sized_llava, sized_llava_inputs  # noqa: E402
 
 VARIANTS = {  # name -> PIOFVLM proxy options
     "rows": dict(proxy="rows"),
@@ -118,7 +118,8 @@ class ProxyProbe(PIOFVLM):
             seconds={k: min(v) for k, v in seconds.items() if v}, all_seconds=seconds,
             peak_bytes=memory, nms_seconds=nms,
             picks_equal=all(torch.equal(p, picks["block/loss"]) for p in picks.values()),
-            picks_shared=min(_shared(p, picks["block/loss"]) for p in picks.values()), picks_total=_shared(*[picks["rows"]] * 2),
+            picks_shared=min(_shared(p, picks["block/loss"]) for p in picks.values()),
+            picks_total=int((picks["block/loss"] >= 0).sum()),
             max_rel_saliency_diff=max(float(((s - ref).abs().max() / ref.abs().max())) for s in saliency.values()),
         ))
         return picks["rows"]
@@ -132,19 +133,6 @@ def _shared(a: torch.Tensor, b: torch.Tensor) -> int:
 def _same(r: dict) -> str:
     """``yes``, or the smallest overlap with the block/loss picks (low precision can flip near-ties)."""
     return "yes" if r["picks_equal"] else f"{r['picks_shared']}/{r['picks_total']}"
-
-
-def prompt(model, n_images: int, text_tokens: int, seed: int = 0) -> dict:
-    """One prompt: BOS, a quarter of the text, ``n_images`` image spans back to back, the rest of the text."""
-    config = model.config
-    per_image, size = int(config.image_seq_length), config.vision_config.image_size
-    gen = torch.Generator().manual_seed(seed)
-    text = torch.randint(FIRST_TEXT_ID, config.get_text_config().vocab_size, (text_tokens,), generator=gen).tolist()
-    before = max(1, text_tokens // 4)
-    ids = [BOS_ID, *text[: before - 1], *([IMAGE_ID] * (per_image * n_images)), *text[before - 1:]]
-    input_ids = torch.tensor([ids])
-    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                pixel_values=torch.randn(n_images, 3, size, size, generator=gen).to(model.dtype))
 
 
 def analytic_ratios(model, seq_len: int) -> dict:
@@ -173,7 +161,7 @@ def proxy_cost(args, console: Console, memory: bool = False) -> list[dict]:
     for n_visual in args.visual:
         if n_visual % per_image:
             raise SystemExit(f"--visual {n_visual}: must be a multiple of {per_image} (whole images)")
-        inputs = {k: v.to(args.device) for k, v in prompt(model, n_visual // per_image, args.text).items()}
+        inputs = sized_llava_inputs(model, text_tokens=args.text, images=n_visual // per_image)
         probe = ProxyProbe(repeats=args.repeats, memory=memory, layers=[1, 2, 3], keep_fraction=keep)
         start = time.perf_counter()
         with fvlm.prune(model, probe), torch.no_grad():
@@ -242,7 +230,7 @@ def throughput(args, console: Console) -> list[dict]:
                 continue
             row = dict(selector=name, new_tokens=new_tokens)
             for batch in (1, args.tp_batch):
-                inputs = sized_llava_inputs(model, text_tokens=args.text, batch=batch)  # on the model's device
+                inputs = sized_llava_inputs(model, text_tokens=args.text, batch=batch)
                 context = (lambda s=spec: fvlm.prune(model, s[0], **s[1])) if spec else None
                 timing = measure_generate(model, inputs, max_new_tokens=new_tokens, context=context,
                                           repeats=args.tp_repeats, warmup=1)

@@ -44,8 +44,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import fvlm  # noqa: E402
-from fvlm.metrics.flops import full_flops, selector_overhead_flops  # noqa: E402
-from fvlm.profiling.analytic import proxy_options, selector_kwargs_for_average  # noqa: E402
+from fvlm.metrics.flops import full_flops  # noqa: E402
+from fvlm.profiling.analytic import in_llm_overhead_flops, selector_kwargs_for_average  # noqa: E402
 from fvlm.profiling.arch import text_arch, vision_arch  # noqa: E402
 from fvlm.profiling.timing import PeakMemory, StepClock, measure_generate  # noqa: E402
 from fvlm.selectors.base import ScoreSelector, Stage, TokenSelector  # noqa: E402
@@ -250,13 +250,7 @@ def flops_of(cfg: Config, text, vision, seq: int, batch: int, images: int = 1) -
     tokens = cfg.trace.prefill_length if cfg.trace is not None else [seq] * text.num_layers
     over = 0.0
     if cfg.trace is not None and cfg.selector is not None:
-        needs = getattr(type(cfg.selector), "needs", frozenset())
-        per_layer = cfg.trace.visual_per_layer[0]
-        for st in cfg.trace.stages:
-            if isinstance(st.where, int):
-                n_visual = per_layer[st.where - 1]
-                over += selector_overhead_flops(needs, tokens[st.where - 1], text, n_visual=n_visual,
-                                                kept=per_layer[st.where], **proxy_options(cfg.selector))
+        over = in_llm_overhead_flops(cfg.selector, cfg.trace.stages, cfg.trace.visual_per_layer[0], tokens, text)
     flops = full_flops(text, tokens, vision=vision, images=[{"tiles": 1}] * images, lm_head_rows=1, batch=batch)
     return flops.model, over * batch
 

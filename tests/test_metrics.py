@@ -39,7 +39,7 @@ from fvlm.metrics.flops import (
     similarity_flops,
     vit_layer_flops,
 )
-from fvlm.profiling.analytic import proxy_options
+from fvlm.profiling.analytic import in_llm_overhead_flops
 from fvlm.profiling.arch import text_arch, vision_arch
 from fvlm.profiling.flop_counter import measure_flops
 from fvlm.profiling.timing import PeakMemory, StepClock, measure_generate, time_prefill
@@ -156,13 +156,7 @@ def _analytic(model, inputs, session=None, images=None):
     tokens = session.trace.prefill_length if session is not None else [seq] * text.num_layers
     over = 0.0
     if session is not None:
-        sel = session.selector
-        for stage in session.schedule:
-            if isinstance(stage.where, int):
-                n_visual = session.trace.visual_per_layer[0][stage.where - 1]
-                kept = session.trace.visual_per_layer[0][stage.where]
-                over += selector_overhead_flops(type(sel).needs, tokens[stage.where - 1], text, n_visual=n_visual,
-                                                kept=kept, **proxy_options(sel))
+        over = in_llm_overhead_flops(session.selector, session.schedule, session.trace.visual_per_layer[0], tokens, text)
     # images of the whole batch at once (samples hold different images); the LLM per row x batch
     llm = full_flops(text, tokens, batch=batch, overhead=over / batch)
     return llm.total + (sum(vision_flops(vision, images).values()) if images else 0.0)

@@ -61,9 +61,7 @@ def prompt(question: str) -> str:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over :func:`fvlm.builtin.synthetic.vocabulary` (ids 0-4 are the specials)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {token: i for i, token in enumerate([*SPECIALS, *synthetic.vocabulary()])}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))

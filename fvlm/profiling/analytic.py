@@ -13,6 +13,7 @@ from fvlm.adapters.base import ModelInfo
 from fvlm.errors import FVLMError
 from fvlm.metrics.flops import (
     FlopsBreakdown,
+    TextArch,
     full_flops,
     llm_decode_flops,
     paper_flops,
@@ -102,24 +103,30 @@ def format_schedule(stages: Sequence[Stage], original: int | None = None) -> str
     return ",".join(f"{s.where}:{keep(s)}" for s in sorted(stages, key=lambda s: s.order))
 
 
-def _overhead(selector, needs: Iterable, counts: VisualCounts, stages: Sequence[Stage], text_tokens: int,
+def _overhead(selector, counts: VisualCounts, stages: Sequence[Stage], text_tokens: int, tokens: Sequence[int],
               arch: Architecture) -> float:
-    """Selector FLOPs over its in-LLM stages: its own ``overhead_flops`` if it defines one, else the
-    estimate from its needs (:func:`fvlm.metrics.flops.selector_overhead_flops`)."""
-    total = 0.0
+    """Selector FLOPs over its stages: its own ``overhead_flops`` if it defines one, else the
+    estimate from its needs (:func:`in_llm_overhead_flops`)."""
     custom = getattr(selector, "overhead_flops", None) if selector is not None else None
+    if custom is None:
+        return in_llm_overhead_flops(selector, stages, counts.per_layer, tokens, arch.text)
+    total = 0.0
     for stage in stages:
-        if isinstance(stage.where, int):
-            n_visual = counts.per_layer[stage.where - 1]  # the layer that just ran
-        else:
-            n_visual = counts.original
-        seq = text_tokens + n_visual
-        if custom is not None:
-            total += float(custom(model_info(arch), stage, seq, n_visual))
-        elif isinstance(stage.where, int):
-            total += selector_overhead_flops(needs, seq, arch.text, n_visual=n_visual,
-                                             kept=counts.per_layer[stage.where], **proxy_options(selector))
+        n_visual = counts.per_layer[stage.where - 1] if isinstance(stage.where, int) else counts.original
+        total += float(custom(model_info(arch), stage, text_tokens + n_visual, n_visual))
     return total
+
+
+def in_llm_overhead_flops(selector, stages: Iterable, per_layer: Sequence[int], tokens: Sequence[int],
+                          text: TextArch) -> float:
+    """Estimated FLOPs of ``selector``'s in-LLM stages from what it needs
+    (:func:`fvlm.metrics.flops.selector_overhead_flops`), where ``per_layer[i]`` visual tokens and
+    ``tokens[i]`` tokens in all enter decoder layer ``i`` (a schedule's counts or a session trace's).
+    ``stages``: anything with ``where`` (layer stages count, the others do not)."""
+    needs = getattr(type(selector), "needs", frozenset())
+    return sum(selector_overhead_flops(needs, tokens[s.where - 1], text, n_visual=per_layer[s.where - 1],
+                                       kept=per_layer[s.where], **proxy_options(selector))
+               for s in stages if isinstance(s.where, int))
 
 
 def proxy_options(selector) -> dict:
@@ -153,8 +160,7 @@ def profile_stages(
     text_n = arch.text_tokens if text_tokens is None else int(text_tokens)
     counts = visual_counts(list(stages), arch.text.num_layers, original)
     tokens = [text_n + v for v in counts.per_layer]
-    needs = getattr(type(selector), "needs", frozenset()) if selector is not None else frozenset()
-    overhead = _overhead(selector, needs, counts, stages, text_n, arch)
+    overhead = _overhead(selector, counts, stages, text_n, tokens, arch)
     full = full_flops(arch.text, tokens, vision=arch.vision, images=arch.images, lm_head_rows=1, overhead=overhead)
     width = dtype_bytes(kv_dtype or arch.kv_dtype)
     kv = kv_bytes([t + decode_tokens for t in tokens], arch.text.num_kv_heads, arch.text.head_dim, width)
