@@ -26,6 +26,7 @@ from fvlm.metrics import (
     proxy_flops,
     selector_overhead_flops,
     stage_count,
+    value_mixing_pays,
     vision_flops,
     visual_counts,
 )
@@ -111,11 +112,17 @@ def test_selector_overhead_by_hand():
     head = 2 * 2 * 4 * 10
     assert proxy_flops(5, TINY, loss_rows=2, mode="rows", value_mixing=False) == 2 * (linear + head) + 3 * attn
     assert proxy_flops(5, TINY, loss_rows=2, mode="rows", value_mixing=False, backward=False) == linear + attn + head
-    # value mixing: v_proj on heads x rows = 4 mixed rows, P X = 2 * 4 * 5 * 4 instead of P V
+    # value mixing: P X = 2 * 4 * 5 * 4 for heads x rows = 4 mixed inputs instead of P V, then each
+    # through its head's head_dim = 2 rows of v_proj (2 * 4 * 4 * 2) instead of v_proj on all 5 rows
     mixed_linear = linear - 2 * 5 * 4 * 2 + 2 * 4 * 4 * 2
     mixed_attn = 2 * 2 * 5 * 2 * 2 + 2 * 4 * 5 * 4
-    assert proxy_flops(5, TINY, loss_rows=2, mode="rows") == 2 * (mixed_linear + head) + 3 * mixed_attn
-    assert proxy_flops(4, TINY, loss_rows=2, mode="rows") == proxy_flops(4, TINY, loss_rows=2, value_mixing=False)
+    assert proxy_flops(5, TINY, loss_rows=2, mode="rows", value_mixing=True) == 2 * (mixed_linear + head) + 3 * mixed_attn
+    # the default mixes when that is cheaper: never on TINY (4 mixed inputs x 4 wide > 5 rows x 2 wide values),
+    # always at Vicuna-7B's shape, not for Qwen2.5-7B's 4 kv heads on a 10-token sequence
+    assert not value_mixing_pays(5, 2, 4, 2, 1, 2)
+    assert proxy_flops(5, TINY, loss_rows=2, mode="rows") == proxy_flops(5, TINY, loss_rows=2, value_mixing=False)
+    assert value_mixing_pays(169, 4, 4096, 32, 32, 128) and value_mixing_pays(2921, 4, 4096, 32, 32, 128)
+    assert not value_mixing_pays(10, 4, 3584, 28, 4, 128) and value_mixing_pays(600, 4, 3584, 28, 4, 128)
     block_linear = 2 * (2 * 5 * 4 * 2) + 2 * (2 * 5 * 4 * 4) + 3 * (2 * 5 * 4 * 6)
     block_attn = 4 * 5 * 5 * 2 * 2
     assert proxy_flops(5, TINY, loss_rows=2, mode="block") == 2 * (block_linear + head) + 3.5 * block_attn

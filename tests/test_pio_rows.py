@@ -112,6 +112,35 @@ def test_rows_forward_equals_the_decoder_layer_at_those_rows(model_cache, family
                 _close(got, expected)
 
 
+class WrappedLinear(torch.nn.Module):
+    """A v_proj that is not a plain nn.Linear (as a quantised layer would be): value mixing needs its rows."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_value_mixing_needs_a_plain_linear_v_proj():
+    model = tiny_model("llava", attn_implementation="eager")
+    adapter = adapter_for(model)
+    inputs = tiny_inputs(model, images_per_prompt=(1,))
+    calls, _ = _layer_calls(model, inputs)
+    hidden, kwargs = calls[1]
+    valid = inputs["attention_mask"].bool()
+    rows = torch.tensor([[3, 7, hidden.shape[1] - 1]])
+    with torch.no_grad():
+        expected = adapter.rows_forward(1, hidden, kwargs["position_embeddings"], valid, rows, value_mixing=True)
+        attn = adapter.layers[1].self_attn
+        attn.v_proj = WrappedLinear(attn.v_proj)
+        # the default falls back to the values of all rows: same output
+        _close(adapter.rows_forward(1, hidden, kwargs["position_embeddings"], valid, rows), expected)
+        with pytest.raises(fvlm.errors.UnsupportedModelError, match="plain nn.Linear"):
+            adapter.rows_forward(1, hidden, kwargs["position_embeddings"], valid, rows, value_mixing=True)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_projected_keys_and_values_equal_the_real_kv_cache(model_cache, family):
     model = model_cache(family, "sdpa")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fvlm.errors import UnsupportedModelError
+from fvlm.metrics.flops import value_mixing_pays
 
 
 @dataclass(frozen=True)
@@ -248,18 +249,27 @@ class BackboneAdapter:
         through it).
 
         Values: ``v_proj`` is affine and every attention row sums to 1, so head ``h``'s output
-        ``P_h @ v_proj(x)`` equals ``v_proj(P_h @ x)`` (its slice for head ``h``'s key/value head).
-        With ``value_mixing`` (default: when the ``H * Q`` mixed inputs are fewer than the ``S``
-        rows) the values are computed that way (``H * Q`` rows through ``v_proj`` instead of ``S``,
-        in the forward and in the backward); otherwise from the values of all rows. Same result up
-        to float rounding.
+        ``P_h @ v_proj(x)`` equals ``W_g @ (P_h @ x) + b_g`` with ``W_g, b_g`` the rows of ``v_proj``
+        for head ``h``'s key/value head ``g``. With ``value_mixing`` (default: when that costs fewer
+        FLOPs, :func:`fvlm.metrics.flops.value_mixing_pays`; needs a plain ``nn.Linear`` ``v_proj``)
+        the values are computed that way: the ``H * Q`` mixed inputs each go through their own
+        head's ``head_dim`` rows of ``v_proj``, not all ``S`` rows through all of it, in the forward
+        and in the backward. Otherwise from the values of all rows. Same result up to float rounding.
         """
         layer = self.layers[layer_index]
         attn = self._check_full_attention(layer_index)
         seq = hidden.shape[1]
+        plain_values = type(attn.v_proj) is nn.Linear
         mix_inputs = value_mixing
         if mix_inputs is None:
-            mix_inputs = attn.config.num_attention_heads * rows.shape[1] < seq
+            cfg = attn.config
+            mix_inputs = plain_values and value_mixing_pays(
+                seq, rows.shape[1], cfg.hidden_size, cfg.num_attention_heads, attn.v_proj.out_features // attn.head_dim,
+                attn.head_dim)
+        elif mix_inputs and not plain_values:
+            raise UnsupportedModelError(
+                f"rows_forward(value_mixing=True) needs layer {layer_index}'s v_proj to be a plain nn.Linear "
+                f"(its weight rows per head), got {type(attn.v_proj).__name__}; use value_mixing=False")
         q, k, v, normed = self.project_qkv(layer_index, hidden, position_embeddings, rows, values=not mix_inputs)
         bsz, heads, nq, hd = q.shape
         kv_heads = k.shape[1]
@@ -270,9 +280,11 @@ class BackboneAdapter:
         scores = scores.masked_fill(~_allowed(key_valid, rows), torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(normed.dtype)
         if mix_inputs:
-            mixed = torch.matmul(probs.view(bsz, heads * nq, seq), normed)  # [B, H*Q, D]
-            vals = attn.v_proj(mixed).view(bsz, kv_heads, groups, nq, kv_heads, hd)
-            out = vals.diagonal(dim1=1, dim2=4).permute(0, 4, 1, 2, 3)  # head h: its own kv head's slice
+            mixed = torch.matmul(probs.view(bsz, kv_heads, groups * nq, seq), normed[:, None])  # [B, H_kv, G*Q, D]
+            weight = attn.v_proj.weight.view(kv_heads, hd, -1)
+            out = torch.matmul(mixed, weight.transpose(1, 2))  # each kv head's rows of v_proj only
+            if attn.v_proj.bias is not None:
+                out = out + attn.v_proj.bias.view(kv_heads, 1, hd)
         else:
             out = torch.matmul(probs.view(bsz, kv_heads, groups * nq, seq), v)
         out = out.reshape(bsz, heads, nq, hd)

@@ -12,6 +12,7 @@ from fvlm.metrics.flops import (
     paper_layer_flops,
     proxy_flops,
     selector_overhead_flops,
+    value_mixing_pays,
     vision_flops,
 )
 from fvlm.metrics.kv import MIB, dtype_bytes, kv_bytes, kv_bytes_per_token, kv_cache_bytes
@@ -37,6 +38,7 @@ __all__ = [
     "proxy_flops",
     "selector_overhead_flops",
     "stage_count",
+    "value_mixing_pays",
     "vision_flops",
     "visual_counts",
 ]

@@ -221,6 +221,16 @@ def vision_flops(vision: VisionArch, images: Sequence[Mapping]) -> dict[str, flo
 PROXY_ROWS = 4  # PIO-FVLM: the loss uses the last 4 positions of the shifted logits
 
 
+def value_mixing_pays(seq_len: float, rows: int, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether ``BackboneAdapter.rows_forward`` computes the values of ``rows`` query rows as mixed
+    inputs (``P X`` for every head, then each head's ``head_dim`` rows of ``v_proj``) rather than
+    from the values of all ``seq_len`` rows (``v_proj`` on every row, then ``P V``): whichever has
+    fewer multiply-adds (a tie keeps all rows)."""
+    mixed = num_heads * rows * (seq_len * hidden + hidden * head_dim)
+    direct = seq_len * hidden * num_kv_heads * head_dim + num_heads * rows * seq_len * head_dim
+    return mixed < direct
+
+
 def proxy_flops(seq_len: float, text: TextArch, loss_rows: int = PROXY_ROWS, mode: str = "rows",
                 head_rows: str = "loss", backward: bool = True, value_mixing: bool | None = None) -> float:
     """PIO-FVLM's layer-local proxy at one stage on ``seq_len`` current tokens: one decoder block, the
@@ -230,9 +240,9 @@ def proxy_flops(seq_len: float, text: TextArch, loss_rows: int = PROXY_ROWS, mod
     ``mode="rows"`` (fvlm's default; ``BackboneAdapter.rows_forward``): the block runs for the
     ``loss_rows`` query rows only: keys of all rows, queries / ``o_proj`` / MLP / head on the rows,
     attention as matmuls (backward 2x the forward). Values: from all rows (``v_proj`` on ``seq_len``
-    rows, then ``P V``), or with ``value_mixing`` (default: when ``heads x rows < seq_len``, as
-    ``rows_forward`` decides) as ``v_proj(P X)``: ``P X`` for every head and ``v_proj`` on
-    ``heads x rows`` rows. ``mode="block"``: the whole block on all rows like the authors' code (SDPA
+    rows, then ``P V``), or with ``value_mixing`` (default: :func:`value_mixing_pays`, as
+    ``rows_forward`` decides) from mixed inputs: ``P X`` for every head, then each of those
+    ``heads x rows`` vectors through its head's ``head_dim`` rows of ``v_proj``. ``mode="block"``: the whole block on all rows like the authors' code (SDPA
     attention, backward 2.5x the forward: scores recomputed, then dV, dP, dQ, dK), with the head on
     the loss rows (``head_rows="loss"``) or on every row (``"all"``).
     """
@@ -241,12 +251,12 @@ def proxy_flops(seq_len: float, text: TextArch, loss_rows: int = PROXY_ROWS, mod
     n, k = seq_len, min(loss_rows, seq_len)
     mlp = 3 if text.gated_mlp else 2
     if mode == "rows":
-        mixing = h * k < n if value_mixing is None else value_mixing
+        mixing = value_mixing_pays(n, k, d, h, text.num_kv_heads, hd) if value_mixing is None else value_mixing
         linear = (linear_flops(n, d, kv_width) + linear_flops(k, d, q_width) + linear_flops(k, q_width, d)
                   + mlp * linear_flops(k, d, text.intermediate_size))
         scores = 2 * k * n * h * hd  # Q K^T
         if mixing:
-            linear += linear_flops(h * k, d, kv_width)
+            linear += linear_flops(h * k, d, hd)
             mix = 2 * h * k * n * d  # P X for every head
         else:
             linear += linear_flops(n, d, kv_width)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from fvlm.errors import BudgetError, FVLMError
 from fvlm.selectors.base import Need, Stage, TokenSelector
+from fvlm.selectors.head_loss import self_argmax_cross_entropy
 
 if TYPE_CHECKING:
     from fvlm.adapters.base import ModelInfo
@@ -237,17 +238,17 @@ class PIOFVLM(TokenSelector):
 
         def objective(x: torch.Tensor) -> torch.Tensor:
             if self.proxy == "rows":
-                logits = head(norm(ctx.run_layer_rows(block, x, rows)))
+                ce = self_argmax_cross_entropy(norm(ctx.run_layer_rows(block, x, rows)), head)
             elif self.head_rows == "loss":
                 y = ctx.run_layer(block, x)
-                logits = head(norm(y.gather(1, rows[..., None].expand(-1, -1, y.shape[-1]))))
+                ce = self_argmax_cross_entropy(norm(y.gather(1, rows[..., None].expand(-1, -1, y.shape[-1]))), head,
+                                               fused=False)
             else:
                 y = ctx.run_layer(block, x)
                 full = head(norm(y)).to(torch.promote_types(y.dtype, torch.float32))
                 logits = full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1]))
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            labels = logits.detach().argmax(dim=-1)
-            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+                labels = logits.detach().argmax(dim=-1)
+                ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
             weight = ok.to(ce.dtype) / ok.sum(dim=1, keepdim=True).clamp(min=1).to(ce.dtype)
             return (ce * weight).sum()  # sum over samples of each sample's mean over its rows
 
