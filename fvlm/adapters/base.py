@@ -280,11 +280,13 @@ class BackboneAdapter:
         scores = scores.masked_fill(~_allowed(key_valid, rows), torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(normed.dtype)
         if mix_inputs:
-            mixed = torch.matmul(probs.view(bsz, kv_heads, groups * nq, seq), normed[:, None])  # [B, H_kv, G*Q, D]
+            mixed = torch.matmul(probs.view(bsz, heads * nq, seq), normed)  # [B, H*Q, D], P X for every head
+            mixed = mixed.view(bsz, kv_heads, groups * nq, -1).transpose(0, 1).reshape(kv_heads, bsz * groups * nq, -1)
             weight = attn.v_proj.weight.view(kv_heads, hd, -1)
-            out = torch.matmul(mixed, weight.transpose(1, 2))  # each kv head's rows of v_proj only
+            out = torch.bmm(mixed, weight.transpose(1, 2))  # each kv head's own rows of v_proj only
             if attn.v_proj.bias is not None:
                 out = out + attn.v_proj.bias.view(kv_heads, 1, hd)
+            out = out.view(kv_heads, bsz, groups * nq, hd).transpose(0, 1)
         else:
             out = torch.matmul(probs.view(bsz, kv_heads, groups * nq, seq), v)
         out = out.reshape(bsz, heads, nq, hd)
