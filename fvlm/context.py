@@ -38,6 +38,7 @@ class SelectionContext:
         layer_input: torch.Tensor | None = None,
         layer_kwargs: dict[str, Any] | None = None,
         observed: dict | None = None,
+        original_visual: torch.Tensor | None = None,
     ):
         self.selector = selector
         self.stage = stage
@@ -48,6 +49,7 @@ class SelectionContext:
         self.is_visual = is_visual
         self.token_valid = token_valid
         self.budget = budget
+        self._original_visual = original_visual
         self.used: set[Need] = set()
         self._grids = grids
         self._layer_input = layer_input
@@ -71,6 +73,11 @@ class SelectionContext:
     @cached_property
     def num_visual(self) -> torch.Tensor:
         return self.is_visual.sum(dim=1)
+
+    @property
+    def original_visual(self) -> torch.Tensor:
+        """``[B]`` visual tokens of each sample before any stage (fractions of ``Stage.keep`` refer to it)."""
+        return self.num_visual if self._original_visual is None else self._original_visual
 
     @cached_property
     def visual_hidden(self) -> torch.Tensor:
@@ -136,6 +143,19 @@ class SelectionContext:
         return self.adapter.attention_rows(
             layer, self._layer_input, self._layer_kwargs["position_embeddings"], self.token_valid, rows
         )
+
+    def rope_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, N]``: the pruning layer's rotary embedding applied to all-ones queries (at ``rows``)
+        and keys (at the visual tokens), their dot product over ``sqrt(head_dim)``.
+
+        This is the purely positional part of an attention logit (SparseVLM+ divides attention by
+        it, its "gravity"); the current position ids apply (original or compact).
+        """
+        self._use(Need.ATTENTION)
+        layer = self._require_layer("rope_bias")
+        bias = self.adapter.rotary_bias(layer, self._layer_kwargs["position_embeddings"], rows)
+        index = self.visual_index.clamp(min=0)[:, None, :].expand(-1, bias.shape[1], -1)
+        return bias.gather(2, index) * self.visual_valid[:, None, :]
 
     def keys(self) -> torch.Tensor:
         """Post-rotary keys ``[B, H_kv, L, head_dim]`` of the pruning layer."""

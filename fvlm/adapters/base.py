@@ -209,6 +209,18 @@ class BackboneAdapter:
             q, _ = rotary(q, q[:, :1], q_cos, q_sin)
         return Projections(q, keys, vals, normed)
 
+    def rotary_bias(self, layer_index: int, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, S]`` float32: all-ones queries (at ``rows``, ``[B, Q]``) and keys (every position),
+        rotated by layer ``layer_index``'s rotary function, dot product over ``sqrt(head_dim)``."""
+        attn = self.layers[layer_index].self_attn
+        cos, sin = (t.float() for t in position_embeddings)
+        rotary = self._rotary_fn(attn)
+        ones = torch.ones(rows.shape[0], 1, cos.shape[-2], attn.head_dim, device=cos.device)
+        _, keys = rotary(ones[:, :, :1], ones, cos, sin)
+        q = ones[:, :, : rows.shape[1]]
+        q, _ = rotary(q, q[:, :, :1], _gather_seq(cos, rows), _gather_seq(sin, rows))
+        return torch.matmul(q, keys.transpose(2, 3))[:, 0] / attn.head_dim**0.5
+
     def key_states(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings) -> torch.Tensor:
         """Post-rotary keys ``[B, H_kv, S, head_dim]`` that layer ``layer_index`` computes."""
         return self.project_qkv(layer_index, hidden_in, position_embeddings, queries=False).keys

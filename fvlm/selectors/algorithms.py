@@ -269,23 +269,24 @@ def dart_select(vis_keys: torch.Tensor, vis_hidden: torch.Tensor, valid: torch.T
 
 
 # ------------------------------------------------------------------ SparseVLM recycling clustering
-def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Budget, knn: int = 5
+def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Budget
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SparseVLM (arXiv 2410.04417) token recycling: density-peak clustering (DPC-kNN) and averaging.
+    """SparseVLM (arXiv 2410.04417) token recycling: density-peak clustering (DPC-kNN) and averaging,
+    with the authors' rules.
 
-    - distance: Euclidean on float32 feats divided by sqrt(D) (RMS per channel).
-    - local density rho_i = exp(-mean of squared distances to the m nearest other valid tokens),
-      m = min(knn, n_valid - 1) (rho = 1 for a lone token).
-    - delta_i = distance to the nearest token of higher density, densities tied -> the lower index
-      counts as higher (deterministic, replacing the reference code's random jitter); the densest
-      token gets the sample's largest pairwise distance.
-    - centres: top ``n_clusters[b]`` by rho * delta (ties -> lower index; clamped to [1, n_valid]).
-    - assignment: every valid token joins its nearest centre (ties -> lower centre slot); a centre
-      always joins its own cluster.
+    - distance: Euclidean on float32 feats divided by sqrt(D).
+    - C = ``n_clusters[b]`` (clamped to [1, n_valid]); local density rho_i = exp(-mean of the squared
+      distances to the C nearest valid tokens, **itself included** (distance 0)).
+    - delta_i = distance to the nearest token of higher density (equal densities: the lower index
+      counts as higher, replacing the authors' random jitter); the densest token gets the sample's
+      largest pairwise distance.
+    - centres: the top C by rho * delta, **in that order** (descending; ties -> lower index).
+    - assignment: every valid token joins its nearest centre (ties -> the earlier centre); a centre
+      always joins its own cluster. A merged token is the mean of its cluster.
 
-    Returns ``centres [B, C, D]`` (mean of member feats, in feats' dtype, zeros in padded slots),
-    ``centre_index [B, C]`` (ascending token indices, -1 padded) and ``assignment [B, N]`` (centre
-    slot in 0..C-1, -1 for invalid tokens).
+    Returns ``centres [B, C, D]`` (merged tokens in centre order, feats' dtype, zeros in padded
+    slots), ``centre_index [B, C]`` (token index of each centre, -1 padded) and ``assignment [B, N]``
+    (centre slot in 0..C-1, -1 for invalid tokens).
     """
     B, N, D = feats.shape
     x = feats.float()
@@ -294,24 +295,25 @@ def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Bud
                       .clamp(min=1), n)
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(D)
     idx = _arange(N, valid)
-    pair = valid[:, :, None] & valid[:, None, :] & (idx[:, None] != idx[None, :])
-    m = (n - 1).clamp(min=0, max=knn)
-    near = torch.where(pair, dist, math.inf).sort(-1).values[..., :knn]
-    near_ok = _arange(near.shape[-1], valid) < m[:, None, None]
-    density = torch.exp(-torch.where(near_ok, near.square(), 0).sum(-1) / m.clamp(min=1)[:, None])
+    both = valid[:, :, None] & valid[:, None, :]
+    near = torch.where(both, dist, math.inf).sort(-1).values  # row i: itself (0) first
+    in_knn = _arange(N, valid)[None, None, :] < c[:, None, None]
+    density = torch.exp(-torch.where(in_knn, near.square(), 0).sum(-1) / c[:, None].clamp(min=1))
     higher = (density[:, None, :] > density[:, :, None]) | (
         (density[:, None, :] == density[:, :, None]) & (idx[None, :] < idx[:, None]))
-    higher &= pair
-    dmax = torch.where(pair, dist, 0).flatten(1).amax(1) if N else dist.new_zeros(B)
+    higher &= both
+    dmax = torch.where(both, dist, 0).flatten(1).amax(1) if N else dist.new_zeros(B)
     delta = torch.where(higher, dist, math.inf).amin(-1)
     delta = torch.where(torch.isinf(delta), dmax[:, None], delta)
-    is_centre = _take_first(_order(density * delta, valid), valid, c)
-    centre_index = _mask_to_indices(is_centre, _max(c))
-    C = centre_index.shape[1]
+    order = _order(density * delta, valid)
+    C = _max(c)
+    centre_index = torch.where(_arange(C, valid)[None, :] < c[:, None], order[:, :C], -1)
     to_centre = dist.gather(2, centre_index.clamp(min=0)[:, None, :].expand(B, N, C))
     to_centre = torch.where(centre_index[:, None, :] >= 0, to_centre, math.inf)
     assign = _first_argmax(-to_centre) if C else torch.zeros_like(idx).expand(B, N)
-    assign = torch.where(is_centre, is_centre.long().cumsum(1) - 1, assign)  # centres join themselves
+    slot = torch.full((B, N + 1), -1, dtype=torch.long, device=valid.device)
+    slot.scatter_(1, torch.where(centre_index >= 0, centre_index, N), _arange(C, valid).expand(B, C))
+    assign = torch.where(slot[:, :N] >= 0, slot[:, :N], assign)  # centres join themselves
     assign = torch.where(valid, assign, -1)
     a = assign.clamp(min=0)
     w = valid.float()[..., None]
