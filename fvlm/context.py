@@ -172,7 +172,8 @@ class SelectionContext:
     @cached_property
     def vision(self) -> VisionProbe:
         """Vision-tower view per sample, aligned with ``visual_index``: ``features`` ``[B, N, Dv]``
-        (pre-projector), ``cls_attention`` ``[B, N]``, ``keys`` ``[B, N, dk]``. Only at ``"vision"`` stages
+        (pre-projector), ``cls_attention`` ``[B, N]``, ``keys`` ``[B, N, dk]``, and per image
+        ``cls_features`` ``[B, I, Dv]`` (zeros past a sample's images). Only at ``"vision"`` stages
         (before anything is pruned)."""
         self._use(Need.VISION_ATTENTION)
         if self.stage.where != "vision":
@@ -187,7 +188,10 @@ class SelectionContext:
             rows = [t[s : s + c].reshape(-1, *t.shape[2:]) for s, c in zip(starts, counts)]
             return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)[:, : self.visual_index.shape[1]]
 
-        return VisionProbe(per_sample(probe.features), per_sample(probe.cls_attention), per_sample(probe.keys))
+        cls = probe.cls_features
+        if cls is not None:
+            cls = torch.nn.utils.rnn.pad_sequence([cls[s : s + c] for s, c in zip(starts, counts)], batch_first=True)
+        return VisionProbe(per_sample(probe.features), per_sample(probe.cls_attention), per_sample(probe.keys), cls)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Map vision features (``[..., Dv]``) to LLM input embeddings with the model's projector."""

@@ -33,11 +33,13 @@ class ModelInfo:
 class VisionProbe:
     """Per image (``[I, ...]``, in batch order): pre-projector features of the visual tokens, the
     CLS token's attention to them (summed over heads) and their keys (averaged over heads), all
-    from the vision layer whose output feeds the projector."""
+    from the vision layer whose output feeds the projector; ``cls_features`` ``[I, Dv]`` is that
+    layer's output at the CLS token (which the projector never sees in HF LLaVA)."""
 
     features: torch.Tensor
     cls_attention: torch.Tensor
     keys: torch.Tensor
+    cls_features: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
