@@ -231,6 +231,12 @@ class SelectionContext:
         self._use(Need.LAYERS)
         return self.adapter.lm_head
 
+    @property
+    def input_embeddings(self) -> torch.nn.Module:
+        """The language model's token-embedding module (``weight`` ``[V, D]``)."""
+        self._use(Need.LAYERS)
+        return self.adapter.input_embeddings
+
     def grad(self, objective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``d objective(X) / dX`` at ``X = hidden`` (a detached leaf; model weights get no gradient).
 

@@ -96,6 +96,10 @@ class BackboneAdapter:
         return self.model.lm_head
 
     @property
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
     def rotary_emb(self) -> nn.Module:
         return self.language_model.rotary_emb
 
