@@ -119,7 +119,7 @@ def test_sparsevlm(setup, budget, recycle):
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_sparsevlm_plus(setup, budget):
-    stages, session = run(setup["sdpa"], SparseVLM(budget=budget, version="2.0"), setup["batch"])
+    stages, session = run(setup["sdpa"], SparseVLM(budget=budget, version="v2.0"), setup["batch"])
     assert session.positions == "original"
     for b, s in enumerate(setup["samples"]):
         expected = ref.sparsevlm(setup["eager"], s["embeds"], s["vis"], budget, recycle=False, version="2.0")
@@ -253,7 +253,7 @@ def test_llava_recipe_uses_the_authors_settings(cell):
         assert (pio.layers, pio.proxy_block, pio.proxy_head, pio.k_last, pio.tau, pio.nms) == (
             want["layers"], "next", "lm_head", 4, 0.8, True)
     if method == "sparsevlm":
-        assert (selector.version, selector.recycle) == ("1.5", True)
+        assert (selector.version, selector.recycle) == ("v1.5", True)
     if method == "dart":
         assert (selector.pivot_order, selector.pivots_visual, selector.pivots_text) == ("authors", 4, 4)
 

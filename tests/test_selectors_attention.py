@@ -154,13 +154,13 @@ def test_sparsevlm_configuration():
     assert [s.keep for s in SparseVLM(budget=128).stages(INFO)][1:] == [303, 110, 36]
     assert [s.keep for s in SparseVLM(budget=96).stages(INFO)][1:] == [238, 48, 26]
     assert [s.keep for s in SparseVLM(budget=64, layers=(1, 2, 3)).stages(INFO)] == [1.0, 66, 30, 17]
-    plus = SparseVLM(budget=128, version="2.0")
+    plus = SparseVLM(budget=128, version="v2.0")
     assert [s.keep for s in plus.stages(INFO)][1:] == [238, 108, 60]
     assert (plus.recycle, plus.positions, SparseVLM().recycle, SparseVLM().positions) == (False, "original", True, "compact")
     with pytest.raises(ValueError, match="recycling"):
-        SparseVLM(version="2.0", recycle=True)
+        SparseVLM(version=2.0, recycle=True)
     with pytest.raises(ValueError, match="version"):
-        SparseVLM(version="2")
+        SparseVLM(version="v3")
     with pytest.raises(ValueError, match="schedule="):
         SparseVLM(budget=100)
     with pytest.raises(ValueError, match="increasing"):

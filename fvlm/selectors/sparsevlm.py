@@ -25,7 +25,7 @@ What it does, as the authors' code runs it:
    tokens including the token itself, :func:`fvlm.selectors.algorithms.density_peak_merge`); each
    cluster's mean is **appended after the kept visual tokens** (centre order). The stage therefore
    holds ``keep + C`` visual tokens (192 -> 309 / 204 / 113 on LLaVA-1.5).
-4. SparseVLM+ (``version="2.0"``): before the head mean, the rater -> visual attention is divided by
+4. SparseVLM+ (``version="v2.0"``): before the head mean, the rater -> visual attention is divided by
    the "gravity" of RoPE (all-ones queries and keys rotated to the same positions, dot product over
    ``sqrt(head_dim)``: :meth:`fvlm.context.SelectionContext.rope_bias`), and only the ``heads``
    heads (14) with the largest summed corrected rater -> visual attention are averaged. Its own
@@ -69,12 +69,23 @@ from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
 #: Per-stage keep counts after ``DEFAULT_LAYERS``, indexed by the layer-average budget.
 COUNTS: dict[str, dict[int, tuple[int, int, int]]] = {
-    "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
-    "2.0": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
+    "v1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
+    "v2.0": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
 }
 AUTHORS_PRUNING_LOC = (2, 6, 15)  # 0-based indices of the layers whose output is pruned
 DEFAULT_LAYERS = tuple(i + 1 for i in AUTHORS_PRUNING_LOC)  # the same stages, "after n layers"
 PRIORITY_HEADS = 14  # SparseVLM+: heads kept by summed rater -> visual attention
+
+
+def _version(value) -> str:
+    """``"v1.5"`` / ``"v2.0"`` from that spelling, a bare ``"1.5"`` or a number (YAML reads 2.0 as one)."""
+    try:
+        key = f"v{float(str(value).removeprefix('v')):.1f}" if not isinstance(value, bool) else None
+    except ValueError:
+        key = None
+    if key not in COUNTS:
+        raise ValueError(f"SparseVLM version must be one of {sorted(COUNTS)}, got {value!r}")
+    return key
 
 
 def recycled_clusters(deleted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +104,7 @@ class SparseVLM(TokenSelector):
     ``layers``: the three stages those counts apply to, after that many decoder layers (default
     3, 7, 16 = the authors' pruning layers 2, 6, 15, 0-based); ``schedule``: explicit
     ``[(layer, keep), ...]`` (overrides both); ``recycle``: token recycling (default: on for v1.5,
-    like the authors' code; v2.0 has none); ``version``: ``"1.5"`` or ``"2.0"`` (SparseVLM+);
+    like the authors' code; v2.0 has none); ``version``: ``"v1.5"`` or ``"v2.0"`` (SparseVLM+);
     ``heads``: heads SparseVLM+ keeps.
     """
 
@@ -103,19 +114,18 @@ class SparseVLM(TokenSelector):
 
     def __init__(self, budget: int = 192, layers: tuple[int, ...] = DEFAULT_LAYERS,
                  schedule: list[tuple[int, int | float]] | None = None, recycle: bool | None = None,
-                 version: str = "1.5", heads: int = PRIORITY_HEADS):
-        if version not in COUNTS:
-            raise ValueError(f"SparseVLM version must be one of {sorted(COUNTS)}, got {version!r}")
+                 version: str = "v1.5", heads: int = PRIORITY_HEADS):
+        version = _version(version)
         if recycle is None:
-            recycle = version == "1.5"
-        if recycle and version == "2.0":
-            raise ValueError("SparseVLM+ (version='2.0') has no token recycling; use recycle=False or version='1.5'")
+            recycle = version == "v1.5"
+        if recycle and version == "v2.0":
+            raise ValueError("SparseVLM+ (version='v2.0') has no token recycling; use recycle=False or version='v1.5'")
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
             raise ValueError(f"SparseVLM heads must be an int >= 1, got {heads!r}")
         if schedule is None:
             if budget not in COUNTS[version]:
                 raise ValueError(
-                    f"SparseVLM v{version} has schedules for budgets {sorted(COUNTS[version])}, not {budget!r}; "
+                    f"SparseVLM {version} has schedules for budgets {sorted(COUNTS[version])}, not {budget!r}; "
                     "pass schedule=[(layer, keep), ...] for other budgets"
                 )
             if len(layers) != 3:
@@ -136,7 +146,7 @@ class SparseVLM(TokenSelector):
         self.recycle = recycle
         self.version = version
         self.heads = heads
-        if version == "2.0":
+        if version == "v2.0":
             self.positions = "original"
         self._pairs = pairs
         self._raters: torch.Tensor | None = None  # [B, T] over each sample's text tokens, in order
@@ -194,7 +204,7 @@ class SparseVLM(TokenSelector):
         rows, valid = self._rater_rows(ctx)
         attn = ctx.attention(rows)  # [B, H, Q, N]
         both = (valid[:, :, None] & ctx.visual_valid[:, None, :])[:, None]
-        if self.version == "2.0":
+        if self.version == "v2.0":
             attn = torch.where(both, attn / ctx.rope_bias(rows)[:, None], 0)
             top = attn.sum((2, 3)).topk(min(self.heads, attn.shape[1]), dim=1).indices  # [B, heads]
             attn = attn.gather(1, top[:, :, None, None].expand(-1, -1, *attn.shape[2:]))
