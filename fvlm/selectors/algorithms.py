@@ -291,7 +291,8 @@ def dart_select(vis_keys: torch.Tensor, vis_hidden: torch.Tensor, valid: torch.T
 
 
 # ------------------------------------------------------------------ SparseVLM recycling clustering
-def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Budget
+def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Budget,
+                       density_noise: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SparseVLM (arXiv 2410.04417) token recycling: density-peak clustering (DPC-kNN) and averaging,
     with the authors' rules.
@@ -305,6 +306,8 @@ def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Bud
     - centres: the top C by rho * delta, **in that order** (descending; ties -> lower index).
     - assignment: every valid token joins its nearest centre (ties -> the earlier centre); a centre
       always joins its own cluster. A merged token is the mean of its cluster.
+    - ``density_noise`` ``[B, N]`` is added to the densities first (the authors add ``rand * 1e-6``;
+      fvlm passes none and breaks ties by index; the option exists to measure that difference).
 
     Returns ``centres [B, C, D]`` (merged tokens in centre order, feats' dtype, zeros in padded
     slots), ``centre_index [B, C]`` (token index of each centre, -1 padded) and ``assignment [B, N]``
@@ -321,6 +324,8 @@ def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Bud
     near = torch.where(both, dist, math.inf).sort(-1).values  # row i: itself (0) first
     in_knn = _arange(N, valid)[None, None, :] < c[:, None, None]
     density = torch.exp(-torch.where(in_knn, near.square(), 0).sum(-1) / c[:, None].clamp(min=1))
+    if density_noise is not None:
+        density = density + density_noise.to(density)
     higher = (density[:, None, :] > density[:, :, None]) | (
         (density[:, None, :] == density[:, :, None]) & (idx[None, :] < idx[:, None]))
     higher &= both
