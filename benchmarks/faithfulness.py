@@ -31,7 +31,13 @@ from fvlm.selectors.diversity import DivPrune, VisionZip
 from fvlm.selectors.fastv import FastV
 from fvlm.selectors.pio_fvlm import PIOFVLM
 from fvlm.selectors.sparsevlm import SparseVLM, recycled_clusters
-from fvlm.testing import LLAVA15_OFFSET, llava15_layout_inputs, llava15_layout_model
+from fvlm.testing import (
+    LLAVA15_OFFSET,
+    llava15_layout_inputs,
+    llava15_layout_model,
+    llm_input_embeddings,
+    sample_inputs,
+)
 
 PIO_COUNTS = {64: [92, 54, 22], 128: [218, 128, 54], 192: [344, 202, 86]}
 VISIONZIP = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
@@ -163,9 +169,7 @@ def batching(model, seed):
             logits = model(**batch).logits[:, -1]
         same, delta = True, 0.0
         for b in range(2):
-            keep = batch["attention_mask"][b].bool()
-            single = {k: batch[k][b:b + 1, keep] for k in ("input_ids", "attention_mask", "position_ids")}
-            single["pixel_values"] = batch["pixel_values"][b:b + 1]
+            single = sample_inputs(batch, b)
             alone = selections(model, make(), single)
             same &= [stage[b] for stage in together] == [stage[0] for stage in alone]
             with fvlm.prune(model, make()), torch.no_grad():
@@ -264,13 +268,7 @@ def float32_scoring(bf16, prompts, budgets):
             theirs = probs[:, vis].mean(0).topk(budget).indices.tolist()
             fastv.append(changed(ours, theirs))
             # DivPrune: distances in bf16
-            seen = {}
-            handle = bf16.model.language_model.register_forward_pre_hook(
-                lambda m, a, k: seen.update(e=k["inputs_embeds"][0]), with_kwargs=True)
-            with torch.no_grad():
-                bf16(**inputs)
-            handle.remove()
-            x = seen["e"][vis]
+            x = llm_input_embeddings(bf16, inputs)[0, vis]
             valid = torch.ones(1, len(vis), dtype=torch.bool)
             theirs = _max_min_in_dtype(x, budget)
             div.append(changed(max_min_diversity(x[None], valid, budget)[0].tolist(), theirs))

@@ -370,3 +370,24 @@ def llava15_layout_inputs(layouts=((LLAVA15_OFFSET, 40),), seed: int = 0) -> dic
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             "pixel_values": pixels}
+
+
+def sample_inputs(batch: dict, b: int) -> dict:
+    """Sample ``b`` of a padded :func:`llava15_layout_inputs` batch alone, without its padding."""
+    keep = batch["attention_mask"][b].bool()
+    single = {k: batch[k][b:b + 1, keep] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    single["pixel_values"] = batch["pixel_values"][b:b + 1]
+    return single
+
+
+def llm_input_embeddings(model, inputs: dict) -> torch.Tensor:
+    """``[B, S, D]``: the embeddings ``model``'s language model receives for ``inputs`` (no pruning)."""
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"]

@@ -25,7 +25,7 @@ from fvlm.selectors.diversity import DivPrune, VisionZip
 from fvlm.selectors.fastv import FastV
 from fvlm.selectors.pio_fvlm import PIOFVLM
 from fvlm.selectors.sparsevlm import SparseVLM
-from fvlm.testing import IMAGE_ID, llava15_layout_inputs, llava15_layout_model
+from fvlm.testing import IMAGE_ID, llava15_layout_inputs, llava15_layout_model, llm_input_embeddings, sample_inputs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 BUDGETS = (64, 128, 192)
@@ -42,17 +42,9 @@ def setup():
     batch = llava15_layout_inputs(LAYOUTS)
     samples = []
     for b in range(len(LAYOUTS)):
-        keep = batch["attention_mask"][b].bool()
-        single = {k: batch[k][b:b + 1, keep] for k in ("input_ids", "attention_mask", "position_ids")}
-        single["pixel_values"] = batch["pixel_values"][b:b + 1]
-        seen = {}
-        handle = eager.model.language_model.register_forward_pre_hook(
-            lambda m, a, k: seen.update(embeds=k["inputs_embeds"][0]), with_kwargs=True)
-        with torch.no_grad():
-            eager(**single)
-        handle.remove()
+        single = sample_inputs(batch, b)
         vis = (single["input_ids"][0] == IMAGE_ID).nonzero().flatten().tolist()
-        samples.append({"inputs": single, "embeds": seen["embeds"], "vis": vis})
+        samples.append({"inputs": single, "embeds": llm_input_embeddings(eager, single)[0], "vis": vis})
     return {"sdpa": sdpa, "eager": eager, "batch": batch, "samples": samples}
 
 

@@ -6,7 +6,7 @@ import torch
 
 import fvlm
 from fvlm.selectors.algorithms import max_min_diversity
-from fvlm.testing import tiny_inputs, tiny_model
+from fvlm.testing import llm_input_embeddings, tiny_inputs, tiny_model
 
 
 def _record(selector):
@@ -20,17 +20,6 @@ def _record(selector):
 
     selector.select = recording
     return calls
-
-
-def _lm_input(model, inputs):
-    seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen["inputs_embeds"]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -49,7 +38,7 @@ def test_visionzip_matches_eager_attention_maps(attn):
     block = eager.model.vision_tower.encoder.layers[layer]
     keys = block.self_attn.k_proj(block.layer_norm1(vis.hidden_states[layer]))
     keys = keys.view(*keys.shape[:2], block.self_attn.num_heads, -1).mean(dim=2)[:, 1:]
-    embeds = _lm_input(eager, inputs)
+    embeds = llm_input_embeddings(eager, inputs)
     project = eager.model.multi_modal_projector
 
     selector = fvlm.create_selector("visionzip", dominant=dominant, contextual=contextual)
@@ -93,7 +82,7 @@ def test_visionzip_is_rejected_where_unsupported():
 def test_divprune_picks_max_min_diverse_input_tokens(model_cache):
     model = model_cache("llava_next", "sdpa")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
-    embeds = _lm_input(model, inputs)
+    embeds = llm_input_embeddings(model, inputs)
     selector = fvlm.create_selector("divprune", keep=7)
     calls = _record(selector)
     with fvlm.prune(model, selector), torch.no_grad():
