@@ -160,6 +160,7 @@ class PruningSession:
             self._run.in_prefill = False
             self._run.layer_input = self._run.layer_kwargs = None
             self._run.cache.clear()
+            self._observed.clear()  # belongs to this prefill's images; the next call records its own
 
     def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
         if Need.GRADIENT in self.selector.needs and torch.is_inference_mode_enabled():

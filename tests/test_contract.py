@@ -1,10 +1,13 @@
 """Contract tests generated from the registry: every registered selector (plugins included)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import fvlm
+from fvlm import testing
 from fvlm.errors import UnsupportedModelError
 from fvlm.registry import get_selector_class
 from fvlm.testing import tiny_inputs
@@ -13,7 +16,7 @@ NAMES = fvlm.list_selectors()
 FAMILIES = ("llava", "qwen2_vl")
 
 
-def _run(model, name, inputs):
+def _run(model, name, inputs, **generate):
     """Generate under the selector; record every stage's context snapshot and selection."""
     cls = get_selector_class(name)
     selector = fvlm.create_selector(name, **cls.example_kwargs)
@@ -31,7 +34,7 @@ def _run(model, name, inputs):
 
     selector.select = recording
     with fvlm.prune(model, selector), torch.no_grad():
-        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        model.generate(**inputs, **{"max_new_tokens": 3, "do_sample": False, **generate})
     return selector, calls
 
 
@@ -62,3 +65,39 @@ def test_selector_contract(model_cache, name, family):
     assert used == set(selector.needs), f"{name} declares {set(selector.needs)} but used {used}"
     _, again = _run(model, name, inputs)
     assert all(torch.equal(a["indices"], b["indices"]) for a, b in zip(calls, again)), f"{name} is not deterministic"
+
+
+# -- expanded batches: beams and several returns repeat every prompt after the images are encoded --
+EXPANDED = {
+    "beams": dict(do_sample=False, num_beams=2, num_return_sequences=2),
+    "sampling": dict(do_sample=True, num_return_sequences=2, top_k=0),
+}
+
+
+@pytest.mark.parametrize("how", sorted(EXPANDED))
+@pytest.mark.parametrize("family", testing.FAMILIES)
+def test_keep_all_on_expanded_batches_equals_unpruned(model_cache, family, how):
+    model = model_cache(family, "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    outputs = []
+    for session in (contextlib.nullcontext(), fvlm.prune(model, "keep_all")):
+        torch.manual_seed(0)
+        with session, torch.no_grad():
+            outputs.append(model.generate(**inputs, max_new_tokens=3, **EXPANDED[how]))
+    assert outputs[0].shape[0] == 4 and torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("name", NAMES)
+def test_selector_picks_the_same_tokens_for_every_beam(model_cache, name, family):
+    """Each of a prompt's beam rows gets the picks of the prompt run alone (unexpanded)."""
+    model = model_cache(family, "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    try:
+        _, plain = _run(model, name, inputs)
+        _, beams = _run(model, name, inputs, **EXPANDED["beams"])
+    except UnsupportedModelError as err:
+        pytest.skip(f"{name} does not support {family}: {err}")
+    assert len(beams) == len(plain) > 0
+    for one, expanded in zip(plain, beams):
+        assert torch.equal(expanded["indices"], one["indices"].repeat_interleave(2, dim=0)), name

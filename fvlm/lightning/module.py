@@ -181,7 +181,8 @@ def sample_efficiency(adapter, input_ids: torch.Tensor, attention_mask: torch.Te
     ``trace`` is the session's :class:`~fvlm.trace.Trace` (``None`` for an unpruned run: every
     layer sees every visual token). ``steps`` is the number of decode tokens that entered the
     cache (generated length - 1). KV counts exclude padding: per layer, the sample's text tokens,
-    its visual tokens in that layer's input and the decode tokens.
+    its visual tokens in that layer's input and the decode tokens. When ``generate`` repeated every
+    prompt (beams, several returns), the trace has that many rows per sample: the first is used.
     """
     info = adapter.info()
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
@@ -189,10 +190,11 @@ def sample_efficiency(adapter, input_ids: torch.Tensor, attention_mask: torch.Te
     prompt = valid.sum(dim=1).tolist()
     per_token = 2 * info.num_kv_heads * info.head_dim * torch.empty((), dtype=dtype).element_size()  # K+V, one layer
     out = []
+    copies = len(trace.original_visual) // max(len(visual), 1) if trace is not None else 1
     for b, n_vis in enumerate(visual):
         if trace is not None:
-            per_layer = list(trace.visual_per_layer[b])
-            llm_input = trace.llm_input_visual[b]
+            per_layer = list(trace.visual_per_layer[b * copies])
+            llm_input = trace.llm_input_visual[b * copies]
         else:
             per_layer = [n_vis] * info.num_layers
             llm_input = n_vis
@@ -294,7 +296,10 @@ class FVLMModule(LightningModule):
                 "torch.inference_mode(): use Trainer(inference_mode=False) (fvlm run does this unless the "
                 "recipe sets trainer.inference_mode: true)")
         try:
-            return records + self._generate(batch["inputs"], samples)
+            try:
+                return records + self._generate(batch["inputs"], samples)
+            except StopIteration as exc:  # would end Lightning's loop as if the data ran out
+                raise RuntimeError(f"generation raised StopIteration {exc!r}") from exc
         except Exception as exc:
             if self.on_error == "raise":
                 raise
@@ -355,16 +360,20 @@ class FVLMModule(LightningModule):
         with session if session is not None else contextlib.nullcontext():
             out = self.model.generate(**inputs, **kwargs)
         texts, lengths = self._decode(out.sequences, prompt_len)
+        n = len(texts) // len(samples)  # num_return_sequences: each sample's returns in a row, best first
         steps = max(out.sequences.shape[1] - prompt_len - 1, 0)
         eff = sample_efficiency(self._adapter(), inputs["input_ids"], inputs.get("attention_mask"),
-                                session.trace if session is not None else None, steps, lengths, self.model.dtype)
+                                session.trace if session is not None else None, steps, lengths[::n], self.model.dtype)
         records = []
         for b, sample in enumerate(samples):
-            fields: dict[str, Any] = {"answer": texts[b], "efficiency": eff[b]}
+            fields: dict[str, Any] = {"answer": texts[b * n], "efficiency": eff[b]}
+            if n > 1:
+                fields["returns"] = texts[b * n:(b + 1) * n]
             records.append(fields)
         if reference is not None:
             ref_texts, _ = self._decode(reference.sequences, prompt_len)
-            kl, top1 = first_token_fidelity(reference.logits[0], out.logits[0])
+            rows = out.logits[0].shape[0] // len(samples)  # beams: every row of a sample starts alike
+            kl, top1 = first_token_fidelity(reference.logits[0][::rows], out.logits[0][::rows])
             for b, fields in enumerate(records):
-                fields.update(reference_answer=ref_texts[b], first_token_kl=kl[b], first_token_top1=top1[b])
+                fields.update(reference_answer=ref_texts[b * n], first_token_kl=kl[b], first_token_top1=top1[b])
         return [self._record(s, **f) for s, f in zip(samples, records)]

@@ -20,7 +20,11 @@ class KeepAll(TokenSelector):
 
 
 class RandomSelector(ScoreSelector):
-    """Keeps a seeded uniformly random subset of the visual tokens (same seed, same picks)."""
+    """Keeps a seeded uniformly random subset of the visual tokens (same seed, same picks).
+
+    Every sample draws from the same seeded stream, so its picks do not depend on its place in the
+    batch (a prompt's beams, or the prompt run alone, keep the same tokens).
+    """
 
     def __init__(self, keep: int | float = 0.25, layer: int | str = "input", seed: int = 0):
         self.keep = keep
@@ -32,7 +36,8 @@ class RandomSelector(ScoreSelector):
 
     def score(self, ctx):
         gen = torch.Generator().manual_seed(self.seed)
-        return torch.rand(ctx.visual_index.shape, generator=gen).to(ctx.hidden.device)
+        bsz, width = ctx.visual_index.shape
+        return torch.rand(width, generator=gen).expand(bsz, width).to(ctx.hidden.device)
 
 
 class UniformSelector(TokenSelector):

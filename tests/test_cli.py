@@ -1,0 +1,51 @@
+"""The ``fvlm`` command in a subprocess, as a user runs it: exit codes and one-line messages.
+
+Exit codes (docs/reference/cli.md): 0 every requested sample answered, 1 an error stopped the
+command, 2 bad command line / recipe / selector argument / data (nothing ran), 3 finished with
+samples (or panels) left without an answer, 130 Ctrl-C, 143 SIGTERM.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fvlm.metrics.scoring import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny"
+QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+def env() -> dict:
+    out = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", COLUMNS="200")
+    out.pop("LOCAL_RANK", None)
+    return out
+
+
+def fvlm(*argv, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``fvlm ARGV...`` through the console entry point (``fvlm.cli:main``) in a fresh process."""
+    cmd = [sys.executable, "-c", "import sys; from fvlm.cli import main; sys.exit(main())", *map(str, argv)]
+    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# -- 1: beams and several returns on Qwen (and every family) -------------------------------------
+def test_run_with_beams_and_several_returns_on_qwen(tmp_path):
+    out = tmp_path / "run"
+    proc = fvlm("run", "-c", TINY / "qwen2_vl-dart.yaml", "--model.generation.num_beams", 2,
+                "--model.generation.extra", "{num_return_sequences: 2}", "--output", out, *QUIET)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_jsonl(out / "predictions.jsonl")
+    ids = [json.loads(line)["id"] for line in (TINY / "data/vqa.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ids and not any(r.get("error") for r in records)
+    assert all(len(r["returns"]) == 2 and r["answer"] == r["returns"][0] for r in records)
+    assert json.loads((out / "summary.json").read_text())["samples"] == len(ids)
