@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fvlm import registry
-from fvlm.errors import FVLMError, PluginLoadError
+from fvlm.errors import FVLMError, PluginLoadError, UsageError
 
 
 def _console(stderr: bool = False) -> Console:
@@ -117,16 +117,16 @@ def _demo(args: argparse.Namespace) -> int:
     from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
 
     if args.family not in FAMILIES:
-        raise FVLMError(f"unknown tiny family {args.family!r}; choose from {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown tiny family {args.family!r}; choose from {', '.join(FAMILIES)}")
     names = [args.selector] if args.selector else [n for n in ("random", "divprune", "pio_fvlm") if n in fvlm.list_selectors()]
     options = {}
     for item in args.options:
         key, sep, value = item.partition("=")
         if not sep:
-            raise FVLMError(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         options[key] = yaml.safe_load(value)
     if options and not args.selector:
-        raise FVLMError("--set needs --selector")
+        raise UsageError("--set needs --selector")
     model = tiny_model(args.family)
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
     console = _console()
@@ -189,13 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fvlm`` console script; returns the exit status."""
+    """Entry point of the ``fvlm`` console script; returns the exit status (:class:`ExitCode`)."""
+    from fvlm.commands.exit_codes import for_error
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except FVLMError as exc:
         _console(stderr=True).print(Text(f"error: {exc}", style="red"), soft_wrap=True)
-        return 1
+        return int(for_error(exc))
 
 
 if __name__ == "__main__":

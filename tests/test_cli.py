@@ -38,6 +38,18 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def write_data(folder: Path, n: int = 3, image: str = "img.png", make_image: bool = True) -> Path:
+    """``n`` VQA records that all show ``image`` (written as a small PNG unless ``make_image`` is false)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if make_image:
+        Image.new("RGB", (40, 32), (200, 30, 90)).save(folder / image)
+    records = [{"id": f"q{i}", "image": image, "question": f"Question {i}?", "answers": ["yes"]} for i in range(n)]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder / "data.jsonl"
+
+
 # -- 1: beams and several returns on Qwen (and every family) -------------------------------------
 def test_run_with_beams_and_several_returns_on_qwen(tmp_path):
     out = tmp_path / "run"
@@ -49,3 +61,31 @@ def test_run_with_beams_and_several_returns_on_qwen(tmp_path):
     assert [r["id"] for r in records] == ids and not any(r.get("error") for r in records)
     assert all(len(r["returns"]) == 2 and r["answer"] == r["returns"][0] for r in records)
     assert json.loads((out / "summary.json").read_text())["samples"] == len(ids)
+
+
+# -- 2: exit codes tell the truth; errors are retried -----------------------------------------------
+def test_run_where_every_sample_failed_is_not_a_success_and_a_rerun_retries(tmp_path):
+    data = write_data(tmp_path / "d", n=3, make_image=False)  # every image is missing
+    out = tmp_path / "run"
+    argv = ["run", "-c", TINY / "llava-reference.yaml", "--data.path", data, "--output", out, *QUIET]
+    first = fvlm(*argv)
+    assert first.returncode == 3, first.stderr[-2000:]
+    assert "3 of 3 requested samples have no answer (3 errors, 0 missing)" in one_line(first.stderr)
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), (200, 30, 90)).save(tmp_path / "d" / "img.png")  # the fix
+    second = fvlm(*argv)  # error lines are retried by default
+    assert second.returncode == 0, second.stderr[-2000:]
+    records = read_jsonl(out / "predictions.jsonl")
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"] and not any(r.get("error") for r in records)
+    assert all(isinstance(r["answer"], str) for r in records)
+
+
+def test_run_that_keeps_error_lines_says_so(tmp_path):
+    data = write_data(tmp_path / "d", n=2, make_image=False)
+    out = tmp_path / "run"
+    argv = ["run", "-c", TINY / "llava-reference.yaml", "--data.path", data, "--output", out, *QUIET]
+    assert fvlm(*argv).returncode == 3
+    kept = fvlm(*argv, "--retry_errors", "false")
+    assert kept.returncode == 3
+    assert "keeping the error lines of 2 samples from an earlier run as final (--retry_errors false)" in one_line(kept.stderr)

@@ -16,5 +16,5 @@ def test_demo_with_selector_options(capsys, monkeypatch):
 
 
 def test_demo_bad_option_is_a_clear_error(capsys):
-    assert main(["demo", "--selector", "random", "--set", "keep"]) == 1
+    assert main(["demo", "--selector", "random", "--set", "keep"]) == 2  # usage error
     assert "KEY=VALUE" in capsys.readouterr().err

@@ -119,11 +119,11 @@ def test_profile_rows_analytic():
 
 def test_profile_errors(capsys):
     code, out = _profile(capsys, "--model", "llava-99b")
-    assert code == 1 and "unknown model 'llava-99b'" in out
+    assert code == 2 and "unknown model 'llava-99b'" in out  # usage errors exit 2
     code, out = _profile(capsys, "--budget", "64")
-    assert code == 1 and "--budget needs at least one --selector" in out
+    assert code == 2 and "--budget needs at least one --selector" in out
     code, out = _profile(capsys, "--schedule", "1:700")
-    assert code == 1 and "keeps 700 visual tokens but only 576 remain" in out
+    assert code == 2 and "keeps 700 visual tokens but only 576 remain" in out
 
 
 def test_profile_plot(capsys, tmp_path):

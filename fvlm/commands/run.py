@@ -12,8 +12,9 @@ fragment file (relative to the including file), and ``--section.key=value`` over
 ``--print_config`` prints the resolved, validated recipe and exits.
 
 Every run writes ``<output>/predictions.jsonl`` (one line per sample, resumable: re-running the
-same command only does the missing samples), ``<output>/summary.json`` (scores, fidelity,
-efficiency) and ``<output>/config.yaml``, and prints a summary table. Data-set runs scale with
+same command only does the samples without an answer), ``<output>/summary.json`` (scores, fidelity,
+efficiency) and ``<output>/config.yaml``, and prints a summary table. The exit code is 0 only when
+every requested sample has an answer (see :class:`~fvlm.commands.exit_codes.ExitCode`). Data-set runs scale with
 Lightning's strategies, e.g. ``--trainer.devices=8 --trainer.strategy=ddp`` (see
 docs/how-to/distributed-runs.md).
 """
@@ -27,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from fvlm.errors import FVLMError
+from fvlm.commands.exit_codes import ExitCode, for_error
+from fvlm.errors import FVLMError, UsageError
 
 HELP = "run a recipe: predictions, scores and efficiency figures for a data set (fvlm run --help)"
 _ARGV_PREFIX = "\x00"  # no real argument starts with NUL: argparse forwards everything to jsonargparse
@@ -35,7 +37,7 @@ _ARGV_PREFIX = "\x00"  # no real argument starts with NUL: argparse forwards eve
 _FINGERPRINT_SKIP = {"data.batch_size", "data.num_workers", "data.limit", "model.on_error"}
 
 
-class RecipeError(FVLMError):
+class RecipeError(UsageError):
     """A recipe that parses but cannot run as given (the message names the key)."""
 
 
@@ -69,8 +71,8 @@ def build_parser():
                         help="output folder (default: outputs/<last recipe file name>/<data file name>)")
     parser.add_argument("--overwrite", type=bool, default=False,
                         help="delete earlier predictions in the output folder instead of resuming")
-    parser.add_argument("--retry_errors", type=bool, default=False,
-                        help="re-run samples whose earlier line holds an error")
+    parser.add_argument("--retry_errors", type=bool, default=True,
+                        help="re-run samples whose earlier line holds an error (false: keep those lines)")
     parser.add_argument("--reference", type=Optional[str], default=None,
                         help="predictions.jsonl of an unpruned run: adds answer agreement by id to the summary")
     parser.add_argument("--show", type=int, default=5, help="print the answers of the first N samples")
@@ -291,6 +293,13 @@ def run(argv: Sequence[str]) -> int:
         import yaml
 
         prepare_output(output, yaml.safe_load(dumped), dumped, cfg.overwrite)
+        if not cfg.retry_errors:
+            from fvlm.lightning.callbacks import finished_ids
+
+            kept = finished_ids(output, retry_errors=False) - finished_ids(output, retry_errors=True)
+            if kept:
+                _note(f"keeping the error lines of {len(kept)} samples from an earlier run as final "
+                      "(--retry_errors false): they are not retried")
     if cfg.seed_everything is not False:
         seed_everything(int(cfg.seed_everything), workers=True, verbose=False)
 
@@ -308,17 +317,33 @@ def run(argv: Sequence[str]) -> int:
         return 0
     writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
     predictions = merge_predictions(writer.output_dir, data.ids)  # no-op after a normal end; completes a resumed one
+    requested = set(data.ids)
     records = read_jsonl(predictions)
     reference = read_jsonl(cfg.reference) if cfg.reference else None
     summary = summarize(records, reference)
-    missing = sorted(set(data.ids) - {str(r["id"]) for r in records})
+    missing = sorted(requested - {str(r["id"]) for r in records})
     summary.update(selector=module.selector_name, backbone=module.backbone.path, mode=cfg.mode,
                    missing=len(missing), output=str(output))
     import json
 
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, output, records[: cfg.show])
-    return 0 if not missing else 1
+    unanswered = summary["errors"] + len(missing)
+    if unanswered:
+        _note(f"{unanswered} of {len(requested)} requested samples have no answer ({summary['errors']} errors, "
+              f"{len(missing)} missing); see {output / 'summary.json'}. Run the same command again to retry "
+              "them.", error=True)
+        return ExitCode.INCOMPLETE
+    return ExitCode.OK
+
+
+def _note(message: str, error: bool = False) -> None:
+    """One line on stderr (red for a reason the exit code is not 0)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, highlight=False).print(Text(f"fvlm run: {message}", style="red" if error else "yellow"),
+                                                soft_wrap=True)
 
 
 def print_summary(summary: dict, output: Path, examples: Sequence[dict] = ()) -> None:
@@ -382,9 +407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return run(argv)
+        return int(run(argv))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (argparse.ArgumentError, RecipeError) as exc:
         Console(stderr=True, highlight=False).print(Text(f"fvlm run: recipe error: {exc}", style="red"), soft_wrap=True)
-        return 2
+        return ExitCode.USAGE
+    except FVLMError as exc:
+        Console(stderr=True, highlight=False).print(Text(f"fvlm run: error: {exc}", style="red"), soft_wrap=True)
+        return for_error(exc)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fvlm.errors import FVLMError
+from fvlm.errors import UsageError
 
 DEFAULT_SELECTORS = ("pio_fvlm", "fastv", "visionzip", "divprune")
 PANEL = 336  # px, the model's input size
@@ -163,20 +163,20 @@ def run(args: argparse.Namespace) -> int:
     reference = None
     if args.sample is not None:
         if args.split not in synthetic.SPLITS:
-            raise FVLMError(f"--split must be one of {', '.join(synthetic.SPLITS)}")
+            raise UsageError(f"--split must be one of {', '.join(synthetic.SPLITS)}")
         record = synthetic.sample(args.split, args.sample)
         image, question = record["image"], args.question or record["question"]
         reference = record["answer"] if args.question is None else None
     else:
         if not args.question:
-            raise FVLMError("--image needs --question")
+            raise UsageError("--image needs --question")
         try:
             image = Image.open(args.image)
         except OSError as exc:
-            raise FVLMError(f"cannot read image {args.image}: {exc}") from exc
+            raise UsageError(f"cannot read image {args.image}: {exc}") from exc
         question = args.question
     if not 1 <= args.keep <= 576:
-        raise FVLMError("--keep must be between 1 and 576")
+        raise UsageError("--keep must be between 1 and 576")
     model, processor = builtin.load(args.checkpoint)
     sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,8 @@ def _lines(files: Iterable[Path]) -> Iterable[dict]:
         yield from read_jsonl(path)
 
 
-def finished_ids(output_dir: str | os.PathLike, retry_errors: bool = False) -> set[str]:
-    """Ids that already have a line (error lines count unless ``retry_errors``)."""
+def finished_ids(output_dir: str | os.PathLike, retry_errors: bool = True) -> set[str]:
+    """Ids that already have a line (error lines count only without ``retry_errors``)."""
     return {str(r["id"]) for r in _lines(prediction_files(output_dir)) if not (retry_errors and r.get("error"))}
 
 
@@ -90,10 +90,11 @@ class PredictionWriter(Callback):
     * Resuming: at setup, rank 0 reads the ids already written (merged file and shards of an
       interrupted run, a truncated last line dropped) and broadcasts them; the data module leaves
       them out (``datamodule.skip_ids``), so a re-run only does the missing samples. Samples whose
-      line has an ``error`` are done too, unless ``retry_errors``.
+      line has an ``error`` are re-run too (``retry_errors``, default); ``retry_errors=False`` keeps
+      those lines as final.
     """
 
-    def __init__(self, output_dir: str, retry_errors: bool = False):
+    def __init__(self, output_dir: str, retry_errors: bool = True):
         super().__init__()
         self.output_dir = Path(output_dir)
         self.retry_errors = retry_errors

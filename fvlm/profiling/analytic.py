@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from fvlm.adapters.base import ModelInfo
-from fvlm.errors import FVLMError
+from fvlm.errors import FVLMError, UsageError
 from fvlm.metrics.flops import (
     FlopsBreakdown,
     TextArch,
@@ -80,16 +80,16 @@ def parse_schedule(text: str) -> list[Stage]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         where, sep, keep = part.partition(":")
         if not sep:
-            raise FVLMError(f"bad schedule entry {part!r}: expected WHERE:KEEP, e.g. 1:218 or input:64")
+            raise UsageError(f"bad schedule entry {part!r}: expected WHERE:KEEP, e.g. 1:218 or input:64")
         where = where.strip()
         try:
             where_v: Any = where if where in ("vision", "input") else int(where)
             keep_v: Any = float(keep) if "." in keep else int(keep)
             stages.append(Stage(where_v, keep_v))
         except (TypeError, ValueError) as exc:
-            raise FVLMError(f"bad schedule entry {part!r}: {exc}") from None
+            raise UsageError(f"bad schedule entry {part!r}: {exc}") from None
     if not stages:
-        raise FVLMError(f"empty schedule {text!r}")
+        raise UsageError(f"empty schedule {text!r}")
     return stages
 
 
@@ -229,7 +229,7 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
     params = _with_input_size(name, dict(params or {}), original)
     param = budget_parameter(name)
     if param is None:
-        raise FVLMError(
+        raise UsageError(
             f"selector {name!r} has none of the budget parameters {', '.join(BUDGET_PARAMETERS)}; "
             "give its own parameters with --set instead of --budget"
         )
@@ -245,7 +245,7 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
         try:
             average(value)
         except (ValueError, TypeError) as exc:
-            raise FVLMError(f"selector {name!r} with {param}={value}: {exc}") from None
+            raise UsageError(f"selector {name!r} with {param}={value}: {exc}") from None
         return {**params, param: value}
 
     def safe(value: int) -> float | None:
@@ -268,7 +268,7 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
         if avg is not None and (best is None or abs(avg - target) < best[0]):
             best = (abs(avg - target), value)
     if best is None:
-        raise FVLMError(f"selector {name!r}: no value of {param!r} gives a valid schedule")
+        raise UsageError(f"selector {name!r}: no value of {param!r} gives a valid schedule")
     return {**params, param: best[1]}
 
 
