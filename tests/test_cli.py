@@ -89,3 +89,51 @@ def test_run_that_keeps_error_lines_says_so(tmp_path):
     kept = fvlm(*argv, "--retry_errors", "false")
     assert kept.returncode == 3
     assert "keeping the error lines of 2 samples from an earlier run as final (--retry_errors false)" in one_line(kept.stderr)
+
+
+# -- 3: checkpoint folders resolve like data paths; a missing one is named before anything loads ----
+def _tiny_checkpoint(folder: Path) -> Path:
+    from fvlm.tiny_backbones import tiny_backbone
+
+    model, processor = tiny_backbone("llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_relative_checkpoint_folder_resolves_next_to_the_recipe(tmp_path):
+    recipes = tmp_path / "recipes"
+    _tiny_checkpoint(recipes / "ckpt")
+    data = write_data(recipes / "data", n=2)
+    recipe = recipes / "local.yaml"
+    recipe.write_text(f"model:\n  backbone:\n    path: ckpt\n    dtype: float32\ndata:\n  path: data/{data.name}\n"
+                      "trainer:\n  accelerator: cpu\n  devices: 1\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ok = fvlm("run", "-c", recipe, "--output", tmp_path / "out", *QUIET, cwd=elsewhere)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert len(read_jsonl(tmp_path / "out" / "predictions.jsonl")) == 2
+    missing = fvlm("run", "-c", recipe, "--model.backbone.path", "ckpt2", "--output", tmp_path / "out2", *QUIET,
+                   cwd=elsewhere)
+    assert missing.returncode == 2
+    message = one_line(missing.stderr)
+    assert f"no such checkpoint folder: ckpt2 (looked in {elsewhere / 'ckpt2'})" in message
+    recipe.write_text(recipe.read_text().replace("path: ckpt\n", "path: ckpt3\n"))
+    missing = fvlm("run", "-c", recipe, "--output", tmp_path / "out3", *QUIET, cwd=elsewhere)
+    assert missing.returncode == 2
+    assert f"no such checkpoint folder: ckpt3 (looked in {recipes / 'ckpt3'}, {elsewhere / 'ckpt3'})" in one_line(missing.stderr)
+    assert "Repo id must be" not in missing.stderr and not (tmp_path / "out3").exists()  # nothing ran
+
+
+# -- 5: an architecture fvlm cannot prune is refused from its config ------------------------------
+def test_unsupported_architecture_is_named_before_loading(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=64).save_pretrained(tmp_path / "llama")  # a config, no weights at all
+    proc = fvlm("run", "-c", TINY / "llava-reference.yaml", "--model.backbone.path", tmp_path / "llama",
+                "--output", tmp_path / "out", *QUIET)
+    assert proc.returncode == 2
+    message = one_line(proc.stderr)
+    assert "no backbone adapter for LlamaConfig (model_type='llama')" in message and "llava" in message
+    assert "Qwen2VLConfig" not in message and len(proc.stderr.strip().splitlines()) == 1

@@ -414,3 +414,14 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     assert not list((tmp_path / "ddp/shards").glob("*.jsonl"))
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["samples"] == 7 and summary["errors"] == 1 and summary["missing"] == 0
+
+
+def test_backbone_spec_refuses_an_unsupported_checkpoint_before_loading(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=64).save_pretrained(tmp_path / "llama")  # no weights: loading them would fail
+    with pytest.raises(fvlm.UnsupportedModelError, match="no backbone adapter for LlamaConfig"):
+        BackboneSpec(str(tmp_path / "llama")).load()
+    with pytest.raises(fvlm.FVLMError, match="no such checkpoint folder: ./nowhere"):
+        BackboneSpec("./nowhere").check()

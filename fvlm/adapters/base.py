@@ -70,7 +70,12 @@ class BackboneAdapter:
     # -- discovery -------------------------------------------------------------------------
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+        return cls.matches_config(getattr(model, "config", None))
+
+    @classmethod
+    def matches_config(cls, config: Any) -> bool:
+        """Whether this adapter handles models of ``config`` (read before the weights are loaded)."""
+        return getattr(config, "model_type", None) in cls.model_types
 
     @property
     def top(self) -> nn.Module:

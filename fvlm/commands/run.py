@@ -185,6 +185,14 @@ def check_inference_mode(cfg, selector) -> bool:
     return True if wanted is None else bool(wanted)
 
 
+def check_backbone(backbone) -> None:
+    """The checkpoint exists and fvlm has an adapter for it: its config is read, no weights."""
+    try:
+        backbone.check()
+    except FVLMError as exc:
+        raise RecipeError(f"model.backbone.path: {exc}") from None
+
+
 # -- output folder -----------------------------------------------------------------------------
 def _launch_rank() -> int:
     """This process's global rank as the launcher set it (0 before Lightning starts any worker)."""
@@ -285,6 +293,9 @@ def run(argv: Sequence[str]) -> int:
     from fvlm.lightning.callbacks import PredictionWriter, merge_predictions
     from fvlm.metrics.scoring import read_jsonl, summarize
 
+    init = parser.instantiate(cfg)
+    module, data = init.model, init.data
+    check_backbone(module.backbone)
     output = Path(cfg.output or _default_output(cfg))
     cfg.output = str(output)
     inference_mode = check_inference_mode(cfg, selector)
@@ -303,8 +314,6 @@ def run(argv: Sequence[str]) -> int:
     if cfg.seed_everything is not False:
         seed_everything(int(cfg.seed_everything), workers=True, verbose=False)
 
-    init = parser.instantiate(cfg)
-    module, data = init.model, init.data
     trainer_cfg = dict(vars(init.trainer))
     trainer_cfg["callbacks"] = _callbacks(trainer_cfg, output, cfg.retry_errors)
     trainer_cfg["inference_mode"] = inference_mode

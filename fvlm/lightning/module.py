@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import torch
+from jsonargparse.typing import path_type
 from lightning.pytorch import LightningModule
 
-from fvlm.errors import FVLMError, UnknownSelectorError
+from fvlm.errors import FVLMError, UnknownSelectorError, UsageError
 from fvlm.metrics.scoring import first_token_fidelity, score_sample
 from fvlm.selectors.base import Need, TokenSelector
 
@@ -30,7 +31,10 @@ class BackboneSpec:
 
     ``path``: a local checkpoint folder, a hub id, ``"builtin"`` (the trained model shipped with
     fvlm, :mod:`fvlm.builtin`), or ``"tiny:llava"`` / ``"tiny:llava_next"`` / ``"tiny:qwen2_vl"`` /
-    ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no download).
+    ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no download). In a recipe, a
+    relative folder is looked up next to the recipe file first, then in the working directory (as
+    ``data.path``); a name that is neither is a hub id. :meth:`check` reads the checkpoint's config
+    before anything is loaded.
     ``dtype``: ``auto`` (the checkpoint's; float32 for tiny models), ``float32``,
     ``float16`` or ``bfloat16``. ``attn_implementation``: ``sdpa``, ``eager``,
     ``flash_attention_2``, ... (``None``: transformers' default). ``processor_path`` defaults to
@@ -38,21 +42,70 @@ class BackboneSpec:
     ``num_layers`` apply to tiny models only.
     """
 
-    path: str
+    path: Union[Path_any, str]
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     attn_implementation: Optional[str] = "sdpa"
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    processor_path: Optional[str] = None
+    processor_path: Optional[Union[Path_any, str]] = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     num_layers: Optional[int] = None
 
+    def __post_init__(self):
+        self.path, self._looked_in = _locate(self.path)
+        if self.processor_path is not None:
+            self.processor_path = _locate(self.processor_path)[0]
+
+    def check(self):
+        """Read the checkpoint's config and check that fvlm can prune it, before loading any weights.
+
+        Raises :class:`~fvlm.errors.UsageError` for a folder that does not exist (naming where it
+        was looked for) or a hub id that can be read neither from the local cache nor the hub, and
+        :class:`~fvlm.errors.UnsupportedModelError` for a model family without a backbone adapter.
+        Returns the config (``None`` for ``builtin`` and ``tiny:`` backbones).
+        """
+        from fvlm.adapters import adapter_class_for_config
+        from fvlm.tiny_backbones import parse_tiny
+
+        if self.path == "builtin" or parse_tiny(self.path) is not None:
+            return None
+        config = self._read_config()
+        adapter_class_for_config(config)
+        return config
+
+    def _read_config(self):
+        import os
+
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        from transformers import AutoConfig
+
+        kwargs = dict(revision=self.revision, trust_remote_code=self.trust_remote_code)
+        missing = f"no such checkpoint folder: {self.path} (looked in {', '.join(self._looked_in)})"
+        if os.path.isdir(self.path):
+            try:
+                return AutoConfig.from_pretrained(self.path, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"checkpoint folder {self.path}: cannot read its config: {_first_line(exc)}") from None
+        try:
+            validate_repo_id(self.path)
+        except HFValidationError:
+            raise UsageError(missing) from None
+        cached = isinstance(try_to_load_from_cache(self.path, "config.json", revision=self.revision), str)
+        if not cached and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise UsageError(f"{missing}; nor is {self.path!r} a hub model in the local cache (HF_HUB_OFFLINE is set)")
+        try:
+            return AutoConfig.from_pretrained(self.path, local_files_only=cached, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{missing}; as a hub id: {_first_line(exc)}") from None
+
     def load(self):
         """``(model, processor)``; the model is in eval mode with gradients off for its weights."""
         from fvlm.tiny_backbones import parse_tiny, tiny_backbone
 
+        self.check()
         family = parse_tiny(self.path)
         if self.path == "builtin":
             from fvlm import builtin
@@ -94,6 +147,28 @@ class BackboneSpec:
             if processor is None:
                 raise
             return processor
+
+
+Path_any = path_type("")  # a path or a name, no checks: relative paths in a recipe remember its folder
+
+
+def _locate(path) -> tuple[str, list[str]]:
+    """``(folder or name, places looked in)``: a relative folder next to the recipe that named it
+    first, then in the working directory; anything else is returned as given (a hub id, ``builtin``)."""
+    import os
+
+    relative = os.fspath(getattr(path, "relative", path))
+    if os.path.isabs(relative):
+        return relative, [relative]
+    places = [os.path.abspath(relative)]
+    if isinstance(path, Path_any):
+        places.insert(0, os.fspath(path.absolute))
+    places = list(dict.fromkeys(places))
+    return next((p for p in places if os.path.isdir(p)), relative), places
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @dataclass
