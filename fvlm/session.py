@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fvlm.adapters import adapter_for
-from fvlm.context import SelectionContext
+from fvlm.context import SelectionContext, positions_of
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
 from fvlm.indexing import (
     KeepMap,
@@ -264,23 +264,28 @@ class PruningSession:
             torch.cuda.synchronize(hidden.device)
         start = time.perf_counter()
         budget = self._budget(stage, run)
-        ctx = SelectionContext(
-            selector=self.selector,
-            stage=stage,
-            stage_index=self.schedule.index(stage),
-            info=self.info,
-            adapter=self.adapter,
-            hidden=hidden,
-            is_visual=run.is_visual,
-            token_valid=run.token_valid,
-            budget=budget,
-            grids=run.grids,
-            layer_input=run.layer_input,
-            layer_kwargs=run.layer_kwargs,
-            observed=self._observed,
-        )
-        selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
-        keep = build_keep_map(run.is_visual | run.is_filler, ctx.visual_index, selection.indices)
+        if bool(run.is_visual.any()):
+            ctx = SelectionContext(
+                selector=self.selector,
+                stage=stage,
+                stage_index=self.schedule.index(stage),
+                info=self.info,
+                adapter=self.adapter,
+                hidden=hidden,
+                is_visual=run.is_visual,
+                token_valid=run.token_valid,
+                budget=budget,
+                grids=run.grids,
+                layer_input=run.layer_input,
+                layer_kwargs=run.layer_kwargs,
+                observed=self._observed,
+            )
+            selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
+            visual_index = ctx.visual_index
+        else:  # no sample has a visual token (text-only prompts): nothing to choose, the selector is not asked
+            visual_index = positions_of(run.is_visual)[0]
+            selection = Selection(visual_index)
+        keep = build_keep_map(run.is_visual | run.is_filler, visual_index, selection.indices)
         new_hidden = gather_seq(hidden, keep.index)
         if selection.embeddings is not None:
             from_sel = keep.source_col >= 0

@@ -101,3 +101,24 @@ def test_selector_picks_the_same_tokens_for_every_beam(model_cache, name, family
     assert len(beams) == len(plain) > 0
     for one, expanded in zip(plain, beams):
         assert torch.equal(expanded["indices"], one["indices"].repeat_interleave(2, dim=0)), name
+
+
+# -- text-only prompts: passed through unpruned, alone or next to prompts with images --------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", NAMES)
+def test_selector_passes_text_only_prompts_through(model_cache, name, family):
+    model = model_cache(family, "sdpa")
+    kwargs = get_selector_class(name).example_kwargs
+    for images in ((0,), (0, 0), (0, 1), (1, 0, 2)):
+        inputs = tiny_inputs(model, images_per_prompt=images, padding_side="left")
+        with torch.no_grad():
+            reference = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        try:
+            with fvlm.prune(model, name, **kwargs) as session, torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        except UnsupportedModelError as err:
+            pytest.skip(f"{name} does not support {family}: {err}")
+        for b, n in enumerate(images):
+            if n == 0:
+                assert torch.equal(out[b], reference[b]), f"{name}: text-only row {b} of {images} changed"
+                assert set(session.trace.visual_per_layer[b]) == {0}
