@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 from fvlm.trace import StageRecord, Trace
 
 POSITION_POLICIES = ("original", "compact")
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()  # model -> session
 
 
 @dataclass
@@ -112,16 +114,25 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise FVLMError("this pruning session is already active")
+        other = _ACTIVE.get(self.model)
+        if other is not None:
+            raise FVLMError(
+                f"this model is already pruning (a session with {type(other.selector).__name__} is active); "
+                "sessions do not nest: use compose to run several selectors in one session, e.g. "
+                "fvlm.prune(model, 'compose', selectors=[...])")
         try:
             self._attach()
         except BaseException:
             self._detach()
             raise
+        _ACTIVE[self.model] = self
         return self
 
     def __exit__(self, *exc) -> None:
         self._detach()
         self._run = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
 
     def _attach(self) -> None:
         hooks = self._handles

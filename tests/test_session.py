@@ -141,6 +141,24 @@ def test_hooks_removed_on_exit_and_on_exception(model_cache):
     assert hook_count(model) == before
 
 
+def test_nested_sessions_on_one_model_are_refused_at_enter(model_cache):
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    with fvlm.prune(model, "random", keep=4, seed=1) as outer:
+        hooks = hook_count(model)
+        inner = fvlm.prune(model, "uniform", keep=2)
+        with pytest.raises(fvlm.FVLMError, match="already pruning .*RandomSelector.*use compose"):
+            inner.__enter__()
+        assert hook_count(model) == hooks  # the refused session attached nothing
+        alone = _generate(model, inputs)
+    assert outer.trace.llm_input_visual == [4, 4]
+    with fvlm.prune(model, "random", keep=4, seed=1):  # free again after the outer session ended
+        assert torch.equal(_generate(model, inputs), alone)
+    other = model_cache("qwen2_vl", "sdpa")
+    with fvlm.prune(model, "random", keep=4), fvlm.prune(other, "random", keep=4):  # two models: fine
+        pass
+
+
 @pytest.mark.parametrize("where", ["input", 2])
 def test_compact_positions_match_renumbered_reference(model_cache, where):
     """Compact policy: kept tokens get contiguous positions; decode continues from the new end."""
