@@ -13,7 +13,10 @@ class UsageError(FVLMError):
 class SelectorArgumentError(FVLMError, ValueError, TypeError):
     """A selector argument outside its allowed values; the message names the parameter and the range.
 
-    Raised by the selector's constructor, so a recipe fails when it is parsed."""
+    Raised by the selector's constructor, so a recipe fails when it is parsed. ``parameter`` names
+    the argument where the check knows it."""
+
+    parameter: str | None = None
 
 
 class UnknownNameError(FVLMError, KeyError):

@@ -137,3 +137,17 @@ def test_unsupported_architecture_is_named_before_loading(tmp_path):
     message = one_line(proc.stderr)
     assert "no backbone adapter for LlamaConfig (model_type='llama')" in message and "llava" in message
     assert "Qwen2VLConfig" not in message and len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- 7: selector arguments are checked when the recipe is parsed -----------------------------------
+def test_bad_budget_in_a_recipe_exits_2_before_loading(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"model:\n  backbone: {ROOT / 'recipes/fragments/backbones/tiny-llava.yaml'}\n"
+                      "  selector: {name: random, args: {keep: -5}}\n"
+                      f"data: {ROOT / 'recipes/fragments/data/tiny-vqa.yaml'}\n")
+    proc = fvlm("run", "-c", recipe, "--output", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fvlm run: recipe error: model.selector.args.keep (random): RandomSelector: `keep` must be an int count >= 1, "
+        "or a float fraction in (0, 1] of each sample's visual tokens (1.0 keeps all); got -5"]
+    assert not (tmp_path / "out").exists()

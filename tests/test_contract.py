@@ -122,3 +122,15 @@ def test_selector_passes_text_only_prompts_through(model_cache, name, family):
             if n == 0:
                 assert torch.equal(out[b], reference[b]), f"{name}: text-only row {b} of {images} changed"
                 assert set(session.trace.visual_per_layer[b]) == {0}
+
+
+# -- arguments: a bad budget fails when the selector is built (in a recipe: when it is parsed) -------
+BAD_KEEPS = (-5, 16.5, 0.0, 0, float("nan"), "abc", True)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "keep" in fvlm.selector_info(n).parameters])
+def test_selector_refuses_a_bad_keep_when_built(name):
+    for keep in BAD_KEEPS:
+        with pytest.raises(fvlm.SelectorArgumentError, match="`keep`") as exc:
+            fvlm.create_selector(name, keep=keep)
+        assert "\n" not in str(exc.value), f"{name}: the message is not one line"

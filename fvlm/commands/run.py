@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from fvlm.commands.exit_codes import ExitCode, for_error
-from fvlm.errors import FVLMError, UsageError
+from fvlm.errors import FVLMError, SelectorArgumentError, UsageError
 
 HELP = "run a recipe: predictions, scores and efficiency figures for a data set (fvlm run --help)"
 _ARGV_PREFIX = "\x00"  # no real argument starts with NUL: argparse forwards everything to jsonargparse
@@ -129,7 +129,7 @@ def check_selector(cfg) -> Any:
             init_args = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
             return cls(**init_args)
         except Exception as exc:
-            raise RecipeError(f"model.selector ({section.class_path}): {type(exc).__name__}: {exc}") from None
+            raise RecipeError(f"model.selector ({section.class_path}): {_reason(exc)}") from None
     name, args = section.get("name"), section.get("args") or {}
     if not isinstance(args, dict):
         raise RecipeError(f"model.selector.args must be a mapping, got {args!r}")
@@ -137,6 +137,17 @@ def check_selector(cfg) -> Any:
         cls = resolve_selector_class(name)
     except Exception as exc:
         raise RecipeError(f"model.selector.name: {exc}") from None
+    from fvlm.lightning.module import SelectorSpec
+
+    try:  # the selector's own checks first: one line naming the parameter and its range
+        selector = SelectorSpec(name=name, args=args).build()
+    except SelectorArgumentError as exc:
+        where = "model.selector.args" + (f".{exc.parameter}" if exc.parameter else "")
+        raise RecipeError(f"{where} ({name}): {exc}") from None
+    except FVLMError:
+        selector = None  # e.g. an unknown key: jsonargparse names it below
+    except Exception as exc:
+        raise RecipeError(f"model.selector ({name!r}): {_reason(exc)}") from None
     key = "model.selector.args"
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, key, fail_untyped=False)
@@ -146,14 +157,19 @@ def check_selector(cfg) -> Any:
         raise RecipeError(f"selector {name!r}: {exc}") from None
     full = parsed.get(key)
     full = full.as_dict() if isinstance(full, Namespace) else dict(full or {})
-    from fvlm.lightning.module import SelectorSpec
-
-    try:
-        selector = SelectorSpec(name=name, args=args).build()
-    except Exception as exc:
-        raise RecipeError(f"model.selector ({name!r}): {type(exc).__name__}: {exc}") from None
+    if selector is None:
+        try:
+            selector = SelectorSpec(name=name, args=args).build()
+        except Exception as exc:
+            raise RecipeError(f"model.selector ({name!r}): {_reason(exc)}") from None
     section.args = {k: _plain(v) for k, v in full.items() if k in args or _is_plain(v)}
     return selector
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as one line: fvlm's own messages as they are, others with their type."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, (SelectorArgumentError, UsageError)) else f"{type(exc).__name__}: {text}"
 
 
 def _is_plain(value) -> bool:

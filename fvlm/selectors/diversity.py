@@ -5,6 +5,7 @@ import torch
 
 from fvlm.errors import UnsupportedModelError
 from fvlm.selectors.algorithms import cls_dominant_and_contextual, max_min_diversity
+from fvlm.selectors.arguments import check_int, check_keep, check_where, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
 
@@ -18,8 +19,8 @@ class DivPrune(TokenSelector):
     """
 
     def __init__(self, keep: int | float = 0.098, layer: int | str = "input"):
-        self.keep = keep
-        self.layer = layer
+        self.keep = check_keep(self, keep)
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]
@@ -47,8 +48,10 @@ class VisionZip(TokenSelector):
     example_kwargs = {"dominant": 5, "contextual": 3}
 
     def __init__(self, dominant: int = 54, contextual: int = 10):
-        self.dominant = dominant
-        self.contextual = contextual
+        self.dominant = check_int(self, dominant, "dominant", minimum=0)
+        self.contextual = check_int(self, contextual, "contextual", minimum=0)
+        if dominant + contextual < 1:
+            raise fail(self, "dominant + contextual", "at least 1 (the tokens VisionZip keeps)", dominant + contextual)
 
     def stages(self, info):
         if info.family != "llava":

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from fvlm.selectors.arguments import check_int, check_keep
 from fvlm.selectors.base import Need, ScoreSelector, Stage
 
 
@@ -48,11 +49,8 @@ class FastV(ScoreSelector):
     example_kwargs = {"k": 2, "keep": 0.5}
 
     def __init__(self, k: int = 2, keep: int | float = 0.5):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"FastV k must be an int >= 1 (prune after k decoder layers), got {k!r}")
-        Stage(k, keep)  # validates keep (type, range)
-        self.k = k
-        self.keep = keep
+        self.k = check_int(self, k, "k", minimum=1)  # prune after k decoder layers
+        self.keep = check_keep(self, keep)
 
     def stages(self, info):
         return [Stage(self.k, self.keep)]

@@ -55,6 +55,7 @@ import torch
 from fvlm.context import gather_rows, positions_of
 from fvlm.errors import FVLMError
 from fvlm.selectors.algorithms import density_peak_merge, topk_indices
+from fvlm.selectors.arguments import check_int, check_keep, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
 #: v1.5 per-stage keep counts after layers (2, 6, 15), indexed by the layer-average budget.
@@ -101,23 +102,22 @@ class SparseVLM(TokenSelector):
     def __init__(self, budget: int = 192, layers: tuple[int, ...] = DEFAULT_LAYERS,
                  schedule: list[tuple[int, int | float]] | None = None, recycle: bool = False):
         if schedule is None:
-            if budget not in V15_COUNTS:
-                raise ValueError(
-                    f"SparseVLM has v1.5 schedules for budgets {sorted(V15_COUNTS)}, not {budget!r}; "
-                    "pass schedule=[(layer, keep), ...] for other budgets"
-                )
-            if len(layers) != 3:
-                raise ValueError(f"SparseVLM's v1.5 counts are for three stages; got layers={tuple(layers)}")
+            if isinstance(budget, bool) or budget not in V15_COUNTS:
+                raise fail(self, "budget", f"one of the v1.5 budgets {sorted(V15_COUNTS)} (pass "
+                           "schedule=[(layer, keep), ...] for other budgets)", budget)
+            if isinstance(layers, (str, bytes)) or len(layers) != 3:
+                raise fail(self, "layers", "three layers (the v1.5 counts are for three stages)", layers)
             pairs = list(zip(layers, V15_COUNTS[budget]))
         else:
-            pairs = [tuple(p) for p in schedule]
+            pairs = [tuple(p) if isinstance(p, (list, tuple)) else (p,) for p in schedule]
             if not pairs or any(len(p) != 2 for p in pairs):
-                raise ValueError(f"SparseVLM schedule must be a non-empty list of (layer, keep), got {schedule!r}")
+                raise fail(self, "schedule", "a non-empty list of (layer, keep) pairs", schedule)
         for layer, keep in pairs:
-            Stage(layer, keep)  # validates layer >= 1 and keep
+            check_int(self, layer, "schedule layer" if schedule is not None else "layers", minimum=1)
+            check_keep(self, keep, "schedule keep" if schedule is not None else "budget")
         wheres = [layer for layer, _ in pairs]
         if wheres != sorted(set(wheres)):
-            raise ValueError(f"SparseVLM stage layers must be strictly increasing, got {wheres}")
+            raise fail(self, "schedule" if schedule is not None else "layers", "strictly increasing layers", wheres)
         self.budget = budget
         self.layers = tuple(layers)
         self.schedule = None if schedule is None else [tuple(p) for p in schedule]
