@@ -151,3 +151,24 @@ def test_bad_budget_in_a_recipe_exits_2_before_loading(tmp_path):
         "fvlm run: recipe error: model.selector.args.keep (random): RandomSelector: `keep` must be an int count >= 1, "
         "or a float fraction in (0, 1] of each sample's visual tokens (1.0 keeps all); got -5"]
     assert not (tmp_path / "out").exists()
+
+
+# -- 8: data problems are found before the model loads ---------------------------------------------
+@pytest.mark.parametrize("case", ["malformed", "duplicate", "limit"])
+def test_data_problems_exit_2_before_loading(tmp_path, case):
+    data = write_data(tmp_path / "d", n=2)
+    extra = []
+    if case == "malformed":
+        data.write_text(data.read_text() + '{"id": "q9", "question": \n')
+        expected = f"data.path: {data}:3: not valid JSON"
+    elif case == "duplicate":
+        data.write_text(data.read_text() * 2)
+        expected = f"data.path: {data} record 3: duplicate id 'q0'"
+    else:
+        extra = ["--data.limit", "-3"]
+        expected = "data.limit must be an int >= 1 (or null: every record), got -3"
+    proc = fvlm("run", "-c", TINY / "llava-reference.yaml", "--data.path", data, *extra, "--output", tmp_path / "out")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fvlm run: recipe error: ") and expected in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before the output folder, let alone the model

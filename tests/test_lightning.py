@@ -425,3 +425,21 @@ def test_backbone_spec_refuses_an_unsupported_checkpoint_before_loading(tmp_path
         BackboneSpec(str(tmp_path / "llama")).load()
     with pytest.raises(fvlm.FVLMError, match="no such checkpoint folder: ./nowhere"):
         BackboneSpec("./nowhere").check()
+
+
+@pytest.mark.parametrize("override,expected", [
+    (["--data.batch_size", "0"], "data.batch_size must be an int >= 1, got 0"),
+    (["--data.path", "nowhere.jsonl"], "data file 'nowhere.jsonl' does not exist"),
+    (["--data.path", "EMPTY"], "holds no records: nothing to run"),
+    (["--data.path", "NOID"], "record 1: every record needs an 'id'"),
+])
+def test_data_problems_are_recipe_errors_before_the_model_loads(tmp_path, capsys, monkeypatch, override, expected):
+    empty, noid = tmp_path / "empty.jsonl", tmp_path / "noid.jsonl"
+    empty.write_text("\n")
+    noid.write_text(json.dumps({"question": "Why?"}) + "\n")
+    override = [{"EMPTY": str(empty), "NOID": str(noid)}.get(a, a) for a in override]
+    loads = []
+    monkeypatch.setattr(BackboneSpec, "load", lambda self: loads.append(self))
+    assert fvlm_run("-c", TINY / "llava-reference.yaml", *override, "--output", tmp_path / "out") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert expected in err and not loads and not (tmp_path / "out").exists()

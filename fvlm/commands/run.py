@@ -201,6 +201,16 @@ def check_inference_mode(cfg, selector) -> bool:
     return True if wanted is None else bool(wanted)
 
 
+def check_data(data) -> None:
+    """The data file exists and parses, its ids are unique, and it holds records: read before any model."""
+    try:
+        data.setup()
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"data.path: {' '.join(str(exc).split())}") from None
+    if not data.records:
+        raise RecipeError(f"data.path: {data.path} holds no records: nothing to run")
+
+
 def check_backbone(backbone) -> None:
     """The checkpoint exists and fvlm has an adapter for it: its config is read, no weights."""
     try:
@@ -309,8 +319,12 @@ def run(argv: Sequence[str]) -> int:
     from fvlm.lightning.callbacks import PredictionWriter, merge_predictions
     from fvlm.metrics.scoring import read_jsonl, summarize
 
-    init = parser.instantiate(cfg)
+    try:
+        init = parser.instantiate(cfg)
+    except (ValueError, TypeError) as exc:  # a value the classes refuse, e.g. data.batch_size: 0
+        raise RecipeError(" ".join(str(exc).split())) from None
     module, data = init.model, init.data
+    check_data(data)
     check_backbone(module.backbone)
     output = Path(cfg.output or _default_output(cfg))
     cfg.output = str(output)
