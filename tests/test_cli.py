@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,35 @@ def test_data_problems_exit_2_before_loading(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fvlm run: recipe error: ") and expected in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()  # refused before the output folder, let alone the model
+
+
+# -- 9: SIGTERM (and Ctrl-C) stop at a batch boundary, keep what was written, exit non-zero ---------
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_signal_stops_the_run_and_a_rerun_resumes(tmp_path, sig, code, name):
+    n = 12
+    data = write_data(tmp_path / "d", n=n)
+    out = tmp_path / "run"
+    argv = ["run", "-c", TINY / "llava-reference.yaml", "--data.path", data, "--data.batch_size", 1,
+            "--model.generation.max_new_tokens", 8, "--output", out, *QUIET]
+    cmd = [sys.executable, "-c", "import sys; from fvlm.cli import main; sys.exit(main())", *map(str, argv)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pred = out / "predictions.jsonl"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if pred.is_file() and pred.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before the signal: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)  # stops at the next batch boundary, not after all 12
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-2000:]
+    assert f"stopped by {name}" in one_line(err) and "run the same command again to resume" in one_line(err)
+    done = read_jsonl(pred)
+    assert 2 <= len(done) < n and pred.read_text().endswith("\n")  # whole lines only
+    again = fvlm(*argv)
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = read_jsonl(pred)
+    assert [r["id"] for r in records] == [f"q{i}" for i in range(n)] and records[: len(done)] == done

@@ -295,7 +295,7 @@ def _default_output(cfg) -> str:
 def _callbacks(trainer_cfg: dict, output: Path, retry_errors: bool) -> list:
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-    from fvlm.lightning.callbacks import EfficiencyMonitor, PredictionWriter
+    from fvlm.lightning.callbacks import EfficiencyMonitor, PredictionWriter, StopOnSigterm
 
     given = trainer_cfg.get("callbacks") or []
     given = list(given) if isinstance(given, (list, tuple)) else [given]
@@ -303,10 +303,12 @@ def _callbacks(trainer_cfg: dict, output: Path, retry_errors: bool) -> list:
     writers = [c for c in given if isinstance(c, PredictionWriter)]
     if not writers:
         writers = [PredictionWriter(str(output), retry_errors=retry_errors)]
-    others = [c for c in given if not isinstance(c, (EfficiencyMonitor, PredictionWriter))]
+    stops = [c for c in given if isinstance(c, StopOnSigterm)] or [StopOnSigterm()]
+    others = [c for c in given if not isinstance(c, (EfficiencyMonitor, PredictionWriter, StopOnSigterm))]
     if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in others):
         others.append(RichProgressBar())
-    return others + monitors + writers  # the monitor adds timings to the records before they are written
+    # the monitor adds timings to the records before they are written; a stop comes after the writing
+    return others + monitors + writers + stops
 
 
 def run(argv: Sequence[str]) -> int:
@@ -348,10 +350,24 @@ def run(argv: Sequence[str]) -> int:
     trainer_cfg["callbacks"] = _callbacks(trainer_cfg, output, cfg.retry_errors)
     trainer_cfg["inference_mode"] = inference_mode
     trainer = Trainer(**trainer_cfg)
-    if cfg.mode == "test":
-        trainer.test(module, datamodule=data, verbose=False)
-    else:
-        trainer.predict(module, datamodule=data, return_predictions=False)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from fvlm.lightning.callbacks import StopOnSigterm
+
+    stop = next(c for c in trainer.callbacks if isinstance(c, StopOnSigterm))
+    try:
+        if cfg.mode == "test":
+            trainer.test(module, datamodule=data, verbose=False)
+        else:
+            trainer.predict(module, datamodule=data, return_predictions=False)
+    except SystemExit as exc:  # SIGTERM (raised at a batch boundary), or Lightning's exit after Ctrl-C
+        terminated = isinstance(exc, SIGTERMException)
+        if not (terminated or stop.interrupted):
+            raise
+        signal = "SIGTERM" if terminated else "Ctrl-C (SIGINT)"
+        _note(f"stopped by {signal}; the answers written so far are kept in {output}: run the same command "
+              "again to resume", error=True)
+        return ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
     if not trainer.is_global_zero:
         return 0
     writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))

@@ -168,6 +168,35 @@ class PredictionWriter(Callback):
         self.close()
 
 
+class StopOnSigterm(Callback):
+    """Ends predict / test at the next batch boundary after SIGTERM (``kill``, a scheduler's grace signal).
+
+    Lightning's handler only sets ``trainer.received_sigterm``, which its predict loop never reads;
+    this raises Lightning's ``SIGTERMException`` once the batch's lines are written (list it after
+    :class:`PredictionWriter`), so the run stops with everything so far flushed and a rerun resumes.
+    ``interrupted`` records a Ctrl-C (Lightning shuts down and exits on its own).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+
+    def _check(self, trainer) -> None:
+        if trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.interrupted = self.interrupted or isinstance(exception, KeyboardInterrupt)
+
+
 def _jsonable(value):
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
