@@ -183,3 +183,11 @@ def test_bad_selector_arguments_fail_when_the_recipe_is_parsed(selector, key, ca
     assert len(err.strip().splitlines()) == 1 and key in err, err
     if "keep" in key:
         assert "an int count >= 1, or a float fraction in (0, 1]" in err
+
+
+def test_keep_one_in_a_recipe_is_pointed_out(capsys):
+    base = ["-c", str(TINY / "llava-reference.yaml"), "--print_config"]
+    code, _, err = _main([*base, "--model.selector", "{name: random, args: {keep: 1}}"], capsys)
+    assert code == 0 and "keep: 1 keeps ONE visual token per sample" in " ".join(err.split())
+    code, out, err = _main([*base, "--model.selector", "{name: random, args: {keep: 1.0}}"], capsys)
+    assert code == 0 and err == "" and yaml.safe_load(out)["model"]["selector"]["args"]["keep"] == 1.0

@@ -425,14 +425,9 @@ def test_prompt_without_image_is_left_alone(model_cache):
 def test_budget_spelling_one_is_one_token_and_one_point_zero_is_all():
     from fvlm.selectors.arguments import check_keep
 
-    with pytest.warns(UserWarning, match="keep=1 keeps ONE visual token per sample; write keep=1.0"):
-        assert FastV(keep=1).stages(INFO) == [Stage(2, 1)]  # a count: one token
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert FastV(keep=1.0).stages(INFO) == [Stage(2, 1.0)]  # a fraction: every token, no warning
-        assert check_keep("x", 2) == 2 and check_keep("x", 0.25) == 0.25
+    assert FastV(keep=1).stages(INFO) == [Stage(2, 1)]  # an int is a count: one token
+    assert FastV(keep=1.0).stages(INFO) == [Stage(2, 1.0)]  # a float is a fraction: every token
+    assert check_keep("x", 2) == 2 and check_keep("x", 0.25) == 0.25
     for bad in (0, 0.0, -1, 1.5, float("nan"), "1", None):
         with pytest.raises(fvlm.SelectorArgumentError, match=r"`keep` must be an int count >= 1, or a float fraction in \(0, 1\]"):
             check_keep("x", bad)

@@ -270,6 +270,16 @@ def prepare_output(output: Path, config: dict, dumped: str, overwrite: bool) -> 
 
 
 # -- run ---------------------------------------------------------------------------------------
+def note_budget_spelling(cfg) -> None:
+    """Point out ``keep: 1`` in the selector's arguments: one visual token, where 1.0 means all of them."""
+    section = _selector_section(cfg)
+    args = None if section is None else section.get("args", section.get("init_args"))
+    keep = (args.as_dict() if hasattr(args, "as_dict") else dict(args or {})).get("keep")
+    if keep == 1 and isinstance(keep, int) and not isinstance(keep, bool):
+        _note("model.selector keep: 1 keeps ONE visual token per sample (an int is a count); "
+              "write keep: 1.0 to keep every token")
+
+
 def parse(argv: Sequence[str]):
     """``(parser, cfg, selector, print_config)`` for ``fvlm run`` arguments (validated)."""
     argv = list(argv)
@@ -279,6 +289,7 @@ def parse(argv: Sequence[str]):
     parser = build_parser()
     cfg = parser.parse_args(argv)
     selector = check_selector(cfg)
+    note_budget_spelling(cfg)
     check_inference_mode(cfg, selector)
     return parser, cfg, selector, print_config
 

@@ -7,12 +7,11 @@ allows and the value given.
 
 Budgets follow one rule: an ``int`` is a count of visual tokens (>= 1), a ``float`` a fraction in
 (0, 1] of each sample's original visual tokens. So ``keep: 1`` keeps one token and ``keep: 1.0``
-keeps every token; the first is legal but warned about, since it is easy to write by mistake.
+keeps every token (``fvlm run`` points out a recipe's ``keep: 1``, an easy slip).
 """
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Sequence
 
 from fvlm.errors import SelectorArgumentError
@@ -38,9 +37,6 @@ def check_keep(owner: Any, value: Any, name: str = "keep") -> int | float:
         raise fail(owner, name, KEEP_RULE, value)
     if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0.0 < value <= 1.0:
         raise fail(owner, name, KEEP_RULE, value)
-    if isinstance(value, int) and value == 1:
-        warnings.warn(f"{_owner(owner)}: {name}=1 keeps ONE visual token per sample; write {name}=1.0 to keep "
-                      "every token", UserWarning, stacklevel=3)
     return value
 
 
