@@ -127,6 +127,11 @@ def _demo(args: argparse.Namespace) -> int:
         options[key] = yaml.safe_load(value)
     if options and not args.selector:
         raise UsageError("--set needs --selector")
+    if args.tokens < 1:
+        raise UsageError(f"--tokens must be >= 1, got {args.tokens}")
+    # selectors first: a bad name or argument fails before any model is built
+    selectors = {name: fvlm.create_selector(name, **(options or fvlm.registry.get_selector_class(name).example_kwargs))
+                 for name in names}
     model = tiny_model(args.family)
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
     console = _console()
@@ -140,9 +145,8 @@ def _demo(args: argparse.Namespace) -> int:
     for column in ("selector", "visual tokens", "LLM input", "layer avg", "KV length / layer", "same tokens", "time"):
         table.add_column(column)
     table.add_row("(unpruned)", str(inputs["input_ids"].eq(fvlm.testing.image_token_id(model)).sum(1).tolist()), "-", "-", "-", "-", f"{base_time * 1e3:.0f} ms")
-    for name in names:
-        kwargs = options or fvlm.registry.get_selector_class(name).example_kwargs
-        with fvlm.prune(model, name, **kwargs) as session, torch.no_grad():
+    for name, selector in selectors.items():
+        with fvlm.prune(model, selector) as session, torch.no_grad():
             start = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
             elapsed = time.perf_counter() - start

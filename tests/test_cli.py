@@ -206,3 +206,62 @@ def test_signal_stops_the_run_and_a_rerun_resumes(tmp_path, sig, code, name):
     assert again.returncode == 0, again.stderr[-2000:]
     records = read_jsonl(pred)
     assert [r["id"] for r in records] == [f"q{i}" for i in range(n)] and records[: len(done)] == done
+
+
+# -- 10: plugins that exit, visualize / profile / demo input -----------------------------------------
+PLUGINS = {
+    "fvlm_exit_plugin": "import sys\nsys.exit(3)\n",
+    "fvlm_failing_plugin": (
+        "from fvlm.selectors.basic import RandomSelector\n\n"
+        "class Failing(RandomSelector):\n"
+        "    def select(self, ctx):\n"
+        "        raise RuntimeError('injected failure')\n"),
+}
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch):
+    """Two installed (fake) plugin distributions: one calls sys.exit() at import, one fails when used."""
+    site = tmp_path / "site"
+    info = site / "fvlm_test_plugins-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fvlm-test-plugins\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[fvlm.selectors]\nexits = fvlm_exit_plugin:Nothing\n"
+                                           "failing = fvlm_failing_plugin:Failing\n")
+    for module, source in PLUGINS.items():
+        (site / f"{module}.py").write_text(source)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+
+
+def test_a_plugin_that_exits_at_import_breaks_nothing_else(plugins, tmp_path):
+    listed = fvlm("list")
+    assert listed.returncode == 0 and "SystemExit" in listed.stdout and "BROKEN" in listed.stdout
+    assert fvlm("run", "-c", TINY / "llava-random.yaml", "--print_config").returncode == 0
+    used = fvlm("run", "-c", TINY / "llava-reference.yaml", "--model.selector", "{name: exits}", "--print_config")
+    assert used.returncode == 2 and "cannot load selector 'exits'" in one_line(used.stderr)
+
+
+def test_visualize_refuses_unknown_selectors_and_reports_failed_panels(plugins, tmp_path):
+    unknown = fvlm("visualize", "--sample", 0, "--selectors", "nosuch", "--out", tmp_path / "a.png")
+    assert unknown.returncode == 2 and "unknown selector 'nosuch'" in one_line(unknown.stderr)
+    assert not (tmp_path / "a.png").exists()
+    failed = fvlm("visualize", "--sample", 0, "--selectors", "failing", "random", "--keep", 16,
+                  "--out", tmp_path / "b.png")
+    assert failed.returncode == 3, failed.stderr[-2000:]
+    assert "1 of 2 selectors failed (failing)" in one_line(failed.stderr) and (tmp_path / "b.png").is_file()
+
+
+def test_profile_refuses_a_budget_it_cannot_honour():
+    proc = fvlm("profile", "--selector", "fastv", "--budget", 9999)
+    assert proc.returncode == 2
+    assert "budget of 9999 visual tokens is outside (0, 576]" in one_line(proc.stderr) and "@9999" not in proc.stdout
+    proc = fvlm("profile", "--selector", "fastv", "--budget", 10)
+    assert proc.returncode == 2 and "cannot reach a layer average of 10" in one_line(proc.stderr)
+
+
+def test_demo_bad_selector_argument_is_one_line():
+    proc = fvlm("demo", "--selector", "random", "--set", "keep=abc")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: RandomSelector: `keep` must be an int count >= 1, or a float fraction in (0, 1] of each sample's "
+        "visual tokens (1.0 keeps all); got 'abc'"]

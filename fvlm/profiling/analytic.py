@@ -226,6 +226,9 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
     """
     from fvlm.registry import create_selector
 
+    if not 0 < target <= original:
+        raise UsageError(f"a layer-average budget of {target:g} visual tokens is outside (0, {original}]: "
+                         f"the model has {original} visual tokens per sample")
     params = _with_input_size(name, dict(params or {}), original)
     param = budget_parameter(name)
     if param is None:
@@ -269,6 +272,11 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
             best = (abs(avg - target), value)
     if best is None:
         raise UsageError(f"selector {name!r}: no value of {param!r} gives a valid schedule")
+    ends = [safe(1), safe(original)]
+    step = abs(ends[1] - ends[0]) / (original - 1) if None not in ends and original > 1 else 1.0
+    if best[0] > max(1.0, step):  # more than a rounding gap: the target is out of this selector's reach
+        raise UsageError(f"selector {name!r} cannot reach a layer average of {target:g} through {param!r}: "
+                         f"the nearest it gets is {average(best[1]):.1f} ({param}={best[1]})")
     return {**params, param: best[1]}
 
 
