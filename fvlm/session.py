@@ -30,7 +30,12 @@ _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKe
 
 @dataclass
 class _Run:
-    """State of one prefill and the decode steps that follow it."""
+    """State of one prefill and the decode steps that follow it.
+
+    A forward without a KV cache that continues an earlier prompt (``generate(use_cache=False)``
+    feeds prompt + generated tokens again at every step) replays that prompt's prefill: ``origin`` is
+    its run, whose ``applied`` stages are reused instead of selecting again.
+    """
 
     prompt_len: int  # S: prompt length at the LLM input, before any pruning
     is_visual: torch.Tensor  # [B, L] in current coordinates
@@ -39,6 +44,11 @@ class _Run:
     original_visual: torch.Tensor  # [B]
     grids: list
     dtype: torch.dtype = torch.float32
+    input_ids: torch.Tensor | None = None  # the prompt, and which of its tokens are real
+    prompt_valid: torch.Tensor | None = None
+    encoder_outputs: Any = None  # the images generate encoded once for all its steps, if passed
+    origin: "_Run | None" = None
+    applied: list = field(default_factory=list)  # per stage: (keep map, replacing embeddings, source length)
     input_map: KeepMap | None = None
     llm_input_len: int = 0  # L0: length entering layer 0
     groups: list[tuple[int, KeepMap]] = field(default_factory=list)  # (first layer, map in L0 coords)
@@ -63,7 +73,7 @@ class PruningSession:
 
     All hooks are registered on this model instance on ``__enter__`` and removed on ``__exit__``
     (also when the block raises). Selection happens in prefill only; decode steps run on the pruned
-    KV cache. ``positions="original"`` keeps every kept token's original position id (default);
+    KV cache, and cache-free steps (``generate(use_cache=False)``) replay the prompt's selection. ``positions="original"`` keeps every kept token's original position id (default);
     ``"compact"`` renumbers kept tokens contiguously (1-D RoPE families only).
     """
 
@@ -187,14 +197,19 @@ class PruningSession:
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(is_visual)
         is_visual = is_visual & valid
+        origin = self._continued(input_ids, valid, kwargs)
         run = self._run = _Run(
             prompt_len=seq,
             is_visual=is_visual,
             is_filler=torch.zeros_like(is_visual),
             token_valid=valid,
             original_visual=is_visual.sum(dim=1),
-            grids=self.adapter.image_grids(input_ids, self._top_kwargs),
+            grids=[] if origin is not None else self.adapter.image_grids(input_ids, self._top_kwargs),
             dtype=embeds.dtype,
+            input_ids=input_ids,
+            prompt_valid=valid,
+            encoder_outputs=self._top_kwargs.get("mm_encoder_outputs"),
+            origin=origin,
         )
         for stage in self.schedule:
             if isinstance(stage.where, str):
@@ -209,6 +224,29 @@ class PruningSession:
             kwargs["position_ids"] = self._input_positions(kwargs.get("position_ids"), run, embeds.device)
         self._finish_trace()
         return kwargs
+
+    def _continued(self, input_ids: torch.Tensor, valid: torch.Tensor, kwargs: dict) -> "_Run | None":
+        """The finished prefill this cache-free call continues, or None (a new prompt: select anew).
+
+        A continuation runs without a cache (``use_cache=False``), has the earlier prompt's rows as
+        its prefix (same ids, same padding), only text after it, and the same pre-encoded images
+        when ``generate`` passes them: what ``generate(use_cache=False)`` does at every step.
+        """
+        last = self._run
+        if last is None or last.in_prefill:
+            return None
+        origin = last.origin or last
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        length = origin.prompt_len
+        if kwargs.get("past_key_values") is not None or use_cache or input_ids.shape[1] <= length \
+                or input_ids.shape[0] != origin.input_ids.shape[0]:
+            return None
+        if self._top_kwargs.get("mm_encoder_outputs") is not origin.encoder_outputs:
+            return None
+        same = torch.equal(input_ids[:, :length], origin.input_ids) and torch.equal(valid[:, :length], origin.prompt_valid)
+        return origin if same and not bool(self.adapter.visual_mask(input_ids[:, length:]).any()) else None
 
     def _input_positions(self, pos, run: _Run, device) -> torch.Tensor:
         if pos is None:
@@ -244,7 +282,7 @@ class PruningSession:
             keep = run.group_for(index)
             if keep is not None:
                 kwargs = self._layer_kwargs(module, kwargs, keep, run)
-            if run.in_prefill and index + 1 in self.layer_stages:
+            if run.in_prefill and index + 1 in self.layer_stages and run.origin is None:
                 run.layer_input = args[0] if args else kwargs["hidden_states"]
                 run.layer_kwargs = kwargs
             return args, kwargs
@@ -275,7 +313,10 @@ class PruningSession:
             torch.cuda.synchronize(hidden.device)
         start = time.perf_counter()
         budget = self._budget(stage, run)
-        if bool(run.is_visual.any()):
+        if run.origin is not None:  # a cache-free continuation: the prompt's own selection, extended
+            keep, embeddings, length = run.origin.applied[self.schedule.index(stage)]
+            keep = keep.extended(length, hidden.shape[1])
+        elif bool(run.is_visual.any()):
             ctx = SelectionContext(
                 selector=self.selector,
                 stage=stage,
@@ -296,11 +337,14 @@ class PruningSession:
         else:  # no sample has a visual token (text-only prompts): nothing to choose, the selector is not asked
             visual_index = positions_of(run.is_visual)[0]
             selection = Selection(visual_index)
-        keep = build_keep_map(run.is_visual | run.is_filler, visual_index, selection.indices)
+        if run.origin is None:
+            keep = build_keep_map(run.is_visual | run.is_filler, visual_index, selection.indices)
+            embeddings = selection.embeddings
+            run.applied.append((keep, embeddings, hidden.shape[1]))
         new_hidden = gather_seq(hidden, keep.index)
-        if selection.embeddings is not None:
+        if embeddings is not None:
             from_sel = keep.source_col >= 0
-            replaced = gather_seq(selection.embeddings.to(new_hidden.dtype), keep.source_col.clamp(min=0))
+            replaced = gather_seq(embeddings.to(new_hidden.dtype), keep.source_col.clamp(min=0))
             new_hidden = torch.where(from_sel[..., None], replaced, new_hidden)
         run.is_visual = run.is_visual.gather(1, keep.index) & ~keep.filler
         run.is_filler = keep.filler
@@ -419,6 +463,9 @@ class PruningSession:
     # -- trace -----------------------------------------------------------------------------
     def _finish_trace(self) -> None:
         run = self._run
+        if run.origin is not None:  # the prompt's trace holds; the new tokens are its decode steps
+            self.trace.decode_steps = run.prompt_len - run.origin.prompt_len
+            return
         num_layers = self.info.num_layers
         per_layer = []
         lengths = []

@@ -33,8 +33,9 @@ def _run(model, name, inputs, **generate):
         return out
 
     selector.select = recording
-    with fvlm.prune(model, selector), torch.no_grad():
-        model.generate(**inputs, **{"max_new_tokens": 3, "do_sample": False, **generate})
+    with fvlm.prune(model, selector) as session, torch.no_grad():
+        out = model.generate(**inputs, **{"max_new_tokens": 3, "do_sample": False, **generate})
+    selector.output, selector.trace = out, session.trace
     return selector, calls
 
 
@@ -134,3 +135,25 @@ def test_selector_refuses_a_bad_keep_when_built(name):
         with pytest.raises(fvlm.SelectorArgumentError, match="`keep`") as exc:
             fvlm.create_selector(name, keep=keep)
         assert "\n" not in str(exc.value), f"{name}: the message is not one line"
+
+
+# -- generate(use_cache=False): the prompt's selection holds for every step, as with the cache -----
+@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("name", NAMES)
+def test_uncached_generation_keeps_the_prefill_selection(model_cache, name, family):
+    model = model_cache(family, "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    runs = []
+    for use_cache in (True, False):
+        try:
+            selector, calls = _run(model, name, inputs, max_new_tokens=5, use_cache=use_cache)
+        except UnsupportedModelError as err:
+            pytest.skip(f"{name} does not support {family}: {err}")
+        runs.append((selector, calls))
+    (first, cached), (second, uncached) = runs
+    assert len(uncached) == len(cached)  # selected once, in the first forward, not at every step
+    assert all(torch.equal(a["indices"], b["indices"]) for a, b in zip(cached, uncached))
+    assert torch.equal(first.output, second.output), f"{name}: uncached answers differ from cached ones"
+    for field in ("original_visual", "llm_input_visual", "visual_per_layer", "prefill_length", "decode_steps"):
+        assert getattr(first.trace, field) == getattr(second.trace, field), field  # the trace tells one story
+    assert second.trace.decode_steps == 4
