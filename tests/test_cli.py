@@ -265,3 +265,30 @@ def test_demo_bad_selector_argument_is_one_line():
     assert proc.stderr.strip().splitlines() == [
         "error: RandomSelector: `keep` must be an int count >= 1, or a float fraction in (0, 1] of each sample's "
         "visual tokens (1.0 keeps all); got 'abc'"]
+
+
+# -- 12: the summary covers exactly the requested samples; unknown predictions are not trusted ------
+def test_summary_covers_the_requested_samples_only(tmp_path):
+    data = write_data(tmp_path / "d", n=4)
+    out = tmp_path / "run"
+    argv = ["run", "-c", TINY / "llava-reference.yaml", "--data.path", data, "--output", out, *QUIET]
+    assert fvlm(*argv, "--data.limit", 4).returncode == 0
+    fewer = fvlm(*argv, "--data.limit", 2)
+    assert fewer.returncode == 0, fewer.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 2 and summary["missing"] == 0
+    assert "2 (0 errors, 0 missing)" in fewer.stdout
+    assert "also holds 2 lines of samples this run did not request" in one_line(fewer.stderr)
+    assert len(read_jsonl(out / "predictions.jsonl")) == 4  # nothing is deleted
+
+
+def test_predictions_without_their_config_are_not_trusted(tmp_path):
+    data = write_data(tmp_path / "d", n=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text(json.dumps({"id": "q0", "answer": "from somewhere else"}) + "\n")
+    argv = ["run", "-c", TINY / "llava-reference.yaml", "--data.path", data, "--output", out, *QUIET]
+    proc = fvlm(*argv)
+    assert proc.returncode == 2
+    assert f"{out} holds predictions but no config.yaml" in one_line(proc.stderr) and "--overwrite true" in proc.stderr
+    assert read_jsonl(out / "predictions.jsonl") == [{"id": "q0", "answer": "from somewhere else"}]

@@ -258,7 +258,10 @@ def prepare_output(output: Path, config: dict, dumped: str, overwrite: bool) -> 
         for path in (output / PREDICTIONS, output / "summary.json", previous):
             path.unlink(missing_ok=True)
         shutil.rmtree(output / SHARDS, ignore_errors=True)
-    elif prediction_files(output) and previous.is_file():
+    elif prediction_files(output) and not previous.is_file():
+        raise RecipeError(f"{output} holds predictions but no config.yaml: fvlm cannot tell which configuration "
+                          "wrote them. Use another --output, or --overwrite true to discard them.")
+    elif prediction_files(output):
         old, new = _fingerprint(yaml.safe_load(previous.read_text()) or {}), _fingerprint(config)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
@@ -384,7 +387,8 @@ def run(argv: Sequence[str]) -> int:
     writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
     predictions = merge_predictions(writer.output_dir, data.ids)  # no-op after a normal end; completes a resumed one
     requested = set(data.ids)
-    records = read_jsonl(predictions)
+    lines = read_jsonl(predictions)
+    records = [r for r in lines if str(r["id"]) in requested]  # the summary covers the requested samples only
     reference = read_jsonl(cfg.reference) if cfg.reference else None
     summary = summarize(records, reference)
     missing = sorted(requested - {str(r["id"]) for r in records})
@@ -394,6 +398,9 @@ def run(argv: Sequence[str]) -> int:
 
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, output, records[: cfg.show])
+    if len(lines) > len(records):
+        _note(f"{predictions} also holds {len(lines) - len(records)} lines of samples this run did not request "
+              "(e.g. from an earlier run with a larger data.limit); the summary leaves them out")
     unanswered = summary["errors"] + len(missing)
     if unanswered:
         _note(f"{unanswered} of {len(requested)} requested samples have no answer ({summary['errors']} errors, "
