@@ -292,3 +292,15 @@ def test_predictions_without_their_config_are_not_trusted(tmp_path):
     assert proc.returncode == 2
     assert f"{out} holds predictions but no config.yaml" in one_line(proc.stderr) and "--overwrite true" in proc.stderr
     assert read_jsonl(out / "predictions.jsonl") == [{"id": "q0", "answer": "from somewhere else"}]
+
+
+# -- 13: a recipe is code: safe defaults, and remote code is never switched on silently --------------
+def test_trust_remote_code_is_off_by_default_and_announced_when_on():
+    plain = fvlm("run", "-c", TINY / "llava-reference.yaml", "--print_config")
+    assert plain.returncode == 0 and "trust_remote_code: false" in plain.stdout and plain.stderr == ""
+    on = fvlm("run", "-c", TINY / "llava-reference.yaml", "--model.backbone.trust_remote_code", "true",
+              "--print_config")
+    assert on.returncode == 0 and "trust_remote_code: true" in on.stdout
+    assert "the checkpoint's own Python code will run" in one_line(on.stderr)
+    warning = (ROOT / "docs/reference/recipes.md").read_text()
+    assert "A recipe is code: run only recipes you trust" in warning and "class_path" in warning

@@ -293,6 +293,11 @@ def parse(argv: Sequence[str]):
     cfg = parser.parse_args(argv)
     selector = check_selector(cfg)
     note_budget_spelling(cfg)
+    backbone = cfg.get("model.backbone")
+    if backbone is not None and (backbone.get("trust_remote_code") or any(
+            (backbone.get(k) or {}).get("trust_remote_code") for k in ("model_kwargs", "processor_kwargs"))):
+        _note("model.backbone.trust_remote_code is true: the checkpoint's own Python code will run; "
+              "use it only with checkpoints (and recipes) you trust")
     check_inference_mode(cfg, selector)
     return parser, cfg, selector, print_config
 
