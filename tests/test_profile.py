@@ -126,6 +126,13 @@ def test_profile_errors(capsys):
     assert code == 2 and "keeps 700 visual tokens but only 576 remain" in out
 
 
+def test_profile_refuses_a_layer_average_out_of_a_selectors_reach(capsys):
+    code, out = _profile(capsys, "--selector", "fastv", "--budget", "10")  # layers 0-1 alone average 36
+    assert code == 2 and "cannot reach a layer average of 10 through 'keep': the nearest it gets is 36.9" in out
+    code, out = _profile(capsys, "--selector", "random", "--budget", "0")
+    assert code == 2 and "outside (0, 576]" in out
+
+
 def test_profile_plot(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     code, out = _profile(capsys, "--schedule", "1:218,10:128,15:54", "--selector", "random", "--budget", "128", "64",

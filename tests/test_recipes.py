@@ -185,6 +185,11 @@ def test_bad_selector_arguments_fail_when_the_recipe_is_parsed(selector, key, ca
         assert "an int count >= 1, or a float fraction in (0, 1]" in err
 
 
+def test_trust_remote_code_is_off_by_default(capsys):
+    code, out, err = _main(["-c", str(TINY / "llava-reference.yaml"), "--print_config"], capsys)
+    assert code == 0 and yaml.safe_load(out)["model"]["backbone"]["trust_remote_code"] is False and err == ""
+
+
 def test_keep_one_in_a_recipe_is_pointed_out(capsys):
     base = ["-c", str(TINY / "llava-reference.yaml"), "--print_config"]
     code, _, err = _main([*base, "--model.selector", "{name: random, args: {keep: 1}}"], capsys)
