@@ -39,6 +39,14 @@ def _run(model, name, inputs, **generate):
     return selector, calls
 
 
+def _run_or_skip(model, name, family, inputs, **generate):
+    """:func:`_run`, skipping the test where the selector does not support the family."""
+    try:
+        return _run(model, name, inputs, **generate)
+    except UnsupportedModelError as err:
+        pytest.skip(f"{name} does not support {family}: {err}")
+
+
 def test_plugin_and_builtins_are_registered():
     assert {"keep_all", "random", "uniform", "example_norm"} <= set(NAMES)
 
@@ -48,10 +56,7 @@ def test_plugin_and_builtins_are_registered():
 def test_selector_contract(model_cache, name, family):
     model = model_cache(family, "sdpa")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
-    try:
-        selector, calls = _run(model, name, inputs)
-    except UnsupportedModelError as err:
-        pytest.skip(f"{name} does not support {family}: {err}")
+    selector, calls = _run_or_skip(model, name, family, inputs)
     assert calls, f"{name} never selected anything"
     used = set()
     for call in calls:
@@ -94,11 +99,8 @@ def test_selector_picks_the_same_tokens_for_every_beam(model_cache, name, family
     """Each of a prompt's beam rows gets the picks of the prompt run alone (unexpanded)."""
     model = model_cache(family, "sdpa")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
-    try:
-        _, plain = _run(model, name, inputs)
-        _, beams = _run(model, name, inputs, **EXPANDED["beams"])
-    except UnsupportedModelError as err:
-        pytest.skip(f"{name} does not support {family}: {err}")
+    _, plain = _run_or_skip(model, name, family, inputs)
+    _, beams = _run_or_skip(model, name, family, inputs, **EXPANDED["beams"])
     assert len(beams) == len(plain) > 0
     for one, expanded in zip(plain, beams):
         assert torch.equal(expanded["indices"], one["indices"].repeat_interleave(2, dim=0)), name
@@ -143,14 +145,8 @@ def test_selector_refuses_a_bad_keep_when_built(name):
 def test_uncached_generation_keeps_the_prefill_selection(model_cache, name, family):
     model = model_cache(family, "sdpa")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
-    runs = []
-    for use_cache in (True, False):
-        try:
-            selector, calls = _run(model, name, inputs, max_new_tokens=5, use_cache=use_cache)
-        except UnsupportedModelError as err:
-            pytest.skip(f"{name} does not support {family}: {err}")
-        runs.append((selector, calls))
-    (first, cached), (second, uncached) = runs
+    first, cached = _run_or_skip(model, name, family, inputs, max_new_tokens=5, use_cache=True)
+    second, uncached = _run_or_skip(model, name, family, inputs, max_new_tokens=5, use_cache=False)
     assert len(uncached) == len(cached)  # selected once, in the first forward, not at every step
     assert all(torch.equal(a["indices"], b["indices"]) for a, b in zip(cached, uncached))
     assert torch.equal(first.output, second.output), f"{name}: uncached answers differ from cached ones"
