@@ -337,15 +337,14 @@ def run(argv: Sequence[str]) -> int:
         return 0
     from lightning.pytorch import Trainer, seed_everything
 
-    from fvlm.lightning.callbacks import PredictionWriter, merge_predictions
-    from fvlm.metrics.scoring import read_jsonl, summarize
-
     try:
         init = parser.instantiate(cfg)
     except (ValueError, TypeError) as exc:  # a value the classes refuse, e.g. data.batch_size: 0
         raise RecipeError(" ".join(str(exc).split())) from None
     module, data = init.model, init.data
     check_data(data)
+    if cfg.reference and not Path(cfg.reference).is_file():
+        raise RecipeError(f"reference: no such predictions file: {cfg.reference}")
     check_backbone(module.backbone)
     output = Path(cfg.output or _default_output(cfg))
     cfg.output = str(output)
@@ -369,13 +368,23 @@ def run(argv: Sequence[str]) -> int:
     trainer_cfg["callbacks"] = _callbacks(trainer_cfg, output, cfg.retry_errors)
     trainer_cfg["inference_mode"] = inference_mode
     trainer = Trainer(**trainer_cfg)
+    stopped = _run_trainer(trainer, module, data, cfg.mode, output)
+    if stopped is not None:
+        return stopped
+    if not trainer.is_global_zero:
+        return 0
+    return _summarize(trainer, module, data, cfg, output)
+
+
+def _run_trainer(trainer, module, data, mode: str, output: Path) -> ExitCode | None:
+    """``trainer.predict`` / ``trainer.test``; the exit code when a signal stopped it, else None."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from fvlm.lightning.callbacks import StopOnSigterm
 
     stop = next(c for c in trainer.callbacks if isinstance(c, StopOnSigterm))
     try:
-        if cfg.mode == "test":
+        if mode == "test":
             trainer.test(module, datamodule=data, verbose=False)
         else:
             trainer.predict(module, datamodule=data, return_predictions=False)
@@ -387,8 +396,16 @@ def run(argv: Sequence[str]) -> int:
         _note(f"stopped by {signal}; the answers written so far are kept in {output}: run the same command "
               "again to resume", error=True)
         return ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
-    if not trainer.is_global_zero:
-        return 0
+    return None
+
+
+def _summarize(trainer, module, data, cfg, output: Path) -> ExitCode:
+    """Merge the predictions, write and print the summary of the requested samples; the exit code."""
+    import json
+
+    from fvlm.lightning.callbacks import PredictionWriter, merge_predictions
+    from fvlm.metrics.scoring import read_jsonl, summarize
+
     writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
     predictions = merge_predictions(writer.output_dir, data.ids)  # no-op after a normal end; completes a resumed one
     requested = set(data.ids)
@@ -399,8 +416,6 @@ def run(argv: Sequence[str]) -> int:
     missing = sorted(requested - {str(r["id"]) for r in records})
     summary.update(selector=module.selector_name, backbone=module.backbone.path, mode=cfg.mode,
                    missing=len(missing), output=str(output))
-    import json
-
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, output, records[: cfg.show])
     if len(lines) > len(records):
