@@ -73,8 +73,10 @@ class PruningSession:
 
     All hooks are registered on this model instance on ``__enter__`` and removed on ``__exit__``
     (also when the block raises). Selection happens in prefill only; decode steps run on the pruned
-    KV cache, and cache-free steps (``generate(use_cache=False)``) replay the prompt's selection. ``positions="original"`` keeps every kept token's original position id (default);
-    ``"compact"`` renumbers kept tokens contiguously (1-D RoPE families only).
+    KV cache, and cache-free steps (``generate(use_cache=False)``) replay the prompt's selection.
+    ``positions="original"`` keeps every kept token's original position id (default);
+    ``"compact"`` renumbers kept tokens contiguously (1-D RoPE families only). Sessions do not nest:
+    entering a second one on a model that has an active session raises.
     """
 
     def __init__(self, model: nn.Module, selector: TokenSelector, positions: str = "original"):

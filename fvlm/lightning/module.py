@@ -25,6 +25,28 @@ from fvlm.selectors.base import Need, TokenSelector
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+Path_any = path_type("")  # a path or a name, no checks: relative paths in a recipe remember its folder
+
+
+def _locate(path) -> tuple[str, list[str]]:
+    """``(folder or name, places looked in)``: a relative folder next to the recipe that named it
+    first, then in the working directory; anything else is returned as given (a hub id, ``builtin``)."""
+    import os
+
+    relative = os.fspath(getattr(path, "relative", path))
+    if os.path.isabs(relative):
+        return relative, [relative]
+    places = [os.path.abspath(relative)]
+    if isinstance(path, Path_any):
+        places.insert(0, os.fspath(path.absolute))
+    places = list(dict.fromkeys(places))
+    return next((p for p in places if os.path.isdir(p)), relative), places
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 @dataclass
 class BackboneSpec:
     """Which VLM to load and how.
@@ -147,28 +169,6 @@ class BackboneSpec:
             if processor is None:
                 raise
             return processor
-
-
-Path_any = path_type("")  # a path or a name, no checks: relative paths in a recipe remember its folder
-
-
-def _locate(path) -> tuple[str, list[str]]:
-    """``(folder or name, places looked in)``: a relative folder next to the recipe that named it
-    first, then in the working directory; anything else is returned as given (a hub id, ``builtin``)."""
-    import os
-
-    relative = os.fspath(getattr(path, "relative", path))
-    if os.path.isabs(relative):
-        return relative, [relative]
-    places = [os.path.abspath(relative)]
-    if isinstance(path, Path_any):
-        places.insert(0, os.fspath(path.absolute))
-    places = list(dict.fromkeys(places))
-    return next((p for p in places if os.path.isdir(p)), relative), places
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @dataclass
