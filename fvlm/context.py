@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo, VisionProbe
+from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo, VisionProbe, images_per_row
 from fvlm.errors import FVLMError, GradientUnavailableError
 from fvlm.selectors.base import Need, Stage, TokenSelector
 
@@ -179,18 +179,16 @@ class SelectionContext:
         if self.stage.where != "vision":
             raise FVLMError("vision-tower probes are only available at a 'vision' stage")
         probe = self.adapter.vision_probe(self._observed)
-        counts = [len(images) for images in self._grids or []]
-        if sum(counts) != probe.features.shape[0]:
-            raise FVLMError(f"found {sum(counts)} images in the prompts but {probe.features.shape[0]} in the vision tower")
-        starts = [sum(counts[:b]) for b in range(len(counts))]
+        images, per_image = probe.features.shape[:2]
+        rows = images_per_row([per_image] * images, self.num_visual.tolist())  # beams repeat prompts
 
         def per_sample(t: torch.Tensor) -> torch.Tensor:
-            rows = [t[s : s + c].reshape(-1, *t.shape[2:]) for s, c in zip(starts, counts)]
-            return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)[:, : self.visual_index.shape[1]]
+            parts = [t[picked].reshape(-1, *t.shape[2:]) for picked in rows]
+            return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)[:, : self.visual_index.shape[1]]
 
         cls = probe.cls_features
         if cls is not None:
-            cls = torch.nn.utils.rnn.pad_sequence([cls[s : s + c] for s, c in zip(starts, counts)], batch_first=True)
+            cls = torch.nn.utils.rnn.pad_sequence([cls[picked] for picked in rows], batch_first=True)
         return VisionProbe(per_sample(probe.features), per_sample(probe.cls_attention), per_sample(probe.keys), cls)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

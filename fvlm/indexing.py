@@ -39,6 +39,14 @@ class KeepMap:
             later.source_col,
         )
 
+    def extended(self, source_len: int, new_len: int) -> "KeepMap":
+        """This map (over a source of ``source_len`` positions) for the source grown to ``new_len``:
+        the added positions are all kept, after the others."""
+        bsz = self.index.shape[0]
+        added = torch.arange(source_len, new_len, device=self.index.device).expand(bsz, new_len - source_len)
+        return KeepMap(torch.cat([self.index, added], dim=1), torch.cat([self.filler, torch.zeros_like(added, dtype=torch.bool)], 1),
+                       torch.cat([self.source_col, torch.full_like(added, -1)], dim=1))
+
     @staticmethod
     def identity(bsz: int, length: int, device) -> "KeepMap":
         index = torch.arange(length, device=device).expand(bsz, length)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from fvlm.adapters import adapter_for
-from fvlm.context import SelectionContext
+from fvlm.context import SelectionContext, positions_of
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
 from fvlm.indexing import (
     KeepMap,
@@ -23,10 +24,17 @@ from fvlm.indexing import (
 from fvlm.selectors.base import POSITION_POLICIES, Need, Selection, Stage, TokenSelector
 from fvlm.trace import StageRecord, Trace
 
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()  # model -> session
+
 
 @dataclass
 class _Run:
-    """State of one prefill and the decode steps that follow it."""
+    """State of one prefill and the decode steps that follow it.
+
+    A forward without a KV cache that continues an earlier prompt (``generate(use_cache=False)``
+    feeds prompt + generated tokens again at every step) replays that prompt's prefill: ``origin`` is
+    its run, whose ``applied`` stages are reused instead of selecting again.
+    """
 
     prompt_len: int  # S: prompt length at the LLM input, before any pruning
     is_visual: torch.Tensor  # [B, L] in current coordinates
@@ -35,6 +43,11 @@ class _Run:
     original_visual: torch.Tensor  # [B]
     grids: list
     dtype: torch.dtype = torch.float32
+    input_ids: torch.Tensor | None = None  # the prompt, and which of its tokens are real
+    prompt_valid: torch.Tensor | None = None
+    encoder_outputs: Any = None  # the images generate encoded once for all its steps, if passed
+    origin: "_Run | None" = None
+    applied: list = field(default_factory=list)  # per stage: (keep map, replacing embeddings, source length)
     input_map: KeepMap | None = None
     llm_input_len: int = 0  # L0: length entering layer 0
     groups: list[tuple[int, KeepMap]] = field(default_factory=list)  # (first layer, map in L0 coords)
@@ -59,10 +72,12 @@ class PruningSession:
 
     All hooks are registered on this model instance on ``__enter__`` and removed on ``__exit__``
     (also when the block raises). Selection happens in prefill only; decode steps run on the pruned
-    KV cache. ``positions="original"`` keeps every kept token's original position id;
-    ``"compact"`` renumbers kept tokens contiguously in sequence order (1-D RoPE families only).
-    ``None`` (default) uses the selector's declared policy (its authors'), see
-    :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`.
+    KV cache, and cache-free steps (``generate(use_cache=False)``) replay the prompt's selection.
+    ``positions="original"`` keeps every kept token's original position id; ``"compact"`` renumbers
+    kept tokens contiguously in sequence order (1-D RoPE families only); ``None`` (default) uses the
+    selector's declared policy (its authors'), see
+    :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`. Sessions do not
+    nest: entering a second one on a model that has an active session raises.
     """
 
     def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None):
@@ -122,16 +137,25 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise FVLMError("this pruning session is already active")
+        other = _ACTIVE.get(self.model)
+        if other is not None:
+            raise FVLMError(
+                f"this model is already pruning (a session with {type(other.selector).__name__} is active); "
+                "sessions do not nest: use compose to run several selectors in one session, e.g. "
+                "fvlm.prune(model, 'compose', selectors=[...])")
         try:
             self._attach()
         except BaseException:
             self._detach()
             raise
+        _ACTIVE[self.model] = self
         return self
 
     def __exit__(self, *exc) -> None:
         self._detach()
         self._run = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
 
     def _attach(self) -> None:
         hooks = self._handles
@@ -170,6 +194,7 @@ class PruningSession:
             self._run.in_prefill = False
             self._run.layer_input = self._run.layer_kwargs = None
             self._run.cache.clear()
+            self._observed.clear()  # belongs to this prefill's images; the next call records its own
 
     def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
         if Need.GRADIENT in self.selector.needs and torch.is_inference_mode_enabled():
@@ -185,14 +210,19 @@ class PruningSession:
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(is_visual)
         is_visual = is_visual & valid
+        origin = self._continued(input_ids, valid, kwargs)
         run = self._run = _Run(
             prompt_len=seq,
             is_visual=is_visual,
             is_filler=torch.zeros_like(is_visual),
             token_valid=valid,
             original_visual=is_visual.sum(dim=1),
-            grids=self.adapter.image_grids(input_ids, self._top_kwargs),
+            grids=origin.grids if origin is not None else self.adapter.image_grids(input_ids, self._top_kwargs),
             dtype=embeds.dtype,
+            input_ids=input_ids,
+            prompt_valid=valid,
+            encoder_outputs=self._top_kwargs.get("mm_encoder_outputs"),
+            origin=origin,
         )
         for stage in self.schedule:
             if isinstance(stage.where, str):
@@ -207,6 +237,29 @@ class PruningSession:
             kwargs["position_ids"] = self._input_positions(kwargs.get("position_ids"), run, embeds.device)
         self._finish_trace()
         return kwargs
+
+    def _continued(self, input_ids: torch.Tensor, valid: torch.Tensor, kwargs: dict) -> "_Run | None":
+        """The finished prefill this cache-free call continues, or None (a new prompt: select anew).
+
+        A continuation runs without a cache (``use_cache=False``), has the earlier prompt's rows as
+        its prefix (same ids, same padding), only text after it, and the same pre-encoded images
+        when ``generate`` passes them: what ``generate(use_cache=False)`` does at every step.
+        """
+        last = self._run
+        if last is None or last.in_prefill:
+            return None
+        origin = last.origin or last
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        length = origin.prompt_len
+        if kwargs.get("past_key_values") is not None or use_cache or input_ids.shape[1] <= length \
+                or input_ids.shape[0] != origin.input_ids.shape[0]:
+            return None
+        if self._top_kwargs.get("mm_encoder_outputs") is not origin.encoder_outputs:
+            return None
+        same = torch.equal(input_ids[:, :length], origin.input_ids) and torch.equal(valid[:, :length], origin.prompt_valid)
+        return origin if same and not bool(self.adapter.visual_mask(input_ids[:, length:]).any()) else None
 
     def _input_positions(self, pos, run: _Run, device) -> torch.Tensor:
         if pos is None:
@@ -247,7 +300,7 @@ class PruningSession:
             keep = run.group_for(index)
             if keep is not None:
                 kwargs = self._layer_kwargs(module, kwargs, keep, run)
-            if run.in_prefill and index + 1 in self.layer_stages:
+            if run.in_prefill and index + 1 in self.layer_stages and run.origin is None:
                 run.layer_input = args[0] if args else kwargs["hidden_states"]
                 run.layer_kwargs = kwargs
             return args, kwargs
@@ -278,28 +331,39 @@ class PruningSession:
             torch.cuda.synchronize(hidden.device)
         start = time.perf_counter()
         budget = self._budget(stage, run)
-        ctx = SelectionContext(
-            selector=self.selector,
-            stage=stage,
-            stage_index=self.schedule.index(stage),
-            info=self.info,
-            adapter=self.adapter,
-            hidden=hidden,
-            is_visual=run.is_visual,
-            token_valid=run.token_valid,
-            budget=budget,
-            grids=run.grids,
-            layer_input=run.layer_input,
-            layer_kwargs=run.layer_kwargs,
-            observed=self._observed,
-            original_visual=run.original_visual,
-        )
-        selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
-        keep = build_keep_map(run.is_visual | run.is_filler, ctx.visual_index, selection.indices)
+        if run.origin is not None:  # a cache-free continuation: the prompt's own selection, extended
+            keep, embeddings, length = run.origin.applied[self.schedule.index(stage)]
+            keep = keep.extended(length, hidden.shape[1])
+        elif bool(run.is_visual.any()):
+            ctx = SelectionContext(
+                selector=self.selector,
+                stage=stage,
+                stage_index=self.schedule.index(stage),
+                info=self.info,
+                adapter=self.adapter,
+                hidden=hidden,
+                is_visual=run.is_visual,
+                token_valid=run.token_valid,
+                budget=budget,
+                grids=run.grids,
+                layer_input=run.layer_input,
+                layer_kwargs=run.layer_kwargs,
+                observed=self._observed,
+                original_visual=run.original_visual,
+            )
+            selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
+            visual_index = ctx.visual_index
+        else:  # no sample has a visual token (text-only prompts): nothing to choose, the selector is not asked
+            visual_index = positions_of(run.is_visual)[0]
+            selection = Selection(visual_index)
+        if run.origin is None:
+            keep = build_keep_map(run.is_visual | run.is_filler, visual_index, selection.indices)
+            embeddings = selection.embeddings
+            run.applied.append((keep, embeddings, hidden.shape[1]))
         new_hidden = gather_seq(hidden, keep.index)
-        if selection.embeddings is not None:
+        if embeddings is not None:
             from_sel = keep.source_col >= 0
-            replaced = gather_seq(selection.embeddings.to(new_hidden.dtype), keep.source_col.clamp(min=0))
+            replaced = gather_seq(embeddings.to(new_hidden.dtype), keep.source_col.clamp(min=0))
             new_hidden = torch.where(from_sel[..., None], replaced, new_hidden)
         run.is_visual = run.is_visual.gather(1, keep.index) & ~keep.filler
         run.is_filler = keep.filler
@@ -418,6 +482,9 @@ class PruningSession:
     # -- trace -----------------------------------------------------------------------------
     def _finish_trace(self) -> None:
         run = self._run
+        if run.origin is not None:  # the prompt's trace holds; the new tokens are its decode steps
+            self.trace.decode_steps = run.prompt_len - run.origin.prompt_len
+            return
         num_layers = self.info.num_layers
         per_layer = []
         lengths = []

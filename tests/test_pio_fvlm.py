@@ -357,33 +357,34 @@ def test_keep_and_keep_fraction_schedules():
     assert sel.keep_count(stage, torch.tensor([216, 1, 0]), torch.tensor([1296] * 3), torch.tensor([1] * 3)).tolist() == [71, 1, 0]
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
+@pytest.mark.parametrize("kwargs,error,match", [  # every constructor check raises SelectorArgumentError
     (dict(keep=[200, 100, 50], average=64), ValueError, "only one of"),
     (dict(keep=[200, 100, 50], keep_fraction=[0.5, 0.2, 0.1]), ValueError, "only one of"),
-    (dict(keep=[200, 100]), fvlm.BudgetError, "2 entries for 3 stages"),
-    (dict(keep=[100, 200, 50]), fvlm.BudgetError, "must not increase"),
-    (dict(keep=[100, 50, 0]), fvlm.BudgetError, ">= 1"),
-    (dict(keep_fraction=[0.5, 0.6, 0.1]), fvlm.BudgetError, "must not increase"),
-    (dict(keep_fraction=[1.5, 0.6, 0.1]), fvlm.BudgetError, r"\(0, 1\]"),
+    (dict(keep=[200, 100]), fvlm.SelectorArgumentError, "2 entries for 3 stages"),
+    (dict(keep=[100, 200, 50]), fvlm.SelectorArgumentError, "must not increase"),
+    (dict(keep=[100, 50, 0]), fvlm.SelectorArgumentError, ">= 1"),
+    (dict(keep_fraction=[0.5, 0.6, 0.1]), fvlm.SelectorArgumentError, "must not increase"),
+    (dict(keep_fraction=[1.5, 0.6, 0.1]), fvlm.SelectorArgumentError, r"\(0, 1\]"),
     (dict(layers=[1, 10, 10]), ValueError, "strictly increasing"),
     (dict(layers=[0, 10, 15]), ValueError, ">= 1"),
     (dict(layers=[]), ValueError, "at least one"),
-    (dict(average=600), fvlm.BudgetError, "exceeds the assumed input"),
-    (dict(average=-1), fvlm.BudgetError, "> 0"),
+    (dict(average=600), fvlm.SelectorArgumentError, "exceeds the assumed input"),
+    (dict(average=-1), fvlm.SelectorArgumentError, "> 0"),
     (dict(k_last=0), ValueError, "k_last"),
     (dict(tau=1.5), ValueError, "tau"),
     (dict(proxy_block="previous"), ValueError, "proxy_block"),
     (dict(head_rows="some"), ValueError, "head_rows"),
     (dict(proxy_head="lm"), ValueError, "proxy_head"),
-    (dict(keep_ratio=[0.5, 0.5]), fvlm.BudgetError, "2 entries for 3 stages"),
-    (dict(keep_ratio=[0.5, 1.5, 0.5]), fvlm.BudgetError, r"\(0, 1\]"),
+    (dict(keep_ratio=[0.5, 0.5]), fvlm.SelectorArgumentError, "2 entries for 3 stages"),
+    (dict(keep_ratio=[0.5, 1.5, 0.5]), fvlm.SelectorArgumentError, r"\(0, 1\]"),
     (dict(keep=[200, 100, 50], keep_ratio=[0.5, 0.5, 0.5]), ValueError, "only one of"),
     (dict(keep="218"), TypeError, "must be a list"),
     (dict(average=True), TypeError, "finite number"),
 ])
 def test_bad_arguments_raise(kwargs, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as exc:
         PIOFVLM(**kwargs)
+    assert isinstance(exc.value, fvlm.SelectorArgumentError)
 
 
 def test_unreachable_average_raises_at_schedule_time():

@@ -442,3 +442,14 @@ def test_prompt_without_image_is_left_alone(model_cache):
         assert torch.equal(out[0], reference[0]), name
         assert session.trace.visual_per_layer[0] == [0, 0, 0, 0]
         assert session.trace.visual_per_layer[1] == expected_counts(name, 16), name
+
+
+def test_budget_spelling_one_is_one_token_and_one_point_zero_is_all():
+    from fvlm.selectors.arguments import check_keep
+
+    assert FastV(keep=1).stages(INFO) == [Stage(2, 1)]  # an int is a count: one token
+    assert FastV(keep=1.0).stages(INFO) == [Stage(2, 1.0)]  # a float is a fraction: every token
+    assert check_keep("x", 2) == 2 and check_keep("x", 0.25) == 0.25
+    for bad in (0, 0.0, -1, 1.5, float("nan"), "1", None):
+        with pytest.raises(fvlm.SelectorArgumentError, match=r"`keep` must be an int count >= 1, or a float fraction in \(0, 1\]"):
+            check_keep("x", bad)

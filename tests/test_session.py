@@ -141,6 +141,54 @@ def test_hooks_removed_on_exit_and_on_exception(model_cache):
     assert hook_count(model) == before
 
 
+class CountingRandom(fvlm.TokenSelector):
+    """Fresh random picks at every call, counting how often the session asks for them."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def stages(self, info):
+        return [fvlm.Stage(2, 4)]
+
+    def select(self, ctx):
+        self.calls += 1
+        return torch.stack([torch.randperm(int(n))[:4].sort().values for n in ctx.num_visual]).to(ctx.hidden.device)
+
+
+def test_only_a_cache_free_continuation_reuses_the_prompt_selection(model_cache):
+    """generate(use_cache=False) selects once; a new call, even one that extends the last prompt, selects again."""
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    selector = CountingRandom()
+    with fvlm.prune(model, selector) as session, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert selector.calls == 1 and session.trace.decode_steps == 3
+        longer = dict(inputs, input_ids=out, attention_mask=torch.ones_like(out))
+        longer["attention_mask"][:, : inputs["input_ids"].shape[1]] = inputs["attention_mask"]
+        model.generate(**longer, max_new_tokens=2, do_sample=False, use_cache=False)  # a new call: new images
+        assert selector.calls == 2
+        model.generate(**longer, max_new_tokens=2, do_sample=False)  # with a cache: a new prefill
+        assert selector.calls == 3
+
+
+def test_nested_sessions_on_one_model_are_refused_at_enter(model_cache):
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    with fvlm.prune(model, "random", keep=4, seed=1) as outer:
+        hooks = hook_count(model)
+        inner = fvlm.prune(model, "uniform", keep=2)
+        with pytest.raises(fvlm.FVLMError, match="already pruning .*RandomSelector.*use compose"):
+            inner.__enter__()
+        assert hook_count(model) == hooks  # the refused session attached nothing
+        alone = _generate(model, inputs)
+    assert outer.trace.llm_input_visual == [4, 4]
+    with fvlm.prune(model, "random", keep=4, seed=1):  # free again after the outer session ended
+        assert torch.equal(_generate(model, inputs), alone)
+    other = model_cache("qwen2_vl", "sdpa")
+    with fvlm.prune(model, "random", keep=4), fvlm.prune(other, "random", keep=4):  # two models: fine
+        pass
+
+
 @pytest.mark.parametrize("where", ["input", 2])
 def test_compact_positions_match_renumbered_reference(model_cache, where):
     """Compact policy: kept tokens get contiguous positions; decode continues from the new end."""

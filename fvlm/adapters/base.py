@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -72,7 +72,12 @@ class BackboneAdapter:
     # -- discovery -------------------------------------------------------------------------
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+        return cls.matches_config(getattr(model, "config", None))
+
+    @classmethod
+    def matches_config(cls, config: Any) -> bool:
+        """Whether this adapter handles models of ``config`` (read before the weights are loaded)."""
+        return getattr(config, "model_type", None) in cls.model_types
 
     @property
     def top(self) -> nn.Module:
@@ -337,6 +342,39 @@ def _gather_seq(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     shape = index.shape + t.shape[2:]
     idx = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(shape)
     return t.gather(1, idx)
+
+
+def images_per_row(image_tokens: Sequence[int], row_tokens: Sequence[int]) -> list[list[int]]:
+    """Which images each row of the LLM batch shows, as indices into the vision tower's batch.
+
+    ``image_tokens[i]``: visual tokens of image ``i`` (the prompts' images one after another, as the
+    vision tower saw them); ``row_tokens[b]``: visual tokens in row ``b`` of the LLM batch. ``generate``
+    encodes the images once and may then repeat every prompt ``e`` times in a row (beam search,
+    ``num_return_sequences``); the ``e`` copies show the same images. ``e`` is the ratio of the two
+    totals. Raises :class:`~fvlm.errors.UnsupportedModelError` when no such layout fits the counts.
+    """
+    rows, total = list(row_tokens), sum(image_tokens)
+    if sum(rows) == 0:
+        return [[] for _ in rows]
+    copies, rest = divmod(sum(rows), total) if total else (0, 1)
+    if rest or len(rows) % copies:
+        raise UnsupportedModelError(
+            f"cannot match the prompts' visual tokens per row {rows} to the {len(image_tokens)} images "
+            f"of {list(image_tokens)} tokens the vision tower encoded")
+    out, nxt = [], 0
+    for start in range(0, len(rows), copies):
+        group = rows[start:start + copies]
+        picked, need = [], group[0]
+        while need > 0 and nxt < len(image_tokens):
+            picked.append(nxt)
+            need -= image_tokens[nxt]
+            nxt += 1
+        if need != 0 or len(set(group)) != 1:
+            raise UnsupportedModelError(
+                f"rows {start}..{start + copies - 1} of the batch do not show whole images of the vision "
+                f"tower's batch (visual tokens per row {rows}, per image {list(image_tokens)})")
+        out += [picked] * copies
+    return out
 
 
 def _run_lengths(row: torch.Tensor) -> list[int]:

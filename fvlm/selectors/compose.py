@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fvlm.errors import FVLMError
+from fvlm.selectors.arguments import fail
 from fvlm.selectors.base import TokenSelector
 
 
@@ -20,17 +21,18 @@ class Compose(TokenSelector):
     def __init__(self, selectors: list):
         from fvlm.registry import create_selector
 
+        rule = "a non-empty list of selectors, names or {name, args} mappings"
+        if not isinstance(selectors, (list, tuple)) or not selectors:
+            raise fail(self, "selectors", rule, selectors)
         parts = []
         for item in selectors:
             if isinstance(item, str):
                 item = create_selector(item)
-            elif isinstance(item, dict):
+            elif isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("args", {}), dict):
                 item = create_selector(item["name"], **item.get("args", {}))
             if not isinstance(item, TokenSelector):
-                raise TypeError(f"Compose parts must be selectors, names or {{name, args}} mappings, got {item!r}")
+                raise fail(self, "selectors", rule, item)
             parts.append(item)
-        if not parts:
-            raise FVLMError("Compose needs at least one selector")
         self.selectors = parts
         self.needs = frozenset().union(*(p.needs for p in parts))
         policies = {p.positions for p in parts}

@@ -56,6 +56,7 @@ import torch
 
 from fvlm.context import gather_rows, positions_of
 from fvlm.selectors.algorithms import dart_pivots, dart_select
+from fvlm.selectors.arguments import check_choice, check_int, check_keep, fail
 from fvlm.selectors.base import Need, Stage, TokenSelector
 
 PIVOT_ORDERS = ("authors", "position")
@@ -87,25 +88,18 @@ class DART(TokenSelector):
 
     def __init__(self, layer: int = 2, keep: int | float = 128, pivots_visual: int = 4, pivots_text: int = 4,
                  exact_budget: bool = True, pivot_order: str = "authors"):
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"DART layer must be an int >= 1 (prune after that many decoder layers), got {layer!r}")
-        for name, value in (("pivots_visual", pivots_visual), ("pivots_text", pivots_text)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"DART {name} must be an int >= 0, got {value!r}")
+        self.layer = check_int(self, layer, "layer", minimum=1)  # prune after that many decoder layers
+        self.keep = check_keep(self, keep)
+        check_int(self, pivots_visual, "pivots_visual", minimum=0)
+        check_int(self, pivots_text, "pivots_text", minimum=0)
         if pivots_visual + pivots_text == 0:
-            raise ValueError("DART needs at least one pivot (pivots_visual + pivots_text >= 1)")
+            raise fail(self, "pivots_visual + pivots_text", "at least 1 (DART needs a pivot)", 0)
         if not exact_budget and not isinstance(keep, int):
-            raise ValueError("DART exact_budget=False (the authors' count) needs an int keep count, "
-                             f"got {keep!r}")
-        if pivot_order not in PIVOT_ORDERS:
-            raise ValueError(f"DART pivot_order must be one of {PIVOT_ORDERS}, got {pivot_order!r}")
-        Stage(layer, keep)  # validates keep
-        self.layer = layer
-        self.keep = keep
+            raise fail(self, "keep", "an int count with exact_budget=False (the authors' count)", keep)
         self.pivots_visual = pivots_visual
         self.pivots_text = pivots_text
         self.exact_budget = exact_budget
-        self.pivot_order = pivot_order
+        self.pivot_order = check_choice(self, pivot_order, "pivot_order", PIVOT_ORDERS)
 
     def stage_keep(self) -> int | float:
         """Visual tokens the stage keeps: ``keep``, or the authors' count with ``exact_budget=False``."""

@@ -5,6 +5,7 @@ import torch
 
 from fvlm.errors import UnsupportedModelError
 from fvlm.selectors.algorithms import cls_dominant_and_contextual, max_min_diversity
+from fvlm.selectors.arguments import check_int, check_keep, check_where, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
 
@@ -22,8 +23,8 @@ class DivPrune(TokenSelector):
     positions = "compact"
 
     def __init__(self, keep: int | float = 0.098, layer: int | str = "input"):
-        self.keep = keep
-        self.layer = layer
+        self.keep = check_keep(self, keep)
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]
@@ -56,11 +57,8 @@ class VisionZip(TokenSelector):
     example_kwargs = {"dominant": 5, "contextual": 3}
 
     def __init__(self, dominant: int = 54, contextual: int = 10):
-        for name, value, low in (("dominant", dominant, 1), ("contextual", contextual, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"VisionZip {name} must be an int >= {low} (dominant counts the CLS token), got {value!r}")
-        self.dominant = dominant
-        self.contextual = contextual
+        self.dominant = check_int(self, dominant, "dominant", minimum=1)  # counts the CLS token
+        self.contextual = check_int(self, contextual, "contextual", minimum=0)
 
     def stages(self, info):
         if info.family != "llava":

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from fvlm.selectors.base import Need, ScoreSelector, Stage
+from fvlm.selectors.arguments import check_choice, check_int, check_keep
+from fvlm.selectors.base import ROUNDING, Need, ScoreSelector, Stage
 
 
 class FastV(ScoreSelector):
@@ -52,12 +53,9 @@ class FastV(ScoreSelector):
     example_kwargs = {"k": 2, "keep": 0.5}
 
     def __init__(self, k: int = 2, keep: int | float = 0.5, rounding: str = "round"):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"FastV k must be an int >= 1 (prune after k decoder layers), got {k!r}")
-        Stage(k, keep, rounding)  # validates keep (type, range) and rounding
-        self.k = k
-        self.keep = keep
-        self.rounding = rounding
+        self.k = check_int(self, k, "k", minimum=1)  # prune after k decoder layers
+        self.keep = check_keep(self, keep)
+        self.rounding = check_choice(self, rounding, "rounding", ROUNDING)
 
     def stages(self, info):
         return [Stage(self.k, self.keep, self.rounding)]

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from fvlm.errors import BudgetError, FVLMError
+from fvlm.errors import BudgetError, FVLMError, SelectorArgumentError
 from fvlm.selectors.base import Need, Stage, TokenSelector
 from fvlm.selectors.head_loss import self_argmax_cross_entropy
 
@@ -123,13 +123,14 @@ class PIOFVLM(TokenSelector):
     ):
         self.layers = _int_list("layers", layers)
         if not self.layers:
-            raise ValueError("PIOFVLM: `layers` needs at least one stage")
+            raise SelectorArgumentError("PIOFVLM: `layers` needs at least one stage")
         if self.layers[0] < 1 or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
-            raise ValueError(f"PIOFVLM: `layers` must be strictly increasing integers >= 1, got {self.layers}")
+            raise SelectorArgumentError(f"PIOFVLM: `layers` must be strictly increasing integers >= 1, got {self.layers}")
         given = [name for name, v in (("keep", keep), ("keep_fraction", keep_fraction), ("keep_ratio", keep_ratio),
                                       ("average", average)) if v is not None]
         if len(given) > 1:
-            raise ValueError(f"PIOFVLM: give only one of keep / keep_fraction / keep_ratio / average, got {' and '.join(given)}")
+            raise SelectorArgumentError(
+                f"PIOFVLM: give only one of keep / keep_fraction / keep_ratio / average, got {' and '.join(given)}")
         if not given:
             average = DEFAULT_AVERAGE
         self.keep = self.keep_fraction = self.keep_ratio = self.average = None
@@ -137,60 +138,60 @@ class PIOFVLM(TokenSelector):
             self.keep = _int_list("keep", keep)
             self._check_budgets("keep", self.keep)
             if min(self.keep) < 1:
-                raise BudgetError(f"PIOFVLM: `keep` counts must be >= 1, got {self.keep}")
+                raise SelectorArgumentError(f"PIOFVLM: `keep` counts must be >= 1, got {self.keep}")
         elif keep_fraction is not None:
             self.keep_fraction = [_float("keep_fraction", f) for f in _list("keep_fraction", keep_fraction)]
             self._check_budgets("keep_fraction", self.keep_fraction)
             if not all(0.0 < f <= 1.0 for f in self.keep_fraction):
-                raise BudgetError(f"PIOFVLM: `keep_fraction` entries must be in (0, 1], got {self.keep_fraction}")
+                raise SelectorArgumentError(f"PIOFVLM: `keep_fraction` entries must be in (0, 1], got {self.keep_fraction}")
         elif keep_ratio is not None:
             self.keep_ratio = [_float("keep_ratio", f) for f in _list("keep_ratio", keep_ratio)]
             if len(self.keep_ratio) != len(self.layers):
-                raise BudgetError(f"PIOFVLM: `keep_ratio` has {len(self.keep_ratio)} entries for {len(self.layers)} "
-                                  f"stages (layers={self.layers})")
+                raise SelectorArgumentError(f"PIOFVLM: `keep_ratio` has {len(self.keep_ratio)} entries for "
+                                            f"{len(self.layers)} stages (layers={self.layers})")
             if not all(0.0 < f <= 1.0 for f in self.keep_ratio):
-                raise BudgetError(f"PIOFVLM: `keep_ratio` entries must be in (0, 1], got {self.keep_ratio}")
+                raise SelectorArgumentError(f"PIOFVLM: `keep_ratio` entries must be in (0, 1], got {self.keep_ratio}")
         else:
             self.average = _float("average", average)
             if not self.average > 0:
-                raise BudgetError(f"PIOFVLM: `average` must be > 0, got {self.average}")
+                raise SelectorArgumentError(f"PIOFVLM: `average` must be > 0, got {self.average}")
         self.n_visual = _int("n_visual", n_visual)
         if self.n_visual < 1:
-            raise ValueError(f"PIOFVLM: `n_visual` must be >= 1, got {self.n_visual}")
+            raise SelectorArgumentError(f"PIOFVLM: `n_visual` must be >= 1, got {self.n_visual}")
         if self.average is not None and self.average > self.n_visual:
-            raise BudgetError(f"PIOFVLM: `average`={self.average} exceeds the assumed input of n_visual={self.n_visual} tokens")
+            raise SelectorArgumentError(f"PIOFVLM: `average`={self.average} exceeds the assumed input of n_visual={self.n_visual} tokens")
         self.k_last = _int("k_last", k_last)
         if self.k_last < 1:
-            raise ValueError(f"PIOFVLM: `k_last` must be >= 1, got {self.k_last}")
+            raise SelectorArgumentError(f"PIOFVLM: `k_last` must be >= 1, got {self.k_last}")
         self.tau = _float("tau", tau)
         if not -1.0 <= self.tau <= 1.0:
-            raise ValueError(f"PIOFVLM: `tau` is a cosine threshold in [-1, 1], got {self.tau}")
+            raise SelectorArgumentError(f"PIOFVLM: `tau` is a cosine threshold in [-1, 1], got {self.tau}")
         if not isinstance(nms, bool):
-            raise TypeError(f"PIOFVLM: `nms` must be a bool, got {nms!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `nms` must be a bool, got {nms!r}")
         self.nms = nms
         if proxy_block not in PROXY_BLOCKS:
-            raise ValueError(f"PIOFVLM: `proxy_block` must be one of {PROXY_BLOCKS}, got {proxy_block!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `proxy_block` must be one of {PROXY_BLOCKS}, got {proxy_block!r}")
         self.proxy_block = proxy_block
         if head_rows not in HEAD_ROWS:
-            raise ValueError(f"PIOFVLM: `head_rows` must be one of {HEAD_ROWS}, got {head_rows!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `head_rows` must be one of {HEAD_ROWS}, got {head_rows!r}")
         self.head_rows = head_rows
         if proxy not in PROXIES:
-            raise ValueError(f"PIOFVLM: `proxy` must be one of {PROXIES}, got {proxy!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `proxy` must be one of {PROXIES}, got {proxy!r}")
         if proxy == "rows" and head_rows == "all":
-            raise ValueError(
+            raise SelectorArgumentError(
                 "PIOFVLM: head_rows='all' applies the LM head to every block output row, which proxy='rows' "
                 "does not compute; use proxy='block' with head_rows='all'"
             )
         self.proxy = proxy
         if proxy_head not in PROXY_HEADS:
-            raise ValueError(f"PIOFVLM: `proxy_head` must be one of {PROXY_HEADS}, got {proxy_head!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `proxy_head` must be one of {PROXY_HEADS}, got {proxy_head!r}")
         self.proxy_head = proxy_head
 
     def _check_budgets(self, name: str, values: list) -> None:
         if len(values) != len(self.layers):
-            raise BudgetError(f"PIOFVLM: `{name}` has {len(values)} entries for {len(self.layers)} stages (layers={self.layers})")
+            raise SelectorArgumentError(f"PIOFVLM: `{name}` has {len(values)} entries for {len(self.layers)} stages (layers={self.layers})")
         if any(b > a for a, b in zip(values, values[1:])):
-            raise BudgetError(f"PIOFVLM: `{name}` must not increase from one stage to the next, got {values}")
+            raise SelectorArgumentError(f"PIOFVLM: `{name}` must not increase from one stage to the next, got {values}")
 
     # -- schedule --------------------------------------------------------------------------
     def counts(self, info: "ModelInfo", n_visual: int | None = None) -> list[int]:
@@ -323,17 +324,17 @@ def _ratio_count(current: torch.Tensor, ratio: float) -> torch.Tensor:
 # -- argument checks -------------------------------------------------------------------------
 def _list(name: str, value) -> list:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"PIOFVLM: `{name}` must be a list, got {value!r}")
+        raise SelectorArgumentError(f"PIOFVLM: `{name}` must be a list, got {value!r}")
     return list(value)
 
 
 def _int(name: str, value) -> int:
     if isinstance(value, bool):
-        raise TypeError(f"PIOFVLM: `{name}` must be an int, got {value!r}")
+        raise SelectorArgumentError(f"PIOFVLM: `{name}` must be an int, got {value!r}")
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, int):
-        raise TypeError(f"PIOFVLM: `{name}` must be an int, got {value!r}")
+        raise SelectorArgumentError(f"PIOFVLM: `{name}` must be an int, got {value!r}")
     return value
 
 
@@ -343,5 +344,5 @@ def _int_list(name: str, value) -> list[int]:
 
 def _float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"PIOFVLM: `{name}` must be a finite number, got {value!r}")
+        raise SelectorArgumentError(f"PIOFVLM: `{name}` must be a finite number, got {value!r}")
     return float(value)

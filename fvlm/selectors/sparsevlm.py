@@ -65,6 +65,7 @@ import torch
 from fvlm.context import gather_rows, positions_of
 from fvlm.errors import FVLMError
 from fvlm.selectors.algorithms import density_peak_merge, topk_indices
+from fvlm.selectors.arguments import check_int, check_keep, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
 #: Per-stage keep counts after ``DEFAULT_LAYERS``, indexed by the layer-average budget.
@@ -77,14 +78,14 @@ DEFAULT_LAYERS = tuple(i + 1 for i in AUTHORS_PRUNING_LOC)  # the same stages, "
 PRIORITY_HEADS = 14  # SparseVLM+: heads kept by summed rater -> visual attention
 
 
-def _version(value) -> str:
+def _version(owner, value) -> str:
     """``"v1.5"`` / ``"v2.0"`` from that spelling, a bare ``"1.5"`` or a number (YAML reads 2.0 as one)."""
     try:
         key = f"v{float(str(value).removeprefix('v')):.1f}" if not isinstance(value, bool) else None
     except ValueError:
         key = None
     if key not in COUNTS:
-        raise ValueError(f"SparseVLM version must be one of {sorted(COUNTS)}, got {value!r}")
+        raise fail(owner, "version", "one of " + ", ".join(repr(v) for v in COUNTS), value)
     return key
 
 
@@ -115,31 +116,29 @@ class SparseVLM(TokenSelector):
     def __init__(self, budget: int = 192, layers: tuple[int, ...] = DEFAULT_LAYERS,
                  schedule: list[tuple[int, int | float]] | None = None, recycle: bool | None = None,
                  version: str = "v1.5", heads: int = PRIORITY_HEADS):
-        version = _version(version)
+        version = _version(self, version)
         if recycle is None:
             recycle = version == "v1.5"
         if recycle and version == "v2.0":
-            raise ValueError("SparseVLM+ (version='v2.0') has no token recycling; use recycle=False or version='v1.5'")
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"SparseVLM heads must be an int >= 1, got {heads!r}")
+            raise fail(self, "recycle", "False for SparseVLM+ (version 'v2.0' has no token recycling)", recycle)
+        check_int(self, heads, "heads", minimum=1)
         if schedule is None:
-            if budget not in COUNTS[version]:
-                raise ValueError(
-                    f"SparseVLM {version} has schedules for budgets {sorted(COUNTS[version])}, not {budget!r}; "
-                    "pass schedule=[(layer, keep), ...] for other budgets"
-                )
-            if len(layers) != 3:
-                raise ValueError(f"SparseVLM's counts are for three stages; got layers={tuple(layers)}")
+            if isinstance(budget, bool) or budget not in COUNTS[version]:
+                raise fail(self, "budget", f"one of the {version} budgets {sorted(COUNTS[version])} (pass "
+                           "schedule=[(layer, keep), ...] for other budgets)", budget)
+            if isinstance(layers, (str, bytes)) or len(layers) != 3:
+                raise fail(self, "layers", "three layers (the counts are for three stages)", layers)
             pairs = list(zip(layers, COUNTS[version][budget]))
         else:
-            pairs = [tuple(p) for p in schedule]
+            pairs = [tuple(p) if isinstance(p, (list, tuple)) else (p,) for p in schedule]
             if not pairs or any(len(p) != 2 for p in pairs):
-                raise ValueError(f"SparseVLM schedule must be a non-empty list of (layer, keep), got {schedule!r}")
+                raise fail(self, "schedule", "a non-empty list of (layer, keep) pairs", schedule)
         for layer, keep in pairs:
-            Stage(layer, keep)  # validates layer >= 1 and keep
+            check_int(self, layer, "schedule layer" if schedule is not None else "layers", minimum=1)
+            check_keep(self, keep, "schedule keep" if schedule is not None else "budget")
         wheres = [layer for layer, _ in pairs]
         if wheres != sorted(set(wheres)):
-            raise ValueError(f"SparseVLM stage layers must be strictly increasing, got {wheres}")
+            raise fail(self, "schedule" if schedule is not None else "layers", "strictly increasing layers", wheres)
         self.budget = budget
         self.layers = tuple(layers)
         self.schedule = None if schedule is None else [tuple(p) for p in schedule]
