@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo, VisionProbe, images_per_row
-from fvlm.errors import FVLMError, GradientUnavailableError
+from fvlm.errors import FVLMError
 from fvlm.selectors.base import Need, Stage, TokenSelector
 
 
@@ -244,12 +244,7 @@ class SelectionContext:
         even though the parameters have ``requires_grad=True``; what remains is the activation
         gradient ``g W`` per layer, the same order of cost as the forward.
         """
-        self._use(Need.GRADIENT)
-        if torch.is_inference_mode_enabled():
-            raise GradientUnavailableError(
-                f"selector {type(self.selector).__name__} needs gradients but runs under "
-                "torch.inference_mode(); use torch.no_grad() instead (Lightning: Trainer(inference_mode=False))"
-            )
+        self._use(Need.GRADIENT)  # the session refuses inference mode for gradient selectors
         with torch.enable_grad():
             leaf = self.hidden.detach().clone().requires_grad_(True)
             loss = objective(leaf)

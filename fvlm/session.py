@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -78,9 +78,14 @@ class PruningSession:
     selector's declared policy (its authors'), see
     :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`. Sessions do not
     nest: entering a second one on a model that has an active session raises.
+
+    ``listeners``: objects with ``on_stage(stage, ctx, selection)``, called after every stage the
+    selector answered (its validated :class:`~fvlm.selectors.base.Selection`, valid indices first),
+    e.g. to record which tokens each stage kept; :meth:`listen` adds one.
     """
 
-    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None):
+    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None,
+                 listeners: Sequence = ()):
         if not isinstance(selector, TokenSelector):
             raise TypeError(f"selector must be a TokenSelector instance, got {type(selector).__name__}")
         if positions is not None and positions not in POSITION_POLICIES:
@@ -97,6 +102,16 @@ class PruningSession:
         self._handles: list = []
         self._top_kwargs: dict = {}
         self._observed: dict = {}
+        self.listeners: list = []
+        for listener in listeners:
+            self.listen(listener)
+
+    def listen(self, listener) -> None:
+        """Call ``listener.on_stage(stage, ctx, selection)`` after every stage the selector answers."""
+        if not callable(getattr(listener, "on_stage", None)):
+            raise TypeError(f"a session listener needs an on_stage(stage, ctx, selection) method; "
+                            f"got {type(listener).__name__}")
+        self.listeners.append(listener)
 
     def _resolved_positions(self, requested: str | None) -> str:
         if requested is None:
@@ -137,6 +152,7 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise FVLMError("this pruning session is already active")
+        self._check_gradients()
         other = _ACTIVE.get(self.model)
         if other is not None:
             raise FVLMError(
@@ -156,6 +172,15 @@ class PruningSession:
         self._run = None
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
+
+    def _check_gradients(self) -> None:
+        """A selector that needs gradients cannot run under ``torch.inference_mode()``: checked when
+        the session is entered and again at each prefill (inference mode may be switched on inside)."""
+        if Need.GRADIENT in self.selector.needs and torch.is_inference_mode_enabled():
+            raise GradientUnavailableError(
+                f"selector {type(self.selector).__name__} needs gradients, which torch.inference_mode() "
+                "forbids; call generate under torch.no_grad() instead (Lightning: Trainer(inference_mode=False))"
+            )
 
     def _attach(self) -> None:
         hooks = self._handles
@@ -197,11 +222,7 @@ class PruningSession:
             self._observed.clear()  # belongs to this prefill's images; the next call records its own
 
     def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
-        if Need.GRADIENT in self.selector.needs and torch.is_inference_mode_enabled():
-            raise GradientUnavailableError(
-                f"selector {type(self.selector).__name__} needs gradients, which torch.inference_mode() "
-                "forbids; call generate under torch.no_grad() instead (Lightning: Trainer(inference_mode=False))"
-            )
+        self._check_gradients()
         input_ids = self._top_kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[1] != embeds.shape[1]:
             raise FVLMError("fvlm locates visual tokens from input_ids: call the model with input_ids, not inputs_embeds")
@@ -353,6 +374,8 @@ class PruningSession:
             )
             selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
             visual_index = ctx.visual_index
+            for listener in self.listeners:
+                listener.on_stage(stage, ctx, selection)
         else:  # no sample has a visual token (text-only prompts): nothing to choose, the selector is not asked
             visual_index = positions_of(run.is_visual)[0]
             selection = Selection(visual_index)
@@ -506,13 +529,14 @@ class PruningSession:
 
 
 def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str | None = None,
-          **selector_kwargs: Any) -> PruningSession:
+          listeners: Sequence = (), **selector_kwargs: Any) -> PruningSession:
     """Prune ``model``'s visual tokens with ``selector`` inside a ``with`` block.
 
     ``selector`` is a :class:`TokenSelector` instance, or a registered name plus keyword arguments
     (``fvlm.prune(model, "random", keep=64, seed=0)``). ``positions``: ``"original"`` or
     ``"compact"`` for every selector alike; ``None`` (default) uses the selector's own, its authors'
-    policy (``session.positions`` and ``session.trace.positions`` say which one ran).
+    policy (``session.positions`` and ``session.trace.positions`` say which one ran). ``listeners``:
+    see :class:`PruningSession`.
     """
     if isinstance(selector, str):
         from fvlm.registry import create_selector
@@ -520,4 +544,4 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
         selector = create_selector(selector, **selector_kwargs)
     elif selector_kwargs:
         raise TypeError("selector keyword arguments are only accepted with a registered selector name")
-    return PruningSession(model, selector, positions=positions)
+    return PruningSession(model, selector, positions=positions, listeners=listeners)

@@ -93,43 +93,24 @@ def build_parser():
 
 
 # -- validation --------------------------------------------------------------------------------
-def _load_selector_classes() -> None:
-    """Import every registered selector so ``class_path: ClassName`` short forms resolve."""
-    from fvlm.registry import SELECTORS
-
-    for name in SELECTORS.names():
-        try:
-            SELECTORS.get_class(name)
-        except Exception:  # a broken plugin is reported by `fvlm list`, and by name when used
-            pass
-
-
 def _selector_section(cfg) -> Any:
     model = cfg.get("model")
     return None if model is None else model.get("selector")
 
 
 def check_selector(cfg) -> Any:
-    """Validate ``model.selector`` (resolve the name, type-check and build it); the instance or None.
+    """Validate ``model.selector`` and build it (the one time a run builds it); the instance or None.
 
-    A ``{name, args}`` selector gets its ``args`` completed with the class defaults, so the
-    printed config shows every parameter.
+    ``args`` are type-checked against the class's signature and completed with its defaults, so
+    the printed config shows every parameter; the selector's own checks then name a bad value.
     """
     from jsonargparse import ArgumentParser, Namespace
 
-    from fvlm.lightning.module import resolve_selector_class
+    from fvlm.selectors.spec import resolve_selector_class
 
     section = _selector_section(cfg)
     if section is None:
         return None
-    if section.get("class_path") is not None:  # jsonargparse has type-checked init_args already
-        try:
-            cls = resolve_selector_class(section.class_path)
-            init_args = section.get("init_args")
-            init_args = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
-            return cls(**init_args)
-        except Exception as exc:
-            raise RecipeError(f"model.selector ({section.class_path}): {_reason(exc)}") from None
     name, args = section.get("name"), section.get("args") or {}
     if not isinstance(args, dict):
         raise RecipeError(f"model.selector.args must be a mapping, got {args!r}")
@@ -137,33 +118,35 @@ def check_selector(cfg) -> Any:
         cls = resolve_selector_class(name)
     except Exception as exc:
         raise RecipeError(f"model.selector.name: {exc}") from None
-    from fvlm.lightning.module import SelectorSpec
-
-    try:  # the selector's own checks first: one line naming the parameter and its range
-        selector = SelectorSpec(name=name, args=args).build()
-    except SelectorArgumentError as exc:
-        where = "model.selector.args" + (f".{exc.parameter}" if exc.parameter else "")
-        raise RecipeError(f"{where} ({name}): {exc}") from None
-    except FVLMError:
-        selector = None  # e.g. an unknown key: jsonargparse names it below
-    except Exception as exc:
-        raise RecipeError(f"model.selector ({name!r}): {_reason(exc)}") from None
     key = "model.selector.args"
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, key, fail_untyped=False)
     try:
         parsed = parser.parse_object({"model": {"selector": {"args": args}}})
     except Exception as exc:
+        try:  # the selector's own check names the parameter and its range better than the type check
+            _build(name, args)
+        except RecipeError as own:
+            if isinstance(own.__context__, SelectorArgumentError):
+                raise own from None
         raise RecipeError(f"selector {name!r}: {exc}") from None
     full = parsed.get(key)
     full = full.as_dict() if isinstance(full, Namespace) else dict(full or {})
-    if selector is None:
-        try:
-            selector = SelectorSpec(name=name, args=args).build()
-        except Exception as exc:
-            raise RecipeError(f"model.selector ({name!r}): {_reason(exc)}") from None
+    selector = _build(name, args)
     section.args = {k: _plain(v) for k, v in full.items() if k in args or _is_plain(v)}
     return selector
+
+
+def _build(name: str, args: dict):
+    from fvlm.selectors.spec import SelectorSpec
+
+    try:
+        return SelectorSpec(name=name, args=args).build()
+    except SelectorArgumentError as exc:
+        where = "model.selector.args" + (f".{exc.parameter}" if exc.parameter else "")
+        raise RecipeError(f"{where} ({name}): {exc}")
+    except Exception as exc:
+        raise RecipeError(f"model.selector ({name!r}): {_reason(exc)}") from None
 
 
 def _reason(exc: Exception) -> str:
@@ -288,7 +271,6 @@ def parse(argv: Sequence[str]):
     argv = list(argv)
     print_config = "--print_config" in argv
     argv = [a for a in argv if a != "--print_config"]
-    _load_selector_classes()
     parser = build_parser()
     cfg = parser.parse_args(argv)
     selector = check_selector(cfg)
@@ -300,6 +282,23 @@ def parse(argv: Sequence[str]):
               "use it only with checkpoints (and recipes) you trust")
     check_inference_mode(cfg, selector)
     return parser, cfg, selector, print_config
+
+
+def instantiate(parser, cfg, selector):
+    """The recipe's objects; the module gets the selector :func:`check_selector` built (built once)."""
+    section = _selector_section(cfg)
+    try:
+        if section is not None:
+            cfg.model.selector = None
+        init = parser.instantiate(cfg)
+    except (ValueError, TypeError) as exc:  # a value the classes refuse, e.g. data.batch_size: 0
+        raise RecipeError(" ".join(str(exc).split())) from None
+    finally:
+        if section is not None:
+            cfg.model.selector = section
+    if section is not None:
+        init.model.use_selector(selector, section.name)
+    return init
 
 
 def _default_output(cfg) -> str:
@@ -326,7 +325,7 @@ def _callbacks(trainer_cfg: dict, output: Path, retry_errors: bool) -> list:
     others = [c for c in given if not isinstance(c, (EfficiencyMonitor, PredictionWriter, StopOnSigterm))]
     if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in others):
         others.append(RichProgressBar())
-    # the monitor adds timings to the records before they are written; a stop comes after the writing
+    # a stop comes after the writing: the batch's lines are on disk before the run ends
     return others + monitors + writers + stops
 
 
@@ -337,10 +336,7 @@ def run(argv: Sequence[str]) -> int:
         return 0
     from lightning.pytorch import Trainer, seed_everything
 
-    try:
-        init = parser.instantiate(cfg)
-    except (ValueError, TypeError) as exc:  # a value the classes refuse, e.g. data.batch_size: 0
-        raise RecipeError(" ".join(str(exc).split())) from None
+    init = instantiate(parser, cfg, selector)
     module, data = init.model, init.data
     check_data(data)
     if cfg.reference and not Path(cfg.reference).is_file():
@@ -414,8 +410,8 @@ def _summarize(trainer, module, data, cfg, output: Path) -> ExitCode:
     reference = read_jsonl(cfg.reference) if cfg.reference else None
     summary = summarize(records, reference)
     missing = sorted(requested - {str(r["id"]) for r in records})
-    summary.update(selector=module.selector_name, backbone=module.backbone.path, mode=cfg.mode,
-                   missing=len(missing), output=str(output))
+    summary.update(**module.describe(), layer_average=(summary["efficiency"] or {}).get("layer_average"),
+                   backbone=module.backbone.path, mode=cfg.mode, missing=len(missing), output=str(output))
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, output, records[: cfg.show])
     if len(lines) > len(records):

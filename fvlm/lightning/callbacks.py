@@ -1,15 +1,12 @@
 """Run callbacks: per-sample prediction lines (resumable, DDP-safe) and efficiency figures.
 
 Both work with the records :class:`~fvlm.lightning.module.FVLMModule` returns from
-``predict_step`` / ``test_step``. List :class:`EfficiencyMonitor` *before*
-:class:`PredictionWriter` in ``Trainer(callbacks=...)`` so that the written lines carry the
-timings (``fvlm run`` does this).
+``predict_step`` / ``test_step`` (which already carry their timings).
 """
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -210,113 +207,31 @@ def _jsonable(value):
 
 
 # -- efficiency --------------------------------------------------------------------------------
-class _GenerateTimer:
-    """Forward hooks on the top model: the first call of a generate (empty cache) is the prefill,
-    every later call a decode step. CUDA is synchronised around each call for honest timings."""
-
-    def __init__(self, model: torch.nn.Module, owner=None, sync_cuda: bool = True):
-        self.model, self.owner, self.sync_cuda = model, owner, sync_cuda
-        self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                        model.register_forward_hook(self._post, with_kwargs=True)]
-        self.reset()
-
-    def reset(self) -> None:
-        self.prefill_s = self.decode_s = 0.0
-        self.decode_calls = 0
-        self._start = None
-        self._prefill = False
-
-    def _sync(self) -> None:
-        if self.sync_cuda and torch.cuda.is_available():
-            device = next(self.model.parameters()).device
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-    def _active(self) -> bool:
-        return getattr(self.owner, "measuring", True)
-
-    def _pre(self, module, args, kwargs):
-        if not self._active():
-            return
-        cache = kwargs.get("past_key_values")
-        self._prefill = cache is None or cache.get_seq_length() == 0
-        self._sync()
-        self._start = time.perf_counter()
-
-    def _post(self, module, args, kwargs, output):
-        if self._start is None or not self._active():
-            return
-        self._sync()
-        elapsed = time.perf_counter() - self._start
-        self._start = None
-        if self._prefill:
-            self.prefill_s += elapsed
-        else:
-            self.decode_s += elapsed
-            self.decode_calls += 1
-
-    def remove(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
-
-
 class EfficiencyMonitor(Callback):
-    """Prefill / decode latency, KV bytes and visual tokens per layer, per sample and per run.
+    """The run's efficiency summary: means over every answered sample, gathered from all ranks.
 
-    Times the backbone's forward calls (prefill = the first call of each generate, decode = the
-    rest; CUDA synchronised), adds ``prefill_ms`` / ``decode_ms`` (the batch time divided over its
-    samples) and the batch totals to each record's ``efficiency`` (which already holds the
-    session trace's visual-token counts and the KV accounting), and keeps ``summary``: the means
-    over every sample of the run, gathered from all ranks. ``output_dir`` (optional) also writes
-    the summary to ``<output_dir>/efficiency.json``.
+    Each record's ``efficiency`` already holds the session trace's visual-token counts, the KV
+    accounting and the prefill / decode timings of its batch
+    (:class:`~fvlm.answering.Answerer`, one :class:`~fvlm.profiling.timing.StepClock` per
+    ``generate``). This callback keeps ``summary`` (:func:`~fvlm.metrics.scoring.summarize_efficiency`)
+    and, with ``output_dir``, writes it to ``<output_dir>/efficiency.json``.
     """
 
-    def __init__(self, output_dir: Optional[str] = None, sync_cuda: bool = True):
+    def __init__(self, output_dir: Optional[str] = None):
         super().__init__()
         self.output_dir = Path(output_dir) if output_dir else None
-        self.sync_cuda = sync_cuda
         self.records: list[dict] = []
         self.summary: dict = {}
-        self._timer: _GenerateTimer | None = None
 
-    def _start(self, pl_module) -> None:
-        model = getattr(pl_module, "model", None)
-        if model is None:
-            raise RuntimeError("EfficiencyMonitor needs a module with its backbone in `.model` (FVLMModule)")
-        self._stop()
-        self._timer = _GenerateTimer(model, owner=pl_module, sync_cuda=self.sync_cuda)
+    def _start(self) -> None:
         self.records = []
 
-    def _stop(self) -> None:
-        if self._timer is not None:
-            self._timer.remove()
-            self._timer = None
-
-    def _batch_start(self) -> None:
-        if self._timer is not None:
-            self._timer.reset()
-
     def _batch_end(self, outputs) -> None:
-        if self._timer is None:
-            return
-        ok = [r for r in outputs or [] if isinstance(r, dict) and not r.get("error")]
-        if not ok:
-            return
-        timer = self._timer
-        for rec in ok:
-            eff = rec.setdefault("efficiency", {})
-            eff.update(
-                prefill_ms=timer.prefill_s * 1e3 / len(ok),
-                decode_ms=timer.decode_s * 1e3 / len(ok),
-                batch_prefill_ms=timer.prefill_s * 1e3,
-                batch_decode_ms=timer.decode_s * 1e3,
-                batch_decode_steps=timer.decode_calls,
-                batch_size=len(ok),
-            )
-            self.records.append({"efficiency": dict(eff)})
+        for rec in outputs or []:
+            if isinstance(rec, dict) and not rec.get("error") and isinstance(rec.get("efficiency"), dict):
+                self.records.append({"efficiency": dict(rec["efficiency"])})
 
     def _end(self, trainer) -> None:
-        self._stop()
         records = self.records
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * trainer.world_size
@@ -329,16 +244,10 @@ class EfficiencyMonitor(Callback):
 
     # hooks
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._start(pl_module)
+        self._start()
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self._start(pl_module)
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start()
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start()
+        self._start()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._batch_end(outputs)
@@ -351,6 +260,3 @@ class EfficiencyMonitor(Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._end(trainer)
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._stop()

@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import torch
 from jsonargparse.typing import Path_fr, path_type
 
 Path_dr = path_type("dr")  # a readable folder; relative paths in a recipe resolve next to it
@@ -131,7 +130,8 @@ def _meta(rec: dict) -> dict:
 
 
 class VQACollator:
-    """Turns samples into padded model inputs with the processor and its chat template.
+    """Turns samples into padded model inputs (:func:`fvlm.answering.build_inputs`: the processor
+    and its chat template, left padding).
 
     Returns ``{"inputs": dict of tensors or None, "samples": [...], "failed": [...]}``: ``samples``
     describe the rows of ``inputs`` (in order), ``failed`` the samples that could not be prepared
@@ -147,9 +147,6 @@ class VQACollator:
         self.short_answer_prompt = short_answer_prompt
         self.choice_prompt = choice_prompt
         self.system_prompt = system_prompt
-        tokenizer = getattr(processor, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.padding_side = "left"  # batched generation appends on the right
 
     def prompt_text(self, rec: dict) -> str:
         parts = [rec["question"]]
@@ -161,22 +158,11 @@ class VQACollator:
             parts.append(self.short_answer_prompt)
         return "\n".join(parts)
 
-    def messages(self, rec: dict) -> list[dict]:
-        content = [{"type": "image"} for _ in rec["image_paths"]]
-        content.append({"type": "text", "text": self.prompt_text(rec)})
-        msgs = [{"role": "user", "content": content}]
-        if self.system_prompt:
-            msgs.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        return msgs
-
     def _encode(self, samples: list[dict]) -> dict:
-        if getattr(self.processor, "chat_template", None) is None:
-            raise ValueError("the processor has no chat template; use a checkpoint that ships one")
-        texts = [self.processor.apply_chat_template(self.messages(s), add_generation_prompt=True, tokenize=False)
-                 for s in samples]
-        images = [img for s in samples for img in s["images"]]
-        out = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        from fvlm.answering import Prompt, build_inputs
+
+        return build_inputs(self.processor, [Prompt(s["images"], self.prompt_text(s)) for s in samples],
+                            self.system_prompt)
 
     def __call__(self, batch: list[dict]) -> dict:
         failed = [_meta(s) for s in batch if s.get("error")]
