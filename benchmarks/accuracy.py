@@ -38,24 +38,13 @@ from fvlm.builtin import budgets as B  # noqa: E402
 from fvlm.builtin import synthetic  # noqa: E402
 
 
-def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2) -> dict:
+def run(model, processor, records, batch_size: int, selector=None, max_new_tokens: int = 2) -> dict:
     """Answers for every record (in record order), mean layer-average visual tokens, seconds."""
-    answers: list[str | None] = [None] * n
-    layer_avg: list[float] = []
     start = time.perf_counter()
-    for chunk, inputs in batches:
-        if selector is None:
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            layer_avg += [float(model.config.image_seq_length)] * len(chunk)
-        else:
-            with fvlm.prune(model, selector) as session, torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            layer_avg += session.trace.layer_average
-        texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, text in zip(chunk, texts):
-            answers[i] = text.strip()
-    return {"answers": answers, "layer_average": sum(layer_avg) / len(layer_avg),
+    out = builtin.answer_records(model, processor, [r["image"] for r in records], [r["question"] for r in records],
+                                 batch_size, max_new_tokens, selector)
+    layer_avg = [r["efficiency"]["layer_average"] for r in out]
+    return {"answers": [r["answer"] for r in out], "layer_average": sum(layer_avg) / len(layer_avg),
             "seconds": time.perf_counter() - start}
 
 
@@ -80,10 +69,7 @@ def benchmark(args) -> dict:
     model, processor = builtin.load(args.checkpoint)
     num_layers = model.config.text_config.num_hidden_layers
     records = synthetic.dataset(args.split, args.n, seed=args.seed)
-    batches = list(builtin.length_batches(processor, [r["image"] for r in records],
-                                          [r["question"] for r in records], args.batch_size, model.dtype))
-
-    base = run(model, processor, batches, len(records), max_new_tokens=args.max_new_tokens)
+    base = run(model, processor, records, args.batch_size, max_new_tokens=args.max_new_tokens)
     reference = base["answers"]
     results = {"unpruned": {**score(reference, records, reference), "layer_average": base["layer_average"],
                             "ms_per_sample": 1e3 * base["seconds"] / len(records)}}
@@ -107,7 +93,7 @@ def benchmark(args) -> dict:
                 kwargs = setting.make_kwargs(budget or 0, num_layers)
                 cell["kwargs"] = B.describe(kwargs)
                 selector = fvlm.create_selector(setting.selector, **kwargs)
-                out = run(model, processor, batches, len(records), selector, args.max_new_tokens)
+                out = run(model, processor, records, args.batch_size, selector, args.max_new_tokens)
             except Exception as exc:
                 cell["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 print(f"{label} @ {key}: failed ({cell['error']})", flush=True)

@@ -45,16 +45,14 @@ VISIONZIP = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
 
 def selections(model, selector, inputs, **prune_kwargs) -> list[list[list[int]]]:
     """Per stage, per sample: the kept indices (in the selection's order)."""
-    seen, inner = [], selector.select
+    seen = []
 
-    def recording(ctx):
-        out = inner(ctx)
-        idx = out.indices if isinstance(out, fvlm.Selection) else out
-        seen.append([[i for i in row if i >= 0] for row in idx.tolist()])
-        return out
+    class Picks:  # a session listener: each stage's kept indices
+        @staticmethod
+        def on_stage(stage, ctx, selection):
+            seen.append([[i for i in row if i >= 0] for row in selection.indices.tolist()])
 
-    selector.select = recording
-    with fvlm.prune(model, selector, **prune_kwargs), torch.no_grad():
+    with fvlm.prune(model, selector, listeners=[Picks], **prune_kwargs), torch.no_grad():
         model(**inputs)
     return seen
 

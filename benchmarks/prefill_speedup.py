@@ -168,28 +168,24 @@ def build_configs(args, info, console) -> tuple[list[Config], list[Config]]:
 
 
 # -- running -------------------------------------------------------------------------------------
-def _recording(selector: TokenSelector, cfg: Config) -> TokenSelector:
-    """Record what ``selector.select`` returns (to compare the picks of two variants)."""
-    select = selector.select
-    cfg.picks = []
+class _PickRecorder:
+    """A session listener keeping every stage's picks, sorted (to compare the picks of two variants)."""
 
-    def recorded(ctx):
-        out = select(ctx)
-        index = out if isinstance(out, torch.Tensor) else out.indices
-        cfg.picks.append([sorted(i for i in row.tolist() if i >= 0) for row in index])
-        return out
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        cfg.picks = []
 
-    selector.select = recorded
-    return selector
+    def on_stage(self, stage, ctx, selection) -> None:
+        self.cfg.picks.append([sorted(i for i in row.tolist() if i >= 0) for row in selection.indices])
 
 
 def _session_for(model, cfg: Config):
     if model.config.get_text_config()._attn_implementation != cfg.attn:
         model.set_attn_implementation(cfg.attn)
     selector = cfg.make()
+    session = contextlib.nullcontext()
     if selector is not None:
-        selector = _recording(selector, cfg)
-    session = fvlm.PruningSession(model, selector) if selector is not None else contextlib.nullcontext()
+        session = fvlm.PruningSession(model, selector, listeners=[_PickRecorder(cfg)])
     extra = cfg.extra(selector, model) if cfg.extra else contextlib.nullcontext()
     return selector, session, extra
 

@@ -1,4 +1,4 @@
-"""The ``fvlm`` command line: ``fvlm list``, ``fvlm info NAME``, ``fvlm demo``.
+"""The ``fvlm`` command line: ``fvlm list``, ``fvlm info NAME``, ``fvlm demo`` (and run, compare, profile, visualize).
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and sets
 ``func``; append it to ``COMMANDS`` to add a command (run, profile, visualize, ...).
@@ -173,6 +173,13 @@ def _add_run(sub) -> None:
     add_parser(sub)
 
 
+# fvlm compare OUTPUT_DIR... ------------------------------------------------------------------
+def _add_compare(sub) -> None:
+    from fvlm.commands.compare import add_parser
+
+    add_parser(sub)
+
+
 # fvlm visualize -------------------------------------------------------------------------------
 def _add_visualize(sub) -> None:
     from fvlm.commands.visualize import add_parser
@@ -180,7 +187,7 @@ def _add_visualize(sub) -> None:
     add_parser(sub)
 
 
-COMMANDS: list[Callable] = [_add_list, _add_info, _add_demo, _add_profile, _add_run, _add_visualize]
+COMMANDS: list[Callable] = [_add_list, _add_info, _add_demo, _add_profile, _add_run, _add_compare, _add_visualize]
 
 
 def build_parser() -> argparse.ArgumentParser:

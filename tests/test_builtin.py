@@ -287,8 +287,8 @@ def test_stage_recorder_maps_multi_stage_selections(builtin_model):
     inputs = prompt_inputs(processor, [record["image"]], [record["question"]])
     kwargs = budgets.SETTINGS["pio_fvlm_3stage"].make_kwargs(64, model.config.text_config.num_hidden_layers)
     selector = fvlm.create_selector("pio_fvlm", **kwargs)
-    recorder = StageRecorder(selector)
-    with fvlm.prune(model, selector), torch.no_grad():
+    recorder = StageRecorder()
+    with fvlm.prune(model, selector, listeners=[recorder]), torch.no_grad():
         model.generate(**inputs, max_new_tokens=1)
     assert len(recorder.stages) == 3
     kept = recorder.kept(576)

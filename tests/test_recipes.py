@@ -92,16 +92,18 @@ def test_short_names_and_class_paths_resolve(capsys):
     recipe = ["-c", str(TINY / "llava-reference.yaml")]
     forms = [
         ["--model.selector", "{name: uniform, args: {keep: 0.5}}"],
-        ["--model.selector", "{class_path: UniformSelector, init_args: {keep: 0.5}}"],
-        ["--model.selector", "{class_path: fvlm.selectors.basic.UniformSelector, init_args: {keep: 0.5}}"],
         ["--model.selector", "{name: fvlm.selectors.basic.UniformSelector, args: {keep: 0.5}}"],
     ]
     for form in forms:
         code, out, err = _main([*recipe, *form, "--print_config"], capsys)
         assert code == 0, err
         sel = yaml.safe_load(out)["model"]["selector"]
-        args = sel.get("args", sel.get("init_args"))
-        assert args["keep"] == 0.5 and args["layer"] == "input"  # defaults filled in
+        assert sel["args"]["keep"] == 0.5 and sel["args"]["layer"] == "input"  # defaults filled in
+    # one selector syntax: jsonargparse's class_path / init_args form is refused with the right spelling
+    for form in ("{class_path: UniformSelector, init_args: {keep: 0.5}}",
+                 "{class_path: fvlm.selectors.basic.UniformSelector, init_args: {keep: 0.5}}"):
+        code, out, err = _main([*recipe, "--model.selector", form, "--print_config"], capsys)
+        assert code == 2 and out == "" and "{name:" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("override,key", [
@@ -114,7 +116,7 @@ def test_short_names_and_class_paths_resolve(capsys):
     (["--model.selector", "{name: random, args: {kep: 0.5}}"], "kep"),
     (["--model.selector", "{name: random, args: {seed: abc}}"], "model.selector.args.seed"),
     (["--model.selector", "{name: randon}"], "model.selector.name"),
-    (["--model.selector", "{class_path: fvlm.selectors.basic.RandomSelector, init_args: {kep: 1}}"], "kep"),
+    (["--model.selector", "{name: fvlm.selectors.basic.RandomSelector, args: {kep: 1}}"], "kep"),
 ])
 def test_bad_values_name_the_key(override, key, capsys):
     code, out, err = _main(["-c", str(TINY / "llava-reference.yaml"), *override, "--print_config"], capsys)
@@ -174,7 +176,7 @@ def test_default_output_folder():
     ("{name: random, args: {keep: 0}}", "`keep`"),  # would silently remove every visual token
     ("{name: fastv, args: {keep: abc}}", "`keep`"),
     ("{name: visionzip, args: {dominant: -4}}", "`dominant` must be an int >= 1; got -4"),  # it counts the CLS token
-    ("{class_path: fvlm.selectors.basic.RandomSelector, init_args: {keep: -5}}", "`keep`"),
+    ("{name: fvlm.selectors.basic.RandomSelector, args: {keep: -5}}", "`keep`"),
 ])
 def test_bad_selector_arguments_fail_when_the_recipe_is_parsed(selector, key, capsys):
     """Exit 2 with one line naming the parameter and its allowed range, before anything loads."""

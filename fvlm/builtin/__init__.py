@@ -9,7 +9,7 @@ patches go. :mod:`fvlm.builtin.train` reproduces the checkpoint; ``benchmarks/ac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 
@@ -40,37 +40,30 @@ def load(path: str | Path | None = None, dtype=None, attn_implementation: str = 
 
 
 def prompt_inputs(processor, images: Sequence, questions: Sequence[str], dtype=None, device=None) -> dict:
-    """Processor outputs for single-turn prompts (left padding), pixel values cast to ``dtype``."""
-    from fvlm.builtin.model import prompt
+    """Processor outputs for single-turn prompts, one image each (left padding), pixel values cast to ``dtype``."""
+    from fvlm.answering import Prompt, build_inputs
 
-    inputs = processor(images=list(images), text=[prompt(q) for q in questions], return_tensors="pt", padding=True)
+    inputs = build_inputs(processor, [Prompt([image], q) for image, q in zip(images, questions)])
     if dtype is not None:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs.to(device) if device is not None else inputs
-
-
-def length_batches(processor, images: Sequence, questions: Sequence[str], batch_size: int, dtype=None,
-                   device=None) -> Iterator[tuple[list[int], dict]]:
-    """``(indices, processor outputs)`` per batch, prompts sorted by token length (ties by index) so
-    that left padding is needed only where lengths differ within a batch."""
-    lengths = [len(processor.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]
-    order = sorted(range(len(questions)), key=lambda i: (lengths[i], i))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        yield chunk, prompt_inputs(processor, [images[i] for i in chunk], [questions[i] for i in chunk],
-                                   dtype=dtype, device=device)
+    return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
 
 
 def answer(model, processor, images: Sequence, questions: Sequence[str], batch_size: int = 16,
-           max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers, one per (image, question), in input order (batched by :func:`length_batches`)."""
+           max_new_tokens: int = 3, selector=None) -> list[str]:
+    """Greedy answers, one per (image, question), in input order (:meth:`fvlm.answering.Answerer.answer_all`:
+    batches of prompts sorted by length), pruned by ``selector`` when given."""
+    return [r["answer"] for r in answer_records(model, processor, images, questions, batch_size, max_new_tokens,
+                                                selector)]
+
+
+def answer_records(model, processor, images: Sequence, questions: Sequence[str], batch_size: int = 16,
+                   max_new_tokens: int = 3, selector=None) -> list[dict]:
+    """As :func:`answer`, with each answer's efficiency record (``{"answer", "efficiency"}`` per question)."""
     import torch
 
-    out: list[str | None] = [None] * len(questions)
-    for chunk, inputs in length_batches(processor, images, questions, batch_size, model.dtype, model.device):
-        with torch.no_grad():
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, text in zip(chunk, texts):
-            out[i] = text.strip()
-    return out  # type: ignore[return-value]
+    from fvlm.answering import Answerer, Prompt
+
+    answerer = Answerer(model, processor, selector, generation={"max_new_tokens": max_new_tokens})
+    with torch.no_grad():
+        return answerer.answer_all([Prompt([im], q) for im, q in zip(images, questions)], batch_size)

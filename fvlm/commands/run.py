@@ -272,7 +272,13 @@ def parse(argv: Sequence[str]):
     print_config = "--print_config" in argv
     argv = [a for a in argv if a != "--print_config"]
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    try:
+        cfg = parser.parse_args(argv)
+    except argparse.ArgumentError as exc:
+        if "model.selector" in str(exc) and "class_path" in str(exc):
+            raise RecipeError("model.selector: write {name: <registered name or module.Class>, args: {...}}; "
+                              "the class_path / init_args form is not a selector syntax") from None
+        raise
     selector = check_selector(cfg)
     note_budget_spelling(cfg)
     backbone = cfg.get("model.backbone")

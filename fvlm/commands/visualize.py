@@ -1,7 +1,7 @@
 """``fvlm visualize``: which patches each selector keeps, drawn over the image, side by side.
 
 Runs the built-in model (:func:`fvlm.builtin.load`) on one image and question once per selector,
-records the indices every stage of the selector keeps (by wrapping the instance's ``select``),
+records the indices every stage of the selector keeps (a session listener, :class:`StageRecorder`),
 maps the last stage's kept set back to the original 24 x 24 patch grid (stage ``s`` indexes the
 visual tokens left after stage ``s - 1``) and draws one panel per selector: kept patches in full
 colour with an outline, dropped patches dimmed, the selector's answer under the title.
@@ -38,19 +38,13 @@ def add_parser(sub) -> None:
 
 
 class StageRecorder:
-    """Wraps ``selector.select`` on the instance and keeps every stage's indices (batch row 0)."""
+    """A session listener that keeps every stage's kept indices (batch row 0)."""
 
-    def __init__(self, selector):
+    def __init__(self):
         self.stages: list[tuple[object, torch.Tensor]] = []
-        inner = selector.select
 
-        def select(ctx):
-            out = inner(ctx)
-            indices = out if isinstance(out, torch.Tensor) else out.indices
-            self.stages.append((ctx.stage.where, indices[0].detach().cpu().clone()))
-            return out
-
-        selector.select = select
+    def on_stage(self, stage, ctx, selection) -> None:
+        self.stages.append((stage.where, selection.indices[0].detach().cpu().clone()))
 
     def kept(self, num_visual: int) -> list[int]:
         """Original patch indices that survive every recorded stage, in sequence order."""
@@ -106,23 +100,19 @@ def render(model, processor, image: Image.Image, question: str, labels: list[str
            reference: str | None = None) -> tuple[Image.Image, list[dict]]:
     """The side-by-side PNG and, per panel, ``{label, answer, kept}`` (``kept`` None for the unpruned panel)."""
     import fvlm
+    from fvlm.answering import Answerer, Prompt
     from fvlm.builtin import budgets as B
-    from fvlm.builtin import prompt_inputs
 
     image = _square(image)
-    inputs = prompt_inputs(processor, [image], [question], dtype=model.dtype, device=model.device)
+    prompt = Prompt([image], question)
     num_visual = int(model.config.image_seq_length)
     grid = int(round(num_visual ** 0.5))
     num_layers = model.config.text_config.num_hidden_layers
 
-    def generate(selector=None) -> str:
+    def generate(selector=None, listeners=()) -> str:
+        answerer = Answerer(model, processor, selector, generation={"max_new_tokens": 3}, listeners=listeners)
         with torch.no_grad():
-            if selector is None:
-                out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            else:
-                with fvlm.prune(model, selector):
-                    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            return answerer.answer([prompt])[0]["answer"]
 
     def mark(answer: str) -> str:
         if reference is None:
@@ -136,8 +126,8 @@ def render(model, processor, image: Image.Image, question: str, labels: list[str
         try:
             setting = B.setting(label)
             selector = fvlm.create_selector(setting.selector, **setting.make_kwargs(keep, num_layers))
-            recorder = StageRecorder(selector)
-            answer = generate(selector)
+            recorder = StageRecorder()
+            answer = generate(selector, [recorder])
             kept = recorder.kept(num_visual)
         except Exception as exc:  # show the failure in its panel, keep going
             panels.append(draw_panel(image, [], f"{label}: failed", f"{type(exc).__name__}: {exc}"[:48], grid))

@@ -10,6 +10,9 @@ Model arguments (``--model_args k=v,...``):
 * ``pretrained``: a checkpoint folder, a hub id, ``builtin`` or ``tiny:<family>``
   (:class:`~fvlm.backbones.BackboneSpec`); ``dtype``, ``attn_implementation``, ``revision``,
   ``trust_remote_code`` as there.
+* ``recipe``: an ``fvlm run`` recipe (e.g. ``recipes/llava-1.5-7b/pio_fvlm-64.yaml``) whose model
+  section gives the backbone, the selector and the position policy (``pretrained`` then replaces
+  its checkpoint path); the task keeps its own generation settings.
 * ``selector`` (a registered name or dotted class path; ``none`` or left out: unpruned) and
   ``selector_args`` (a JSON / YAML mapping, e.g. ``'{"average": 64}'``); ``positions``
   (``original`` / ``compact``; default: the selector's own).
@@ -70,6 +73,19 @@ def _selector(selector: Optional[str], selector_args: Any):
     return SelectorSpec(name=str(selector), args=dict(selector_args or {})).build()
 
 
+def _from_recipe(recipe: str, pretrained: Optional[str]):
+    """``(backbone, selector, selector name, positions)`` of an ``fvlm run`` recipe's model section
+    (``pretrained`` replaces its backbone path); the task keeps its own generation settings."""
+    from fvlm.commands import run as run_cmd
+
+    argv = ["-c", recipe, "--data.path", "unused"]
+    if pretrained is not None:
+        argv += ["--model.backbone.path", str(pretrained)]
+    parser, cfg, selector, _ = run_cmd.parse(argv)
+    module = run_cmd.instantiate(parser, cfg, selector).model
+    return module.backbone, module.selector, module.selector_name, module.positions
+
+
 def generation_kwargs(gen_kwargs: dict) -> tuple[dict, list[str]]:
     """``(generate keywords, stop strings)`` of a task's ``generation_kwargs``.
 
@@ -105,11 +121,11 @@ class FVLM(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str = "builtin", selector: Optional[str] = None, selector_args: Any = None,
-                 positions: Optional[str] = None, dtype: str = "auto", attn_implementation: str = "sdpa",
-                 revision: Optional[str] = None, trust_remote_code: bool = False, device: Optional[str] = None,
-                 batch_size: int | str = 1, max_batch_size: Optional[int] = None, output: Optional[str] = None,
-                 **unknown: Any) -> None:
+    def __init__(self, pretrained: Optional[str] = None, selector: Optional[str] = None, selector_args: Any = None,
+                 positions: Optional[str] = None, recipe: Optional[str] = None, dtype: str = "auto",
+                 attn_implementation: str = "sdpa", revision: Optional[str] = None, trust_remote_code: bool = False,
+                 device: Optional[str] = None, batch_size: int | str = 1, max_batch_size: Optional[int] = None,
+                 output: Optional[str] = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise UsageError(f"fvlm model: unknown model_args {sorted(unknown)}; see fvlm.integrations.lmms_eval")
@@ -119,10 +135,17 @@ class FVLM(lmms):
             raise UsageError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if positions not in (None, "original", "compact"):
             raise UsageError(f"positions must be 'original' or 'compact', got {positions!r}")
-        self.selector = _selector(selector, selector_args)  # before the model: a bad argument fails fast
-        self.selector_name = str(selector) if self.selector is not None else "none"
-        self.backbone = BackboneSpec(str(pretrained), dtype=dtype, attn_implementation=attn_implementation,
-                                     revision=revision, trust_remote_code=bool(trust_remote_code))
+        if recipe is not None:  # before the model: a bad recipe or argument fails fast
+            if selector is not None or selector_args is not None or positions is not None:
+                raise UsageError("recipe= sets the selector and positions: leave out selector, selector_args, positions")
+            self.backbone, self.selector, self.selector_name, positions = _from_recipe(str(recipe), pretrained)
+        else:
+            if pretrained is None:
+                raise UsageError("give pretrained=<checkpoint folder, hub id, builtin or tiny:<family>> or recipe=<file>")
+            self.selector = _selector(selector, selector_args)
+            self.selector_name = str(selector) if self.selector is not None else "none"
+            self.backbone = BackboneSpec(str(pretrained), dtype=dtype, attn_implementation=attn_implementation,
+                                         revision=revision, trust_remote_code=bool(trust_remote_code))
         self.backbone.check()
         model, processor = self.backbone.load()
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,152 @@
+"""``fvlm compare OUTPUT_DIR...``: one table of several runs (accuracy against cost).
+
+Reads each folder's ``summary.json`` (written by ``fvlm run``, or by the lmms-eval model with
+``output=``) and prints one row per run: selector, its arguments, position policy, accuracy,
+layer-average visual tokens, KV cache, prefill and decode time, and the prefill speedup against a
+reference run (``--reference``, else the first unpruned run given). ``--csv`` / ``--markdown``
+write the table, ``--plot`` draws accuracy against layer-average visual tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from fvlm.commands.exit_codes import ExitCode
+from fvlm.errors import UsageError
+
+COLUMNS = ("run", "selector", "args", "positions", "samples", "accuracy", "layer_average", "llm_input_visual",
+           "kv_mib", "prefill_ms", "decode_ms_per_token", "speedup")
+HELP = "compare finished runs: accuracy, visual tokens, KV cache, latency and speedup in one table"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compare", help=HELP, description=HELP)
+    p.add_argument("runs", nargs="+", type=Path, metavar="OUTPUT_DIR",
+                   help="output folders of runs (each holds a summary.json), or summary.json files")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="the run speedups are measured against (default: the first unpruned run given)")
+    p.add_argument("--csv", type=Path, default=None, help="write the table as CSV")
+    p.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG of accuracy vs layer-average visual tokens (needs matplotlib: pip install 'fvlm[plot]')")
+    p.set_defaults(func=run)
+
+
+def read_summary(path: Path) -> dict:
+    """A run's summary (``path`` is its folder or its summary.json); a clear error if there is none."""
+    file = path / "summary.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"{path}: no summary.json (not the output folder of a finished fvlm run)")
+    try:
+        summary = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(summary, dict) or "selector" not in summary:
+        raise UsageError(f"{file}: not an fvlm run summary (no 'selector')")
+    return summary
+
+
+def rows(runs: list[Path], reference: Path | None = None) -> list[dict]:
+    """One row per run (see :data:`COLUMNS`); ``speedup`` is the reference's prefill time over the run's."""
+    summaries = [(path, read_summary(path)) for path in runs]
+    if reference is not None:
+        ref = read_summary(reference)
+    else:
+        ref = next((s for _, s in summaries if s.get("selector") in ("none", None)), None)
+    ref_prefill = ((ref or {}).get("efficiency") or {}).get("prefill_ms")
+    out = []
+    for path, s in summaries:
+        eff = s.get("efficiency") or {}
+        args = s.get("selector_args")
+        prefill = eff.get("prefill_ms")
+        out.append({
+            "run": str(path),
+            "selector": s.get("selector"),
+            "args": json.dumps(args, separators=(",", ":")) if args else "",
+            "positions": s.get("positions") or "",
+            "samples": s.get("samples"),
+            "accuracy": s.get("accuracy"),
+            "layer_average": s.get("layer_average", eff.get("layer_average")),
+            "llm_input_visual": eff.get("llm_input_visual"),
+            "kv_mib": eff["kv_bytes"] / 2**20 if eff.get("kv_bytes") is not None else None,
+            "prefill_ms": prefill,
+            "decode_ms_per_token": eff.get("decode_ms_per_token"),
+            "speedup": ref_prefill / prefill if ref_prefill and prefill else None,
+        })
+    return out
+
+
+def _text(value, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+_FORMATS = {"accuracy": ".3f", "layer_average": ".1f", "llm_input_visual": ".1f", "kv_mib": ".2f",
+            "prefill_ms": ".1f", "decode_ms_per_token": ".2f", "speedup": ".2f"}
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in table:
+        cells = [_text(row[c], _FORMATS.get(c, "")).replace("|", "\\|") for c in COLUMNS]
+        lines.append("| " + " | ".join(f"`{v}`" if c == "args" and v != "-" else v for c, v in zip(COLUMNS, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: ("" if row[c] is None else row[c]) for c in COLUMNS} for row in table)
+
+
+def plot(table: list[dict], path: Path) -> None:
+    """Accuracy against layer-average visual tokens, one labelled point per run that has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in table if r["accuracy"] is not None and r["layer_average"] is not None]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    for r in points:
+        ax.scatter(r["layer_average"], 100 * r["accuracy"])
+        ax.annotate(r["selector"], (r["layer_average"], 100 * r["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("layer-average visual tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'fvlm[plot]'") from None
+    table = rows(args.runs, args.reference)
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = Table(title="fvlm compare", title_justify="left")
+    for column in COLUMNS:
+        shown.add_column(column, overflow="fold")
+    for row in table:
+        shown.add_row(*(_text(row[c], _FORMATS.get(c, "")) for c in COLUMNS))
+    Console(highlight=False).print(shown)
+    if args.csv is not None:
+        write_csv(table, args.csv)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(table))
+    if args.plot is not None:
+        plot(table, args.plot)
+    return ExitCode.OK

@@ -1,0 +1,150 @@
+"""fvlm as an lmms-eval model, end to end: the real ``lmms-eval`` command line with ``--model fvlm`` on the
+built-in model and a local task (parquet read through ``datasets``), answers equal to ``fvlm run`` on the
+same records, fvlm's efficiency fields in lmms-eval's per-sample log, a summary ``fvlm compare`` reads.
+
+Runs where lmms-eval is installed (``pip install 'fvlm[lmms]'``, CI's lmms leg); skipped elsewhere.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'fvlm[lmms]')")
+
+from fvlm.commands import run as run_cmd  # noqa: E402
+from fvlm.metrics.scoring import read_jsonl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 6
+TASK = """task: fvlm_local
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {parquet}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+  do_sample: false
+  until: ["</s>"]
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+UTILS = '''
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip() == doc["answer"])}
+'''
+# (lmms-eval model_args beyond batch_size / output, selector, its arguments, the fvlm recipe with the same settings)
+RUNS = [
+    ("pretrained=builtin,selector=keep_all", "keep_all", None, "reference.yaml"),
+    ('pretrained=builtin,selector=fastv,selector_args={"k": 2, "keep": 64}', "fastv", {"k": 2, "keep": 64},
+     "fastv-64.yaml"),
+    (f"recipe={ROOT / 'recipes/builtin/pio_fvlm-64.yaml'}", "pio_fvlm", {"layers": [1], "keep": [64]},
+     "pio_fvlm-64.yaml"),
+]
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory):
+    """N held-out records of the built-in task as fvlm JSONL (PNG files) and as a parquet file with the
+    images inside, plus an lmms-eval task reading the parquet file."""
+    import datasets
+
+    from fvlm.builtin.data import materialize
+
+    root = tmp_path_factory.mktemp("lmms")
+    jsonl = materialize("test", n=N, root=root / "data")
+    records = read_jsonl(jsonl)
+    table = datasets.Dataset.from_dict({
+        "id": [r["id"] for r in records], "question": [r["question"] for r in records],
+        "answer": [r["answer"] for r in records], "image": [str(jsonl.parent / r["image"]) for r in records],
+    }).cast_column("image", datasets.Image())
+    table.to_parquet(str(root / "test.parquet"))
+    (root / "task").mkdir()
+    (root / "task" / "fvlm_local.yaml").write_text(TASK.format(parquet=root / "test.parquet"))
+    (root / "task" / "utils.py").write_text(UTILS)
+    return root, jsonl, records
+
+
+def lmms(root: Path, model_args: str, out: Path) -> tuple[list[dict], dict]:
+    """Run the lmms-eval command line; (per-sample log lines by doc_id, fvlm summary)."""
+    model_args += f",batch_size=4,output={out / 'fvlm'}"
+    cli = Path(sys.executable).with_name("lmms-eval")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_HOME=str(root / "hf"))
+    cmd = [str(cli), "--model", "fvlm", "--model_args", model_args, "--tasks", "fvlm_local",
+           "--include_path", str(root / "task"), "--output_path", str(out / "lmms"), "--log_samples",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=root)
+    logs = sorted((out / "lmms").rglob("*_samples_fvlm_local.jsonl"))
+    # lmms-eval 0.7.3 exits 0 even when the evaluation failed: the sample log is the proof
+    assert proc.returncode == 0 and logs, (proc.stdout[-2000:], proc.stderr[-4000:])
+    samples = sorted(read_jsonl(logs[0]), key=lambda s: s["doc_id"])
+    return samples, json.loads((out / "fvlm" / "summary.json").read_text())
+
+
+def fvlm_run(jsonl: Path, recipe: str, out: Path) -> list[dict]:
+    code = run_cmd.main(["-c", str(ROOT / "recipes" / "builtin" / recipe), "--data.path", str(jsonl),
+                         "--data.limit", str(N), "--output", str(out), "--trainer.enable_progress_bar", "false"])
+    assert code == 0
+    return read_jsonl(out / "predictions.jsonl")
+
+
+@pytest.mark.parametrize("model_args,selector,selector_args,recipe", RUNS, ids=[r[1] for r in RUNS])
+def test_lmms_eval_answers_equal_fvlm_run(local_task, tmp_path, model_args, selector, selector_args, recipe):
+    root, jsonl, records = local_task
+    samples, summary = lmms(root, model_args, tmp_path)
+    expected = fvlm_run(jsonl, recipe, tmp_path / "run")
+    assert [s["doc"]["id"] if "doc" in s else records[s["doc_id"]]["id"] for s in samples] == [r["id"] for r in records]
+    assert [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
+            for s in samples] == [r["answer"] for r in expected]
+    for sample, pred in zip(samples, expected):
+        counts = sample["token_counts"][0]
+        eff = counts["fvlm"]
+        assert counts["input_tokens"] == eff["prompt_tokens"] == pred["efficiency"]["prompt_tokens"]
+        assert eff["selector"] == selector
+        for key in ("visual_tokens", "llm_input_visual", "layer_average", "visual_per_layer", "kv_bytes"):
+            assert eff[key] == pred["efficiency"][key], key
+        assert eff["prefill_ms"] > 0 and eff["batch_size"] >= 1
+    assert summary["selector"] == selector and summary["samples"] == N and summary["source"] == "lmms-eval"
+    assert summary["layer_average"] == pytest.approx(sum(p["efficiency"]["layer_average"] for p in expected) / N)
+    if selector_args:
+        assert all(summary["selector_args"][k] == v for k, v in selector_args.items())
+    else:
+        assert summary["layer_average"] == 576.0  # keep-all keeps every token in every layer
+
+
+def test_bad_selector_argument_fails_before_the_model_loads(local_task, tmp_path):
+    from fvlm.errors import SelectorArgumentError
+    from fvlm.integrations.lmms_eval import FVLM
+
+    with pytest.raises(SelectorArgumentError, match="keep"):
+        FVLM.create_from_arg_string('pretrained=./nowhere,selector=fastv,selector_args={"keep": -5}')
+
+
+def test_a_recipe_gives_the_backbone_selector_and_positions():
+    from fvlm.integrations.lmms_eval import _from_recipe
+
+    backbone, selector, name, positions = _from_recipe(str(ROOT / "recipes/llava-1.5-7b/pio_fvlm-64.yaml"), "tiny:llava")
+    assert backbone.path == "tiny:llava" and backbone.dtype == "float16"  # pretrained= replaces the EDIT line
+    assert name == "pio_fvlm" and selector.layers == [1, 10, 15] and positions is None
+    backbone, selector, name, _ = _from_recipe(str(ROOT / "recipes/llava-1.5-7b/vanilla.yaml"), None)
+    assert backbone.path == "llava-hf/llava-1.5-7b-hf" and selector is None and name == "none"
