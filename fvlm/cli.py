@@ -108,12 +108,11 @@ def _add_demo(sub) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import time
-
     import torch
     import yaml
 
     import fvlm
+    from fvlm.profiling.timing import StepClock
     from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
 
     if args.family not in FAMILIES:
@@ -137,19 +136,17 @@ def _demo(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"[bold]fvlm demo[/bold]: tiny random {args.family} backbone, batch of 2 prompts "
                   f"(1 and 2 images, left padding), greedy generate of {args.tokens} tokens")
-    with torch.no_grad():
-        start = time.perf_counter()
+    with torch.no_grad(), StepClock(model) as clock:
         reference = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
-        base_time = time.perf_counter() - start
+    base_time = clock.total
     table = Table(title="pruned generate vs. unpruned (random weights: agreement, not accuracy)")
     for column in ("selector", "visual tokens", "LLM input", "layer avg", "KV length / layer", "same tokens", "time"):
         table.add_column(column)
     table.add_row("(unpruned)", str(inputs["input_ids"].eq(fvlm.testing.image_token_id(model)).sum(1).tolist()), "-", "-", "-", "-", f"{base_time * 1e3:.0f} ms")
     for name, selector in selectors.items():
-        with fvlm.prune(model, selector) as session, torch.no_grad():
-            start = time.perf_counter()
+        with fvlm.prune(model, selector) as session, torch.no_grad(), StepClock(model) as clock:
             out = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
-            elapsed = time.perf_counter() - start
+        elapsed = clock.total
         trace = session.trace
         same = (out[:, -args.tokens:] == reference[:, -args.tokens:]).float().mean().item()
         table.add_row(name, str(trace.original_visual), str(trace.llm_input_visual),

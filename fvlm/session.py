@@ -1,7 +1,6 @@
 """The pruning session: instance-scoped hooks that apply a selector's schedule during prefill."""
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -347,10 +346,10 @@ class PruningSession:
 
     # -- stage execution -------------------------------------------------------------------
     def _apply_stage(self, stage: Stage, hidden: torch.Tensor) -> tuple[KeepMap, torch.Tensor]:
+        from fvlm.profiling.timing import Interval
+
         run = self._run
-        if hidden.device.type == "cuda":
-            torch.cuda.synchronize(hidden.device)
-        start = time.perf_counter()
+        watch = Interval(hidden.device)
         budget = self._budget(stage, run)
         if run.origin is not None:  # a cache-free continuation: the prompt's own selection, extended
             keep, embeddings, length = run.origin.applied[self.schedule.index(stage)]
@@ -391,9 +390,7 @@ class PruningSession:
         run.is_visual = run.is_visual.gather(1, keep.index) & ~keep.filler
         run.is_filler = keep.filler
         run.token_valid = run.token_valid.gather(1, keep.index) & ~keep.filler
-        if hidden.device.type == "cuda":
-            torch.cuda.synchronize(hidden.device)
-        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start))
+        run.stages.append(StageRecord(stage.where, budget.tolist(), watch.stop()))
         return keep, new_hidden
 
     def _budget(self, stage: Stage, run: _Run) -> torch.Tensor:

@@ -74,6 +74,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Interval:
+    """One timed region on ``device``, stamped as :class:`StepClock` stamps a step (CUDA events on the
+    current stream, else ``perf_counter``): ``watch = Interval(device)`` ... ``seconds = watch.stop()``."""
+
+    def __init__(self, device: torch.device):
+        self.start = _Stamp(device)
+        self.device = device
+
+    def stop(self) -> float:
+        end = _Stamp(self.device)
+        if end.event is not None:
+            end.event.synchronize()
+        return self.start.seconds_until(end)
+
+
 class StepClock:
     """Stamps the start and end of every forward call of ``module`` while active.
 

@@ -1,0 +1,144 @@
+"""The one generation path (fvlm.answering), session listeners, the gradient check at session entry and
+the selector spec round trip."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import fvlm
+import fvlm.backbones
+from fvlm.answering import Answerer, Prompt, build_inputs
+from fvlm.selectors.spec import SelectorSpec, selector_arguments
+from fvlm.tiny_backbones import tiny_backbone
+from helpers import EveryOther, FixedSelector, GradientNorm
+
+SIZES = [(32, 32), (48, 64), (40, 24)]
+
+
+def _prompts() -> list[Prompt]:
+    """Three prompts of different lengths with 1, 2 and 0 images (left padding, a text-only row)."""
+    images = [Image.new("RGB", (w, h), (40 * i, 120, 200 - 30 * i)) for i, (h, w) in enumerate(SIZES)]
+    return [Prompt([images[0]], "What colour?"), Prompt(images[1:], "Which of the two is larger, and why?"),
+            Prompt([], "Say hi.")]
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def backbone(request):
+    model, processor = tiny_backbone(request.param)
+    fvlm.backbones.prepare(model, processor)
+    return model, processor
+
+
+def _plain(model, processor, prompts, tokens):
+    inputs = build_inputs(processor, prompts)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)], inputs
+
+
+def test_answers_are_plain_generate_and_keep_all_changes_nothing(backbone):
+    """Plumbing oracle: the answerer's texts are processor + generate + decode of a plain call, and
+    keep-all under the session reproduces them exactly (several images, a text-only row, left padding)."""
+    model, processor = backbone
+    prompts = _prompts()
+    expected, inputs = _plain(model, processor, prompts, 4)
+    assert inputs["attention_mask"][:, 0].tolist().count(0) >= 1  # padded on the left
+    with torch.no_grad():
+        plain = Answerer(model, processor, generation={"max_new_tokens": 4}).answer(prompts)
+        kept = Answerer(model, processor, fvlm.create_selector("keep_all"), generation={"max_new_tokens": 4}).answer(prompts)
+    assert [r["answer"] for r in plain] == [r["answer"] for r in kept] == expected
+    image_token = model.config.image_token_id
+    for r, row in zip(plain, inputs["input_ids"]):
+        eff = r["efficiency"]
+        assert eff["visual_tokens"] == int((row == image_token).sum())
+        assert eff["layer_average"] == eff["visual_tokens"]  # unpruned: every layer sees every token
+        assert eff["prefill_ms"] > 0 and eff["batch_size"] == 3
+        assert eff["batch_decode_steps"] == 3  # one StepClock: the first forward is the prefill, 3 decode steps
+    assert [r["efficiency"]["visual_per_layer"] for r in kept] == [r["efficiency"]["visual_per_layer"] for r in plain]
+
+
+def test_answer_all_keeps_input_order_and_batches_like_answer(backbone):
+    model, processor = backbone
+    prompts = _prompts()
+    answerer = Answerer(model, processor, generation={"max_new_tokens": 3})
+    with torch.no_grad():
+        one_by_one = [answerer.answer([p])[0]["answer"] for p in prompts]
+        assert [r["answer"] for r in answerer.answer_all(prompts, batch_size=1)] == one_by_one
+        assert len(answerer.answer_all(prompts, batch_size=2)) == 3
+
+
+def test_fidelity_of_keep_all_is_perfect(backbone):
+    model, processor = backbone
+    answerer = Answerer(model, processor, fvlm.create_selector("keep_all"), generation={"max_new_tokens": 3},
+                        fidelity=True)
+    with torch.no_grad():
+        results = answerer.answer(_prompts()[:2])
+    for r in results:
+        assert r["reference_answer"] == r["answer"] and r["first_token_top1"] is True
+        assert r["first_token_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_generate_kwargs_override_the_settings(backbone):
+    model, processor = backbone
+    answerer = Answerer(model, processor, generation={"max_new_tokens": 2})
+    with torch.no_grad():
+        short = answerer.answer(_prompts()[:1])[0]
+        longer = answerer.answer(_prompts()[:1], max_new_tokens=5, min_new_tokens=5)[0]
+    assert short["efficiency"]["batch_decode_steps"] <= 1 and longer["efficiency"]["batch_decode_steps"] == 4
+    assert longer["efficiency"]["new_tokens"] == 5
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def on_stage(self, stage, ctx, selection):
+        self.calls.append((stage.where, selection.indices.tolist(), ctx.num_visual.tolist()))
+
+
+def test_listeners_see_every_answered_stage(model_cache):
+    from fvlm.testing import tiny_inputs
+
+    model = model_cache("llava")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2))
+    recorder = Recorder()
+    with fvlm.prune(model, FixedSelector([[3, 1, 0], [5, 2, 7]]), listeners=[recorder]), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert recorder.calls == [("input", [[3, 1, 0], [5, 2, 7]], [16, 32])]  # once, in prefill, as selected
+    multi = Recorder()
+    session = fvlm.PruningSession(model, EveryOther([(1, 8), (2, 4)]))
+    session.listen(multi)
+    with session, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert [c[0] for c in multi.calls] == [1, 2] and [len(c[1][0]) for c in multi.calls] == [8, 4]
+    text_only = Recorder()
+    with fvlm.prune(model, "random", keep=4, listeners=[text_only]), torch.no_grad():
+        model.generate(input_ids=torch.tensor([[20, 21, 22]]), max_new_tokens=2, do_sample=False)
+    assert text_only.calls == []  # nothing to choose: the selector is not asked, no listener is told
+    with pytest.raises(TypeError, match="on_stage"):
+        fvlm.prune(model, "random", listeners=[print])
+
+
+def test_gradient_selector_is_refused_when_the_session_is_entered_under_inference_mode(model_cache):
+    model = model_cache("llava")
+    session = fvlm.prune(model, GradientNorm())
+    with torch.inference_mode():
+        with pytest.raises(fvlm.GradientUnavailableError, match="inference_mode"):
+            session.__enter__()
+    assert session._handles == []  # nothing attached
+
+
+@pytest.mark.parametrize("name", fvlm.list_selectors())
+def test_selector_arguments_rebuild_the_same_selector(name):
+    """What a summary records (every argument, defaults included) builds the selector again."""
+    cls = fvlm.registry.get_selector_class(name)
+    selector = fvlm.create_selector(name, **cls.example_kwargs)
+    args = selector_arguments(selector)
+    assert json.loads(json.dumps(args)) == args  # plain JSON
+    assert set(args) >= set(cls.example_kwargs)
+    again = SelectorSpec(name, args).build()
+    assert type(again) is type(selector) and selector_arguments(again) == args
