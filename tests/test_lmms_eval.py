@@ -148,3 +148,14 @@ def test_a_recipe_gives_the_backbone_selector_and_positions():
     assert name == "pio_fvlm" and selector.layers == [1, 10, 15] and positions is None
     backbone, selector, name, _ = _from_recipe(str(ROOT / "recipes/llava-1.5-7b/vanilla.yaml"), None)
     assert backbone.path == "llava-hf/llava-1.5-7b-hf" and selector is None and name == "none"
+
+
+def test_task_generation_kwargs_become_generate_arguments():
+    from fvlm.integrations.lmms_eval import cut_at_stops, generation_kwargs
+
+    kwargs, stops = generation_kwargs({"max_new_tokens": 16, "temperature": 0, "top_p": 1.0, "num_beams": 1,
+                                       "do_sample": False, "until": "\n\n", "image_aspect_ratio": "original"})
+    assert kwargs == {"max_new_tokens": 16, "do_sample": False, "num_beams": 1} and stops == ["\n\n"]
+    kwargs, stops = generation_kwargs({"temperature": 0.2, "top_p": 0.9, "until": ["A", "B"]})
+    assert kwargs == {"do_sample": True, "temperature": 0.2, "top_p": 0.9} and stops == ["A", "B"]
+    assert cut_at_stops("yes\n\nbecause", ["\n\n"]) == "yes" and cut_at_stops("no", ["\n\n"]) == "no"
