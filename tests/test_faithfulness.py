@@ -232,7 +232,7 @@ def _cells():
 @pytest.mark.parametrize("cell", _cells())
 def test_llava_recipe_uses_the_authors_settings(cell):
     method, budget = cell.rsplit("-", 1)
-    _, cfg, selector, _ = run_cmd.parse(["-c", str(RECIPES / "llava-1.5-7b" / f"{cell}.yaml")])
+    _, cfg, selector, _ = run_cmd.parse(["-c", str(RECIPES / "llava-1.5-7b" / f"{cell}.yaml"), "--data.path", "x.jsonl"])
     session = meta_session("llava-1.5-7b", selector, cfg.model.positions)
     want = authors_settings(method, int(budget))
     assert cfg.model.positions is None and session.positions == want["positions"]
@@ -260,5 +260,5 @@ def test_qwen_recipe_uses_the_authors_qwen_proxy():
     assert (pio.layers, pio.proxy_block, pio.proxy_head, pio.keep_ratio) == ([14], "current", "embed", [0.333])
     assert chain(session, 216) == [71]  # int(0.333 * 216) after the encoder's 16.7% of 1,296
     if "vscan" in fvlm.list_selectors():
-        _, cfg, selector, _ = run_cmd.parse(["-c", str(path)])
+        _, cfg, selector, _ = run_cmd.parse(["-c", str(path), "--data.path", "x.jsonl"])
         assert meta_session("qwen2.5-vl-7b", selector, cfg.model.positions).positions == "original"

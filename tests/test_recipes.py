@@ -209,3 +209,9 @@ def test_keep_one_in_a_recipe_is_pointed_out(capsys):
     assert code == 0 and "keep: 1 keeps ONE visual token per sample" in " ".join(err.split())
     code, out, err = _main([*base, "--model.selector", "{name: random, args: {keep: 1.0}}"], capsys)
     assert code == 0 and err == "" and yaml.safe_load(out)["model"]["selector"]["args"]["keep"] == 1.0
+
+
+def test_a_recipe_without_data_says_where_scores_come_from(capsys):
+    code, out, err = _main(["-c", str(RECIPES / "llava-1.5-7b/fastv-64.yaml"), "--print_config"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "--data.path" in err and "lmms-eval --model fvlm" in " ".join(err.split())

@@ -278,6 +278,10 @@ def parse(argv: Sequence[str]):
         if "model.selector" in str(exc) and "class_path" in str(exc):
             raise RecipeError("model.selector: write {name: <registered name or module.Class>, args: {...}}; "
                               "the class_path / init_args form is not a selector syntax") from None
+        if "required" in str(exc) and "data.path" in str(exc):
+            raise RecipeError("data.path: the recipe names no data set; pass --data.path FILE.jsonl (fvlm's quick "
+                              "scorers), or score its model with lmms-eval: lmms-eval --model fvlm "
+                              "--model_args recipe=RECIPE.yaml --tasks ...") from None
         raise
     selector = check_selector(cfg)
     note_budget_spelling(cfg)
