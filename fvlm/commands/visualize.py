@@ -1,6 +1,6 @@
 """``fvlm visualize``: which patches each selector keeps, drawn over the image, side by side.
 
-Runs the built-in model (:func:`fvlm.builtin.load`) on one image and question once per selector,
+Runs the built-in model (or a checkpoint of its layout, loaded by :class:`~fvlm.backbones.BackboneSpec`) on one image and question once per selector,
 records the indices every stage of the selector keeps (a session listener, :class:`StageRecorder`),
 maps the last stage's kept set back to the original 24 x 24 patch grid (stage ``s`` indexes the
 visual tokens left after stage ``s - 1``) and draws one panel per selector: kept patches in full
@@ -148,7 +148,6 @@ def render(model, processor, image: Image.Image, question: str, labels: list[str
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm import builtin
     from fvlm.builtin import synthetic
 
     reference = None
@@ -169,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.keep <= 576:
         raise UsageError("--keep must be between 1 and 576")
     check_labels(args.selectors)
-    model, processor = builtin.load(args.checkpoint)
+    from fvlm.backbones import BackboneSpec
+
+    model, processor = BackboneSpec(args.checkpoint or "builtin").load()
     sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)

@@ -45,7 +45,7 @@ from fvlm.backbones import BackboneSpec
 from fvlm.errors import UsageError
 from fvlm.selectors.spec import SelectorSpec, selector_arguments, selector_label
 
-SUPPORTED_VERSIONS = ">=0.7.3,<0.8"
+SUPPORTED_VERSIONS = ">=0.7.3,<0.8"  # tested with 0.7.3; fvlm[lmms] declares the same range
 IMAGE_TOKEN = "<image>"  # some task texts hold it; fvlm places the images itself
 
 
@@ -71,6 +71,16 @@ def _selector(selector: Optional[str], selector_args: Any):
             raise UsageError("selector_args given without a selector")
         return None
     return SelectorSpec(name=str(selector), args=dict(selector_args or {})).build()
+
+
+def _check_version() -> None:
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    found = version("lmms_eval")
+    if found not in SpecifierSet(SUPPORTED_VERSIONS):
+        logger.warning(f"fvlm's lmms-eval model is tested with lmms-eval {SUPPORTED_VERSIONS}; this is {found}")
 
 
 def _from_recipe(recipe: str, pretrained: Optional[str]):
@@ -127,6 +137,7 @@ class FVLM(lmms):
                  device: Optional[str] = None, batch_size: int | str = 1, max_batch_size: Optional[int] = None,
                  output: Optional[str] = None, **unknown: Any) -> None:
         super().__init__()
+        _check_version()
         if unknown:
             raise UsageError(f"fvlm model: unknown model_args {sorted(unknown)}; see fvlm.integrations.lmms_eval")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
