@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo
+from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo, unsupported_message
 from fvlm.errors import UnsupportedModelError
 
 
@@ -17,6 +17,9 @@ def adapter_for(model: nn.Module) -> BackboneAdapter:
         cls = get_adapter_class(name)
         if cls.matches(model):
             return cls(model)
+    problems = _problems(model)
+    if problems:
+        raise UnsupportedModelError(unsupported_message(model, problems) + "; no fvlm backbone adapter handles it")
     raise _no_adapter(type(model).__name__, getattr(model, "config", None))
 
 
@@ -30,6 +33,18 @@ def adapter_class_for_config(config: Any) -> type[BackboneAdapter]:
         if cls.matches_config(config):
             return cls
     raise _no_adapter(type(config).__name__, config)
+
+
+def _problems(model: nn.Module) -> list[str]:
+    """Why a model no adapter handles could not be pruned anyway, read through the common layout
+    (``model.model.language_model.layers``); empty when that layout is not there."""
+    from fvlm.adapters import layer_math
+
+    try:
+        probe = BackboneAdapter(model)
+        return layer_math.architecture_problems(probe.layers, probe.text_config)
+    except (AttributeError, TypeError):
+        return []
 
 
 def _no_adapter(what: str, config: Any) -> UnsupportedModelError:

@@ -27,13 +27,15 @@ product; element-wise work such as norms, rotary, softmax and activations is not
 * selector overhead (e.g. PIO-FVLM's proxy forward + backward), passed in by the caller (see
   :func:`selector_overhead_flops`).
 
-The architecture is described by the small frozen dataclasses :class:`TextArch` and
-:class:`VisionArch` (build them from a transformers config with :mod:`fvlm.profiling.arch`).
+The architecture is described by the small frozen dataclasses :class:`TextArch` (the shared
+:class:`fvlm.types.ModelInfo`) and :class:`VisionArch` (build them from a transformers config with :mod:`fvlm.profiling.arch`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
+
+from fvlm.types import ModelInfo
 
 # ---------------------------------------------------------------------------------------------
 # Paper convention
@@ -60,21 +62,7 @@ def paper_flops(visual_per_layer: Iterable[float], hidden: int, intermediate: in
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TextArch:
-    """The language model: what the full convention needs to know."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    gated_mlp: bool = True  # SwiGLU (gate, up, down) vs. two matrices
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+TextArch = ModelInfo  # the language model: one architecture record for selectors and FLOP counts
 
 
 @dataclass(frozen=True)

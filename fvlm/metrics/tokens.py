@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from fvlm.selectors.base import Stage
+from fvlm.types import Stage
 
 
 def stage_count(keep: int | float, original: int) -> int:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fvlm.adapters.base import ModelInfo
 from fvlm.errors import FVLMError, UsageError
 from fvlm.metrics.flops import TextArch, VisionArch
+from fvlm.types import ModelInfo
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -107,19 +107,9 @@ def load_architecture(name_or_path: str) -> Architecture:
 
 
 def text_arch(hf_config) -> TextArch:
-    """:class:`TextArch` of a VLM (or plain LM) transformers config."""
-    tc = hf_config.get_text_config()
-    heads = tc.num_attention_heads
-    return TextArch(
-        num_layers=tc.num_hidden_layers,
-        hidden_size=tc.hidden_size,
-        intermediate_size=tc.intermediate_size,
-        num_heads=heads,
-        num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
-        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
-        vocab_size=tc.vocab_size,
-        gated_mlp=True,  # Llama / Qwen2 decoder layers: gate, up, down
-    )
+    """:class:`TextArch` of a VLM (or plain LM) transformers config (Llama / Qwen / Mistral decoder
+    layers: gated MLP)."""
+    return ModelInfo.from_config(hf_config, family=hf_config.model_type)
 
 
 def vision_arch(hf_config) -> VisionArch | None:
