@@ -16,6 +16,8 @@ prompt shows two images. The oracles:
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -169,15 +171,21 @@ def test_rows_proxy_equals_the_full_block(model_cache, family, attn):
     valid = inputs["attention_mask"].bool()
     calls, _ = layer_calls(model, inputs)
     every = torch.arange(valid.shape[1])[None].expand(valid.shape[0], -1)
+    gen = torch.Generator().manual_seed(0)
     for index, (hidden, kwargs) in enumerate(calls):
         with torch.no_grad():
             out = adapter.layers[index](hidden, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
-            for mixing in (False, True):
-                got = adapter.rows_forward(index, hidden, kwargs["position_embeddings"], valid, every,
-                                           value_mixing=mixing)
-                scale = float(out[valid].abs().max())
-                torch.testing.assert_close(got[valid], out[valid], atol=1e-5 * scale, rtol=1e-3)
+            scale = float(out[valid].abs().max())
+            # a few random valid rows per sample (repeats allowed)
+            picks = torch.stack([row.nonzero().flatten()[torch.randint(int(row.sum()), (5,), generator=gen)]
+                                 for row in valid])
+            for rows, where in ((every, valid), (picks, torch.ones_like(picks, dtype=torch.bool))):
+                expected = out.gather(1, rows[..., None].expand(-1, -1, out.shape[-1]))
+                for mixing in (None, False, True):  # values as P v_proj(X) or as v_proj(P X)
+                    got = adapter.rows_forward(index, hidden, kwargs["position_embeddings"], valid, rows,
+                                               value_mixing=mixing)
+                    torch.testing.assert_close(got[where], expected[where], atol=1e-5 * scale, rtol=1e-3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -211,3 +219,75 @@ def test_image_grids_are_the_layout_of_the_visual_tokens(model_cache, family):
         _generate(model, inputs, steps=1)
     assert seen == [expected]
     assert [sum(g.length for g in row) for row in expected] == testing.visual_token_counts(model, inputs)
+
+
+# ------------------------------------------------------------ architectures fvlm refuses
+def _text(**changes):
+    return dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, **changes)
+
+
+def _gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    return Gemma3ForConditionalGeneration._from_config(
+        Gemma3Config(text_config=_text(sliding_window=8), vision_config=vision, mm_tokens_per_image=4))
+
+
+def _gemma4():
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16)
+    return Gemma4ForConditionalGeneration._from_config(
+        Gemma4Config(text_config=_text(sliding_window=8, global_head_dim=32), vision_config=vision))
+
+
+def _qwen3_5():
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4)
+    return Qwen3_5ForConditionalGeneration._from_config(Qwen3_5Config(text_config=_text(), vision_config=vision))
+
+
+def _mistral3_with_a_window(model_cache):
+    from fvlm.adapters.tiny import spec_for
+
+    config = spec_for("mistral3").config()
+    config.text_config.sliding_window = 8
+    return type(model_cache("mistral3"))._from_config(config)
+
+
+UNSUPPORTED = {
+    "gemma3": (_gemma3, [r"Gemma3ForConditionalGeneration \(model_type='gemma3'\)",
+                         r"sliding-window or chunked attention in decoder layers 0, 1, 2, 3 \(masks per layer type"]),
+    "gemma4": (_gemma4, [r"Gemma4ForConditionalGeneration \(model_type='gemma4'\)", "sliding-window",
+                         r"decoder layers of different shapes \(head_dim 16, .* head_dim 32"]),
+    "qwen3_5": (_qwen3_5, [r"Qwen3_5ForConditionalGeneration \(model_type='qwen3_5'\)",
+                           r"linear attention in decoder layers 0, 1, 2 \("]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_architectures_are_refused_at_session_start(name):
+    build, patterns = UNSUPPORTED[name]
+    model = build()
+    for selector in ("keep_all", "fastv", "pio_fvlm"):
+        with pytest.raises(fvlm.UnsupportedModelError) as exc:
+            fvlm.prune(model, selector)
+        message = str(exc.value)
+        assert message.startswith("fvlm cannot prune ") and "\n" not in message
+        for pattern in patterns:
+            assert re.search(pattern, message), (pattern, message)
+    with pytest.raises(fvlm.UnsupportedModelError, match="could not be pruned anyway"):
+        fvlm.adapters.adapter_class_for_config(model.config)  # before loading a checkpoint's weights
+
+
+def test_a_supported_family_with_sliding_windows_is_refused(model_cache):
+    model = _mistral3_with_a_window(model_cache)
+    with pytest.raises(fvlm.UnsupportedModelError, match=r"Mistral3ForConditionalGeneration .*sliding-window or "
+                                                          r"chunked attention in decoder layers 0, 1, 2, 3 "):
+        fvlm.prune(model, "fastv")
+    with pytest.raises(fvlm.UnsupportedModelError, match="cannot prune mistral3 checkpoints like this one"):
+        fvlm.adapters.adapter_class_for_config(model.config)

@@ -28,11 +28,21 @@ def adapter_class_for_config(config: Any) -> type[BackboneAdapter]:
     model is loaded: a checkpoint fvlm cannot prune fails before its weights are read."""
     from fvlm.registry import get_adapter_class, list_adapters
 
+    from fvlm.adapters import layer_math
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    problems = layer_math.architecture_problems(None, text)
     for name in list_adapters():
         cls = get_adapter_class(name)
         if cls.matches_config(config):
+            if problems:
+                raise UnsupportedModelError(f"fvlm cannot prune {cls.family} checkpoints like this one "
+                                            f"(model_type={config.model_type!r}): {'; '.join(problems)}")
             return cls
-    raise _no_adapter(type(config).__name__, config)
+    error = _no_adapter(type(config).__name__, config)
+    if problems:
+        error = UnsupportedModelError(f"{error} It could not be pruned anyway: {'; '.join(problems)}")
+    raise error
 
 
 def _problems(model: nn.Module) -> list[str]:

@@ -158,9 +158,10 @@ class BackboneAdapter:
         cache = get("past_key_values")
         return cache if cache is not None else get("cache")
 
-    def is_prefill(self, kwargs: dict) -> bool:
+    @classmethod
+    def is_prefill(cls, kwargs: dict) -> bool:
         """Whether a forward call with these keyword arguments starts a new prompt (empty cache)."""
-        cache = self.cache_of(kwargs)
+        cache = cls.cache_of(kwargs)
         return cache is None or cache.get_seq_length() == 0
 
     def take_injections(self, lm_kwargs: dict) -> LayerInjections | None:

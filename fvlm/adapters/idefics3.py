@@ -55,13 +55,13 @@ class TinyIdefics3(tiny.TinySpec):
         rows, cols = IDEFICS_SPLITS[index % len(IDEFICS_SPLITS)]
         per_tile = (IDEFICS_TILE // IDEFICS_PATCH // IDEFICS_SCALE) ** 2
         side = int(per_tile**0.5)
-        fake, text = tiny.VISION_START_ID, tiny.FIRST_TEXT_ID
+        fake, marker = tiny.VISION_START_ID, tiny.MARKER_ID
         tokens = []
-        for r in range(rows):
-            for c in range(cols):
-                tokens += [fake, text + 1 + r * cols + c, *[tiny.IMAGE_ID] * per_tile]
-            tokens.append(text)  # a newline after each row of tiles
-        tokens += [fake, text + 20, *[tiny.IMAGE_ID] * per_tile, fake]
+        for _ in range(rows):
+            for _ in range(cols):
+                tokens += [fake, marker, *[tiny.IMAGE_ID] * per_tile]
+            tokens.append(marker)  # the newline closing a row of tiles
+        tokens += [fake, marker, *[tiny.IMAGE_ID] * per_tile, fake]
         tiles = rows * cols + 1
         pixels = torch.randn(tiles, 3, IDEFICS_TILE, IDEFICS_TILE, generator=gen)
         return tiny.TinyImage(tokens, {"pixel_values": pixels}, [(per_tile, side, side)] * tiles)

@@ -166,22 +166,27 @@ def _span(indices: list[int]) -> str:
     return ", ".join(map(str, indices)) if len(indices) <= 8 else f"{', '.join(map(str, indices[:6]))}, ... ({len(indices)} layers)"
 
 
-def architecture_problems(layers: nn.ModuleList, text_config) -> list[str]:
-    """Why this module's math cannot stand for ``layers`` (empty: it can): linear-attention layers,
-    sliding-window / chunked attention (masks per layer type), layers of different shapes, logit
-    soft-capping. Read from the modules and the text config, before anything runs."""
+def architecture_problems(layers: nn.ModuleList | None, text_config) -> list[str]:
+    """Why this module's math cannot stand for a language model (empty: it can): linear-attention
+    layers, sliding-window / chunked attention (masks per layer type), layers of different shapes,
+    logit soft-capping. Read from the text config and, when given, the decoder ``layers``, before
+    anything runs (``layers=None``: from the config alone, before the weights are loaded)."""
     problems = []
     types = list(getattr(text_config, "layer_types", None) or [])
-    attns = [getattr(layer, "self_attn", None) for layer in layers]
-    linear = sorted({i for i, a in enumerate(attns) if a is None} | {i for i, t in enumerate(types) if "linear" in t})
+    count = len(layers) if layers is not None else (getattr(text_config, "num_hidden_layers", None) or len(types))
+    attns = [getattr(layer, "self_attn", None) for layer in layers] if layers is not None else []
+    linear = {i for i, t in enumerate(types) if "linear" in t}
+    linear |= {i for i, a in enumerate(attns) if a is None}
     if linear:
-        problems.append(f"linear attention in decoder layers {_span(linear)} (no softmax attention rows to "
+        problems.append(f"linear attention in decoder layers {_span(sorted(linear))} (no softmax attention rows to "
                         "recompute, and a recurrent state instead of a per-token KV cache to prune)")
-    windowed = sorted({i for i, t in enumerate(types) if t != "full_attention" and "linear" not in t}
-                      | {i for i, a in enumerate(attns) if getattr(a, "sliding_window", None)})
+    windowed = {i for i, t in enumerate(types) if t != "full_attention" and "linear" not in t}
+    windowed |= {i for i, a in enumerate(attns) if getattr(a, "sliding_window", None)}
+    if not types and getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True):
+        windowed |= set(range(count))  # one window for every layer (Mistral)
     if windowed:
-        problems.append(f"sliding-window or chunked attention in decoder layers {_span(windowed)} (masks per layer "
-                        "type; fvlm's attention rows and pruned masks assume full causal attention)")
+        problems.append(f"sliding-window or chunked attention in decoder layers {_span(sorted(windowed))} (masks per "
+                        "layer type; fvlm's attention rows and pruned masks assume full causal attention)")
     shapes: dict[tuple, list[int]] = {}
     for i, a in enumerate(attns):
         if a is not None:

@@ -2,14 +2,16 @@
 
 Each adapter provides a :class:`TinySpec` per model type it handles (``BackboneAdapter.tiny``): the
 config of a tiny model and, per image, the placeholder ids a prompt holds for it and the pixel
-inputs its vision tower takes. The test suite (:mod:`fvlm.testing`), the family matrix and the
-``tiny:<family>`` backbones of the run path (:mod:`fvlm.tiny_backbones`) are all driven by this.
+inputs its vision tower takes; :func:`tiny_batch` builds padded prompt batches from them. The test
+suite (:mod:`fvlm.testing`), the family matrix, ``fvlm demo`` and the ``tiny:<family>`` backbones of
+the run path (:mod:`fvlm.tiny_backbones`) are all driven by this.
 
 Every tiny model shares one token layout::
 
     0 pad | 1 bos | 2 eos | 3 image | 4 video | 5 vision_start | 6 vision_end | 7 unk | 8..255 text
 
-(families whose prompts delimit images or tiles use 5 and 6 as the delimiters), a 4-layer text
+(families whose prompts delimit images or tiles use 5 and 6 as the delimiters, 7 as tile-position
+markers), a 4-layer text
 model of hidden size 64 with 4 heads and 2 KV heads, and weights with ``initializer_range=0.2``
 (HF's 0.02 gives near-uniform attention and repetitive greedy outputs). ``lm_head`` rows of the
 special ids are zeroed and ``generation_config.eos_token_id`` is ``None``: greedy ``generate``
@@ -25,6 +27,7 @@ import torch
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 3, 4, 5, 6
+MARKER_ID = 7  # the tokenizer's unk; tile-position markers of the tiled families
 FIRST_TEXT_ID = 8
 VOCAB_SIZE = 256
 NUM_LAYERS = 4
@@ -148,6 +151,83 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, dt
                num_layers: int = NUM_LAYERS):
     """A deterministic tiny ``*ForConditionalGeneration`` model of ``family`` in eval mode."""
     return spec_for(family).build(attn_implementation, seed, dtype, num_layers)
+
+
+# -- batches of prompts for a tiny model --------------------------------------------------------
+def image_token_id(model) -> int:
+    """The image placeholder id (``image_token_index`` on LLaVA configs, ``image_token_id`` on Qwen)."""
+    config = model.config
+    value = getattr(config, "image_token_id", None)
+    return int(value if value is not None else config.image_token_index)
+
+
+def _split(total: int, parts: int, gen: torch.Generator) -> list[int]:
+    """Split ``total`` into ``parts`` chunks of at least one token each."""
+    if total < parts:
+        raise ValueError(f"need at least {parts} text tokens, got {total}")
+    cuts = sorted(torch.randperm(total - 1, generator=gen)[: parts - 1].add(1).tolist())
+    return [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+
+
+def tiny_batch(model, images_per_prompt=(1, 1), padding_side: str = "left", seed: int = 0,
+               text_lengths=None) -> tuple[dict, list[list[TinyImage]]]:
+    """:func:`tiny_inputs` and, per prompt, its :class:`TinyImage` records."""
+    if padding_side not in ("left", "right"):
+        raise ValueError("padding_side must be 'left' or 'right'")
+    spec = spec_for(family_of(model))
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(images_per_prompt)
+    default_lengths = text_lengths is None
+    if not default_lengths and len(text_lengths) != batch:
+        raise ValueError("text_lengths needs one entry per prompt")
+    if default_lengths:
+        text_lengths = [6 + 4 * b for b in range(batch)]
+
+    seqs, prompts, count = [], [], 0
+    for b, n_images in enumerate(images_per_prompt):
+        chunks = _split(text_lengths[b], n_images + 1, gen)
+        seq = torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (chunks[0],), generator=gen).tolist()
+        images = []
+        for chunk in chunks[1:]:
+            image = spec.image(count, gen, n_images)
+            count += 1
+            images.append(image)
+            seq += image.tokens
+            seq += torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (chunk,), generator=gen).tolist()
+        seqs.append(seq)
+        prompts.append(images)
+    if default_lengths and batch > 1 and len({len(s) for s in seqs}) == 1:  # make sure there is padding
+        seqs[-1] += torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (3,), generator=gen).tolist()
+
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((batch, width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+        input_ids[b, cols] = torch.tensor(seq)
+        attention_mask[b, cols] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **spec.extra_inputs(input_ids)}
+    if count:
+        inputs.update(spec.collate(prompts, model.dtype))
+    return {k: v.to(model.device) for k, v in inputs.items()}, prompts
+
+
+def tiny_inputs(model, images_per_prompt=(1, 1), padding_side: str = "left", seed: int = 0,
+                text_lengths=None) -> dict:
+    """Padded batch for ``model(**inputs)`` / ``model.generate(**inputs)``.
+
+    Sample ``b`` holds ``images_per_prompt[b]`` images, with text before, between and after
+    the image spans (``text_lengths[b]`` text tokens in all; by default 6, 10, 14, ...).
+    Keys: ``input_ids``, ``attention_mask``, the family's pixel inputs when the batch has images
+    (``pixel_values``, + ``image_sizes`` / ``image_grid_thw`` / ...), and what the family always needs
+    (Qwen: ``mm_token_type_ids``, 1 at image tokens).
+    """
+    return tiny_batch(model, images_per_prompt, padding_side, seed, text_lengths)[0]
+
+
+def visual_token_counts(model, inputs) -> list[int]:
+    """Number of image placeholder tokens in each sample of ``inputs``."""
+    return (inputs["input_ids"] == image_token_id(model)).sum(dim=-1).tolist()
 
 
 # -- tokenizer and chat templates of the tiny processors -----------------------------------------
