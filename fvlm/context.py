@@ -43,6 +43,7 @@ class SelectionContext:
         layer_input: torch.Tensor | None = None,
         layer_kwargs: dict[str, Any] | None = None,
         observed: VisionObservation | None = None,
+        original_visual: torch.Tensor | None = None,
     ):
         self.selector = selector
         self.stage = stage
@@ -53,6 +54,7 @@ class SelectionContext:
         self.is_visual = is_visual
         self.token_valid = token_valid
         self.budget = budget
+        self._original_visual = original_visual
         self.used: set[Need] = set()
         self._grids = grids
         self._layer_input = layer_input
@@ -76,6 +78,11 @@ class SelectionContext:
     @cached_property
     def num_visual(self) -> torch.Tensor:
         return self.is_visual.sum(dim=1)
+
+    @property
+    def original_visual(self) -> torch.Tensor:
+        """``[B]`` visual tokens of each sample before any stage (fractions of ``Stage.keep`` refer to it)."""
+        return self.num_visual if self._original_visual is None else self._original_visual
 
     @cached_property
     def visual_hidden(self) -> torch.Tensor:
@@ -142,6 +149,19 @@ class SelectionContext:
             layer, self._layer_input, self._layer_kwargs["position_embeddings"], self.token_valid, rows
         )
 
+    def rope_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, N]``: the pruning layer's rotary embedding applied to all-ones queries (at ``rows``)
+        and keys (at the visual tokens), their dot product over ``sqrt(head_dim)``.
+
+        This is the purely positional part of an attention logit (SparseVLM+ divides attention by
+        it, its "gravity"); the current position ids apply (original or compact).
+        """
+        self._use(Need.ATTENTION)
+        layer = self._require_layer("rope_bias")
+        bias = self.adapter.rotary_bias(layer, self._layer_kwargs["position_embeddings"], rows)
+        index = self.visual_index.clamp(min=0)[:, None, :].expand(-1, bias.shape[1], -1)
+        return bias.gather(2, index) * self.visual_valid[:, None, :]
+
     def keys(self) -> torch.Tensor:
         """Post-rotary keys ``[B, H_kv, L, head_dim]`` of the pruning layer."""
         self._use(Need.KEYS)
@@ -157,7 +177,8 @@ class SelectionContext:
     @cached_property
     def vision(self) -> VisionProbe:
         """Vision-tower view per sample, aligned with ``visual_index``: ``features`` ``[B, N, Dv]``
-        (pre-projector), ``cls_attention`` ``[B, N]``, ``keys`` ``[B, N, dk]``. Only at ``"vision"`` stages
+        (pre-projector), ``cls_attention`` ``[B, N]``, ``keys`` ``[B, N, dk]``, and per image
+        ``cls_features`` ``[B, I, Dv]`` (zeros past a sample's images). Only at ``"vision"`` stages
         (before anything is pruned)."""
         self._use(Need.VISION_ATTENTION)
         if self.stage.where != "vision":
@@ -170,7 +191,10 @@ class SelectionContext:
             parts = [t[picked].reshape(-1, *t.shape[2:]) for picked in rows]
             return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)[:, : self.visual_index.shape[1]]
 
-        return VisionProbe(per_sample(probe.features), per_sample(probe.cls_attention), per_sample(probe.keys))
+        cls = probe.cls_features
+        if cls is not None:
+            cls = torch.nn.utils.rnn.pad_sequence([cls[picked] for picked in rows], batch_first=True)
+        return VisionProbe(per_sample(probe.features), per_sample(probe.cls_attention), per_sample(probe.keys), cls)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Map vision features (``[..., Dv]``) to LLM input embeddings with the model's projector."""
@@ -208,6 +232,12 @@ class SelectionContext:
     def lm_head(self) -> torch.nn.Module:
         self._use(Need.LAYERS)
         return self.adapter.lm_head
+
+    @property
+    def input_embeddings(self) -> torch.nn.Module:
+        """The language model's token-embedding module (``weight`` ``[V, D]``)."""
+        self._use(Need.LAYERS)
+        return self.adapter.input_embeddings
 
     def grad(self, objective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``d objective(X) / dX`` at ``X = hidden`` (a detached leaf; model weights get no gradient).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -18,6 +19,17 @@ class KeepMap:
     index: torch.Tensor
     filler: torch.Tensor
     source_col: torch.Tensor
+
+    @cached_property
+    def ordered(self) -> "KeepMap":
+        """The same kept set with ``index`` ascending per row (fillers stay first).
+
+        A selection may reorder kept visual tokens (merged tokens appended after the kept ones). The
+        sequence order is what causality and compact positions follow, so masks and compact ids are
+        built from this map; hidden states and original position ids follow ``index`` itself.
+        """
+        key = torch.where(self.filler, -1, self.index).sort(dim=1).values
+        return KeepMap(key.clamp(min=0), self.filler, self.source_col)
 
     def then(self, later: "KeepMap") -> "KeepMap":
         """Compose: ``later`` indexes this map's output; the result indexes this map's source."""

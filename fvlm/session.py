@@ -16,9 +16,8 @@ from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, Select
 from fvlm.indexing import KeepMap, build_keep_map, gather_last, gather_mask_columns, gather_seq
 from fvlm.selectors.base import TokenSelector
 from fvlm.trace import StageRecord, Trace
-from fvlm.types import Need, Selection, Stage, VisionObservation
+from fvlm.types import POSITION_POLICIES, Need, Selection, Stage, VisionObservation
 
-POSITION_POLICIES = ("original", "compact")
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()  # model -> session
 
 
@@ -69,27 +68,25 @@ class PruningSession:
     All hooks are registered on this model instance on ``__enter__`` and removed on ``__exit__``
     (also when the block raises). Selection happens in prefill only; decode steps run on the pruned
     KV cache, and cache-free steps (``generate(use_cache=False)``) replay the prompt's selection.
-    ``positions="original"`` keeps every kept token's original position id (default);
-    ``"compact"`` renumbers kept tokens contiguously (1-D RoPE families only). Sessions do not nest:
-    entering a second one on a model that has an active session raises.
+    ``positions="original"`` keeps every kept token's original position id; ``"compact"`` renumbers
+    kept tokens contiguously in sequence order (1-D RoPE families only); ``None`` (default) uses the
+    selector's declared policy (its authors'), see
+    :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`. Sessions do not
+    nest: entering a second one on a model that has an active session raises.
     """
 
-    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str = "original"):
+    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None):
         if not isinstance(selector, TokenSelector):
             raise TypeError(f"selector must be a TokenSelector instance, got {type(selector).__name__}")
-        if positions not in POSITION_POLICIES:
-            raise ValueError(f"positions must be one of {POSITION_POLICIES}, got {positions!r}")
+        if positions is not None and positions not in POSITION_POLICIES:
+            raise ValueError(f"positions must be one of {POSITION_POLICIES} or None (the selector's own), "
+                             f"got {positions!r}")
         self.model = model
         self.selector = selector
         self.adapter = adapter_for(model)
         self.adapter.check_supported()
         self.info = self.adapter.info()
-        if positions == "compact" and self.info.mrope:
-            raise FVLMError(
-                f"positions='compact' is defined for 1-D RoPE; {self.info.family} uses 3-D M-RoPE, "
-                "where fvlm keeps original positions (positions='original')"
-            )
-        self.positions = positions
+        self.positions = self._resolved_positions(positions)
         self.schedule = self._validated_schedule(list(selector.stages(self.info)))
         self.trace: Trace | None = None
         self._run: _Run | None = None
@@ -97,6 +94,20 @@ class PruningSession:
         self._top_kwargs: dict = {}
         self._observed = VisionObservation()
         self._layer_index = {layer: i for i, layer in enumerate(self.adapter.layers)}
+
+    def _resolved_positions(self, requested: str | None) -> str:
+        if requested is None:
+            declared = getattr(self.selector, "positions", "original")
+            if declared not in POSITION_POLICIES:
+                raise FVLMError(f"selector {type(self.selector).__name__} declares positions={declared!r}; "
+                                f"expected one of {POSITION_POLICIES}")
+            return "original" if self.info.mrope else declared
+        if requested == "compact" and self.info.mrope:
+            raise FVLMError(
+                f"positions='compact' is defined for 1-D RoPE; {self.info.family} uses 3-D M-RoPE, "
+                "where fvlm keeps original positions (positions='original')"
+            )
+        return requested
 
     # -- schedule --------------------------------------------------------------------------
     def _validated_schedule(self, stages: list[Stage]) -> list[Stage]:
@@ -208,7 +219,7 @@ class PruningSession:
             is_filler=torch.zeros_like(is_visual),
             token_valid=valid,
             original_visual=is_visual.sum(dim=1),
-            grids=layout.grids or [],
+            grids=origin.grids if origin is not None else (layout.grids or []),
             dtype=embeds.dtype,
             input_ids=input_ids,
             prompt_valid=valid,
@@ -224,7 +235,7 @@ class PruningSession:
         if run.input_map is not None:
             kwargs["inputs_embeds"] = embeds
             base = mask if mask is not None else torch.ones(bsz, seq, dtype=torch.long, device=embeds.device)
-            kwargs["attention_mask"] = gather_mask_columns(base, run.input_map, seq)
+            kwargs["attention_mask"] = gather_mask_columns(base, run.input_map.ordered, seq)
             kwargs["position_ids"] = self._input_positions(kwargs.get("position_ids"), run, embeds.device)
         self._finish_trace()
         return kwargs
@@ -255,10 +266,15 @@ class PruningSession:
     def _input_positions(self, pos, run: _Run, device) -> torch.Tensor:
         if pos is None:
             pos = torch.arange(run.prompt_len, device=device)[None]
-        kept = gather_last(pos, run.input_map.index)
+        return self._kept_positions(pos, run.input_map, run.prompt_len)
+
+    def _kept_positions(self, pos: torch.Tensor, keep: KeepMap, source_len: int) -> torch.Tensor:
+        """Position ids of the kept slots: each token's own id (``original``) or, for ``compact``,
+        the ids renumbered contiguously in sequence order (the gaps of dropped tokens closed)."""
         if self.positions == "compact":
-            kept = kept - self._dropped_before(run.input_map, run.prompt_len)
-        return kept
+            ordered = keep.ordered
+            return gather_last(pos, ordered.index) - self._dropped_before(ordered, source_len)
+        return gather_last(pos, keep.index)
 
     def _decode(self, kwargs: dict, new_tokens: int) -> dict:
         run = self._run
@@ -273,7 +289,7 @@ class PruningSession:
                 total = run.prompt_len + run.steps
                 mask = torch.ones(run.input_map.index.shape[0], total, dtype=torch.long, device=run.input_map.index.device)
             if mask is not None:
-                kwargs["attention_mask"] = gather_mask_columns(mask, run.input_map, run.prompt_len)
+                kwargs["attention_mask"] = gather_mask_columns(mask, run.input_map.ordered, run.prompt_len)
             if self.positions == "compact" and kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] - self._total_dropped(run.input_map, run.prompt_len)
         return kwargs
@@ -350,6 +366,7 @@ class PruningSession:
                 layer_input=run.layer_input,
                 layer_kwargs=run.layer_kwargs,
                 observed=self._observed,
+                original_visual=run.original_visual,
             )
             selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
             visual_index = ctx.visual_index
@@ -375,10 +392,9 @@ class PruningSession:
 
     def _budget(self, stage: Stage, run: _Run) -> torch.Tensor:
         now = run.is_visual.sum(dim=1)
-        if isinstance(stage.keep, float):
-            budget = (run.original_visual.double() * stage.keep).round().long().clamp(min=1)
-        else:
-            budget = torch.full_like(now, stage.keep)
+        images = torch.tensor([len(g) for g in run.grids], dtype=torch.long, device=now.device)
+        budget = torch.as_tensor(self.selector.keep_count(stage, now, run.original_visual, images),
+                                 dtype=torch.long, device=now.device)
         budget = torch.where(now > 0, budget, 0)
         over = (budget > now).nonzero().flatten().tolist()
         if over:
@@ -420,7 +436,7 @@ class PruningSession:
         key = ("mask", id(keep), id(mask))
         if key not in cache:
             cache[key] = self.adapter.pruned_mask(
-                self._layer_index[module], mask, keep, prefill=run.in_prefill, steps=run.steps,
+                self._layer_index[module], mask, keep.ordered, prefill=run.in_prefill, steps=run.steps,
                 source_len=run.llm_input_len, dtype=run.dtype)
         kwargs["attention_mask"] = cache[key]
         pos = kwargs.get("position_ids")
@@ -428,10 +444,10 @@ class PruningSession:
             pe = kwargs.get("position_embeddings")
             key = ("pe", id(keep), id(pe))
             if key not in cache:
-                cache[key] = self._layer_rotary(pe, pos, keep, run, kwargs)
-            kwargs["position_embeddings"] = cache[key]
+                cache[key] = self._layer_rotary(pe, pos, keep, run)
+            kwargs["position_embeddings"], ids = cache[key]
             if pos is not None:
-                kwargs["position_ids"] = gather_last(pos, keep.index)
+                kwargs["position_ids"] = ids
         elif self.positions == "compact":
             key = ("pe-decode", id(keep), run.steps)
             if key not in cache:
@@ -440,12 +456,13 @@ class PruningSession:
             kwargs["position_embeddings"] = cache[key]
         return kwargs
 
-    def _layer_rotary(self, pe, pos, keep: KeepMap, run: _Run, kwargs):
+    def _layer_rotary(self, pe, pos, keep: KeepMap, run: _Run):
+        """``(rotary tables, position ids)`` of the kept slots for this layer group's prefill."""
+        source = torch.arange(run.llm_input_len, device=keep.index.device)[None] if pos is None else pos
+        ids = self._kept_positions(source, keep, run.llm_input_len)
         if self.positions == "compact":
-            pos = torch.arange(run.llm_input_len, device=keep.index.device)[None] if pos is None else pos
-            kept = gather_last(pos, keep.index) - self._dropped_before(keep, run.llm_input_len)
-            return self.adapter.rotary_emb(pe[0], kept)
-        return tuple(gather_seq(t, keep.index) for t in pe)
+            return self.adapter.rotary_emb(pe[0], ids), ids
+        return tuple(gather_seq(t, keep.index) for t in pe), ids
 
     @staticmethod
     def _dropped_before(keep: KeepMap, source_len: int) -> torch.Tensor:
@@ -476,6 +493,7 @@ class PruningSession:
             lengths.append(run.llm_input_len if keep is None else keep.index.shape[1])
         counts = torch.stack(per_layer, dim=1).tolist()
         self.trace = Trace(
+            positions=self.positions,
             original_visual=run.original_visual.tolist(),
             llm_input_visual=run.visual_counts[0][1].tolist(),
             visual_per_layer=counts,
@@ -485,11 +503,14 @@ class PruningSession:
         )
 
 
-def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str = "original", **selector_kwargs: Any) -> PruningSession:
+def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str | None = None,
+          **selector_kwargs: Any) -> PruningSession:
     """Prune ``model``'s visual tokens with ``selector`` inside a ``with`` block.
 
     ``selector`` is a :class:`TokenSelector` instance, or a registered name plus keyword arguments
-    (``fvlm.prune(model, "random", keep=64, seed=0)``).
+    (``fvlm.prune(model, "random", keep=64, seed=0)``). ``positions``: ``"original"`` or
+    ``"compact"`` for every selector alike; ``None`` (default) uses the selector's own, its authors'
+    policy (``session.positions`` and ``session.trace.positions`` say which one ran).
     """
     if isinstance(selector, str):
         from fvlm.registry import create_selector

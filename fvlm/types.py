@@ -31,6 +31,10 @@ class Need(str, enum.Enum):
 Where = Union[str, int]  # "vision", "input", or l >= 1: after l decoder layers
 
 
+ROUNDING = ("round", "floor")
+POSITION_POLICIES = ("original", "compact")
+
+
 @dataclass(frozen=True)
 class Stage:
     """One pruning point: where it fires and how many visual tokens survive it.
@@ -38,11 +42,13 @@ class Stage:
     ``where`` is ``"vision"`` (on the vision tower's output, applied as the LLM input is formed),
     ``"input"`` (on the LLM input embeddings) or an int ``l >= 1`` (on the output of the first ``l``
     decoder layers; layer ``l`` and later see the reduced sequence). ``keep`` is an absolute count
-    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float).
+    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float), turned into
+    a count by ``rounding`` (see :meth:`count`).
     """
 
     where: Where
     keep: Union[int, float]
+    rounding: str = "round"
 
     def __post_init__(self):
         if self.where not in ("vision", "input") and not (isinstance(self.where, int) and self.where >= 1):
@@ -53,6 +59,24 @@ class Stage:
             raise ValueError(f"Stage.keep must be >= 0, got {self.keep}")
         if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
             raise ValueError(f"a fractional Stage.keep must be in (0, 1], got {self.keep}")
+        if self.rounding not in ROUNDING:
+            raise ValueError(f"Stage.rounding must be one of {ROUNDING}, got {self.rounding!r}")
+
+    def count(self, original) -> "torch.Tensor":
+        """Visual tokens kept per sample (``[B]`` long) for ``original`` visual tokens (int or ``[B]``).
+
+        An int ``keep`` is the count. A fraction ``f`` gives ``round(f * n)`` (half to even, like
+        Python's ``round``; ``rounding="round"``) or ``int(f * n)`` (truncation, ``rounding="floor"``,
+        e.g. FastV's lmms-eval drop-in), at least 1; a sample without visual tokens keeps 0.
+        """
+        import torch
+
+        original = torch.as_tensor(original, dtype=torch.long)
+        if isinstance(self.keep, int):
+            return torch.full_like(original, self.keep)
+        scaled = original.double() * self.keep
+        kept = (scaled.round() if self.rounding == "round" else scaled.floor()).long().clamp(min=1)
+        return torch.where(original > 0, kept, 0)
 
     @property
     def order(self) -> float:
@@ -163,8 +187,10 @@ class VisionObservation:
 class VisionProbe:
     """Per image (``[I, ...]``, in batch order): pre-projector features of the visual tokens, the
     CLS token's attention to them (summed over heads) and their keys (averaged over heads), all
-    from the vision layer whose output feeds the projector."""
+    from the vision layer whose output feeds the projector; ``cls_features`` ``[I, Dv]`` is that
+    layer's output at the CLS token (which the projector never sees in HF LLaVA)."""
 
     features: torch.Tensor
     cls_attention: torch.Tensor
     keys: torch.Tensor
+    cls_features: torch.Tensor | None = None

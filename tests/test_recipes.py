@@ -173,7 +173,7 @@ def test_default_output_folder():
     ("{name: random, args: {keep: 0.0}}", "`keep`"),
     ("{name: random, args: {keep: 0}}", "`keep`"),  # would silently remove every visual token
     ("{name: fastv, args: {keep: abc}}", "`keep`"),
-    ("{name: visionzip, args: {dominant: -4}}", "`dominant` must be an int >= 0; got -4"),
+    ("{name: visionzip, args: {dominant: -4}}", "`dominant` must be an int >= 1; got -4"),  # it counts the CLS token
     ("{class_path: fvlm.selectors.basic.RandomSelector, init_args: {keep: -5}}", "`keep`"),
 ])
 def test_bad_selector_arguments_fail_when_the_recipe_is_parsed(selector, key, capsys):

@@ -148,6 +148,54 @@ def test_compact_positions_rejected_for_mrope(model_cache):
         fvlm.prune(model_cache("qwen2_vl", "sdpa"), "random", keep=4, positions="compact")
 
 
+def test_position_policy_is_the_selectors_unless_given(model_cache):
+    llava, qwen = model_cache("llava", "sdpa"), model_cache("qwen2_vl", "sdpa")
+    assert fvlm.prune(llava, "fastv").positions == "original"  # FastV's authors keep original ids
+    assert fvlm.prune(llava, "divprune", keep=4).positions == "compact"  # DivPrune's renumber
+    assert fvlm.prune(llava, "divprune", keep=4, positions="original").positions == "original"
+    assert fvlm.prune(llava, "fastv", positions="compact").positions == "compact"
+    assert fvlm.prune(qwen, "divprune", keep=4).positions == "original"  # compact is not defined for M-RoPE
+    inputs = tiny_inputs(llava, images_per_prompt=(1, 1))
+    with fvlm.prune(llava, "divprune", keep=4) as session, torch.no_grad():
+        llava(**inputs)
+    assert session.trace.positions == "compact"
+    with pytest.raises(ValueError, match="positions"):
+        fvlm.prune(llava, "fastv", positions="relative")
+
+
+class Reordered(EveryOther):
+    """Keeps every other visual token but puts them in reverse order (selections may reorder)."""
+
+    def select(self, ctx):
+        picks = super().select(ctx)
+        return torch.where(picks >= 0, picks, -1).flip(1).sort(dim=1, descending=True).values
+
+
+@pytest.mark.parametrize("family,positions", [("llava", "compact"), ("llava", "original"), ("qwen2_vl", "original")])
+def test_reordered_selection_is_causal_in_sequence_order(model_cache, family, positions):
+    """Masks follow the sequence order of a reordered selection: a padded batch answers like each
+    prompt alone, and cached decoding equals recomputing (compact ids are not defined for M-RoPE)."""
+    model = model_cache(family, "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 1), padding_side="left")
+    selector = Reordered([(2, 6)])
+    with fvlm.prune(model, selector, positions=positions), torch.no_grad():
+        batch = model(**inputs).logits[:, -1]
+        cached = _generate(model, inputs, steps=4)
+        reference = greedy_without_cache(model, inputs, steps=4)
+        for b in range(2):
+            keep = inputs["attention_mask"][b].bool()
+            single = {k: v[b:b + 1, keep] if v.dim() == 2 and v.shape[1] == keep.shape[0] else v
+                      for k, v in inputs.items()}
+            if family == "llava":
+                single["pixel_values"] = inputs["pixel_values"][b:b + 1]
+            else:  # qwen: one image per sample, patches in batch order
+                split = inputs["image_grid_thw"].prod(dim=1).tolist()
+                single["pixel_values"] = inputs["pixel_values"].split(split)[b]
+                single["image_grid_thw"] = inputs["image_grid_thw"][b:b + 1]
+            torch.testing.assert_close(model(**single).logits[0, -1], batch[b], atol=1e-4, rtol=1e-4)
+    assert torch.equal(cached, reference)
+
+
 def test_bad_inputs_raise_clear_errors(model_cache):
     model = model_cache("llava", "sdpa")
     inputs = tiny_inputs(model, images_per_prompt=(1, 1))

@@ -78,6 +78,10 @@ class BackboneAdapter:
         return self.model.lm_head
 
     @property
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
     def rotary_emb(self) -> nn.Module:
         return self.language_model.rotary_emb
 
@@ -231,6 +235,11 @@ class BackboneAdapter:
         """What layer ``layer_index``'s attention computes from ``hidden_in``: :func:`fvlm.adapters.layer_math.project_qkv`."""
         return layer_math.project_qkv(self.layers[layer_index], hidden_in, position_embeddings, rows,
                                       queries=queries, values=values)
+
+    def rotary_bias(self, layer_index: int, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
+        """The purely positional part of layer ``layer_index``'s attention logits at ``rows``
+        (:func:`fvlm.adapters.layer_math.rotary_bias`)."""
+        return layer_math.rotary_bias(self.layers[layer_index], position_embeddings, rows)
 
     def key_states(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings) -> torch.Tensor:
         """Post-rotary keys ``[B, H_kv, S, head_dim]`` that layer ``layer_index`` computes."""

@@ -81,6 +81,19 @@ def project_qkv(
     return Projections(q, keys, vals, normed)
 
 
+def rotary_bias(layer: nn.Module, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
+    """``[B, Q, S]`` float32: all-ones queries (at ``rows``, ``[B, Q]``) and keys (every position),
+    rotated by ``layer``'s rotary function, dot product over ``sqrt(head_dim)``."""
+    attn = layer.self_attn
+    cos, sin = (t.float() for t in position_embeddings)
+    rotary = _rotary(attn)
+    ones = torch.ones(rows.shape[0], 1, cos.shape[-2], attn.head_dim, device=cos.device)
+    _, keys = rotary(ones[:, :, :1], ones, cos, sin)
+    q = ones[:, :, : rows.shape[1]]
+    q, _ = rotary(q, q[:, :, :1], gather_seq(cos, rows), gather_seq(sin, rows))
+    return torch.matmul(q, keys.transpose(2, 3))[:, 0] / attn.head_dim**0.5
+
+
 def allowed(key_valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[B, 1, Q, S]`` bool: key ``s`` is visible from query row ``rows[b, q]`` (valid and ``s <= row``)."""
     seq = key_valid.shape[1]

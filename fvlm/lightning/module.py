@@ -296,7 +296,8 @@ class FVLMModule(LightningModule):
         selector: ``{name: ..., args: {...}}`` (:class:`SelectorSpec`), a ``TokenSelector`` instance
             (``class_path`` / ``init_args`` in a recipe), or ``None`` for the unpruned reference.
         generation: ``generate`` settings.
-        positions: position ids of kept tokens: ``original`` (default) or ``compact``.
+        positions: position ids of kept tokens: ``original`` or ``compact`` for any selector; ``None``
+            (default) uses the selector's own (its authors' policy, what the paper recipes reproduce).
         fidelity: also run the unpruned model on every batch and record its answer, the KL
             divergence and top-1 agreement of the first generated token (judges a method without
             reference answers; doubles the generation cost).
@@ -308,7 +309,8 @@ class FVLMModule(LightningModule):
     """
 
     def __init__(self, backbone: BackboneSpec, selector: Optional[Union[SelectorSpec, TokenSelector]] = None,
-                 generation: GenerationSpec = GenerationSpec(), positions: Literal["original", "compact"] = "original",
+                 generation: GenerationSpec = GenerationSpec(),
+                 positions: Optional[Literal["original", "compact"]] = None,
                  fidelity: bool = False, on_error: Literal["raise", "record"] = "raise"):
         super().__init__()
         if isinstance(backbone, dict):

@@ -157,7 +157,7 @@ def profile_stages(
     """Profile one stage schedule (optionally produced by ``selector``) on ``arch``."""
     original = arch.visual_tokens if visual_tokens is None else int(visual_tokens)
     text_n = arch.text_tokens if text_tokens is None else int(text_tokens)
-    counts = visual_counts(list(stages), arch.text.num_layers, original)
+    counts = visual_counts(list(stages), arch.text.num_layers, original, selector, max(1, len(arch.images)))
     tokens = [text_n + v for v in counts.per_layer]
     overhead = _overhead(selector, counts, stages, text_n, tokens, arch)
     full = full_flops(arch.text, tokens, vision=arch.vision, images=arch.images, lm_head_rows=1, overhead=overhead)
@@ -239,8 +239,8 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
         return {**params, **BUDGET_MAPS[name](target)}
 
     def average(value) -> float:
-        stages = list(create_selector(name, **{**params, param: value}).stages(info))
-        return visual_counts(stages, info.num_layers, original).layer_average
+        selector = create_selector(name, **{**params, param: value})
+        return visual_counts(list(selector.stages(info)), info.num_layers, original, selector).layer_average
 
     if param in AVERAGE_PARAMETERS:
         value = int(target) if float(target).is_integer() else target

@@ -6,7 +6,15 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
-from fvlm.types import ModelInfo, Need, Selection, Stage, Where  # noqa: F401  (the selector API's types)
+from fvlm.types import (  # noqa: F401  (the selector API's types)
+    POSITION_POLICIES,
+    ROUNDING,
+    ModelInfo,
+    Need,
+    Selection,
+    Stage,
+    Where,
+)
 
 if TYPE_CHECKING:
     from fvlm.context import SelectionContext
@@ -23,6 +31,12 @@ class TokenSelector(abc.ABC):
     #: Keyword arguments that fit fvlm's tiny test backbones (4 layers, 8-88 visual tokens per image);
     #: the contract tests and docs create the selector with them.
     example_kwargs: ClassVar[dict] = {}
+    #: Position ids of the kept tokens in the method's authors' code: ``"original"`` (kept tokens keep
+    #: their ids, with gaps; the default for a selector that does not say) or ``"compact"`` (renumbered
+    #: contiguously in sequence order). A session uses it unless given ``positions=`` explicitly;
+    #: ``"compact"`` resolves to ``"original"`` on M-RoPE backbones (Qwen), where fvlm keeps ids. An
+    #: instance may set its own when the policy depends on an option (SparseVLM's ``version``).
+    positions: str = "original"
 
     @abc.abstractmethod
     def stages(self, info: "ModelInfo") -> Sequence[Stage]:
@@ -31,6 +45,16 @@ class TokenSelector(abc.ABC):
     @abc.abstractmethod
     def select(self, ctx: "SelectionContext") -> Selection | torch.Tensor:
         """Choose the visual tokens to keep at ``ctx.stage`` (``ctx.budget[b]`` per sample)."""
+
+    def keep_count(self, stage: Stage, current: torch.Tensor, original: torch.Tensor,
+                   images: torch.Tensor) -> torch.Tensor:
+        """``[B]`` visual tokens each sample keeps at ``stage`` (the session's ``ctx.budget``).
+
+        ``current``: visual tokens entering the stage, ``original``: before any stage, ``images``:
+        images in the prompt (all ``[B]`` long). Default :meth:`Stage.count` of ``original``; override
+        when the authors' count depends on more (SparseVLM's recycled clusters, VisionZip per image).
+        """
+        return stage.count(original)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

@@ -11,7 +11,9 @@ class Compose(TokenSelector):
 
     ``selectors`` are instances, registered names, or ``{"name": ..., "args": {...}}`` mappings.
     PIO-FVLM's encoder-involved mode is ``Compose([VisionZip(...), PIOFVLM(...)])``. Needs are the
-    union of the parts' needs; every part is checked against its own.
+    union of the parts' needs; every part is checked against its own, and each stage's budget is
+    its part's :meth:`~fvlm.selectors.base.TokenSelector.keep_count`. Position policy: the parts'
+    common one, ``"original"`` when they differ (pass ``positions=`` to the session to choose).
     """
 
     example_kwargs = {"selectors": [{"name": "divprune", "args": {"keep": 10}}, {"name": "random", "args": {"keep": 4, "layer": 2}}]}
@@ -33,6 +35,8 @@ class Compose(TokenSelector):
             parts.append(item)
         self.selectors = parts
         self.needs = frozenset().union(*(p.needs for p in parts))
+        policies = {p.positions for p in parts}
+        self.positions = policies.pop() if len(policies) == 1 else "original"
         self._owner: dict = {}
 
     def stages(self, info):
@@ -48,6 +52,9 @@ class Compose(TokenSelector):
                 stages.append(stage)
         self._owner = owner
         return stages
+
+    def keep_count(self, stage, current, original, images):
+        return self._owner[stage.where].keep_count(stage, current, original, images)
 
     def select(self, ctx):
         part = self._owner[ctx.stage.where]
