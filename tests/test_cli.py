@@ -52,6 +52,20 @@ def write_data(folder: Path, n: int = 3, image: str = "img.png", make_image: boo
     return folder / "data.jsonl"
 
 
+# -- the supported families ---------------------------------------------------------------------
+def test_list_adapters_shows_every_supported_family():
+    from fvlm.registry import get_adapter_class, list_adapters
+
+    proc = fvlm("list", "--adapters")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for name in list_adapters():
+        about = get_adapter_class(name).about
+        row = next(line for line in lines if line.startswith(f"│ {name} "))
+        assert about["classes"][name] in row and about["checkpoints"][name][:30] in row and "ok" in row, row
+    assert len(list_adapters()) >= 10  # llava ... qwen3_vl, llava_onevision, internvl, mistral3, idefics3, smolvlm
+
+
 # -- 1: beams and several returns on Qwen (and every family) -------------------------------------
 def test_run_with_beams_and_several_returns_on_qwen(tmp_path):
     out = tmp_path / "run"
