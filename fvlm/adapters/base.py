@@ -313,6 +313,13 @@ def grids_from_sizes(sizes: Sequence[tuple[int, int, int]], input_ids_visual: to
     return grids
 
 
+def fixed_size_grids(visual: torch.Tensor, size: int) -> list[list[ImageGrid]]:
+    """Per row of ``visual`` (``[B, S]`` bool), its visual tokens as consecutive square grids of
+    ``size`` tokens each (LLaVA-1.5's images, InternVL's tiles)."""
+    side = int(round(size**0.5))
+    return [[ImageGrid(o, size, side, side) for o in range(0, int(row.sum()), size)] for row in visual.cpu()]
+
+
 def run_lengths(row: torch.Tensor) -> list[int]:
     """Lengths of the runs of True in a 1-D bool tensor."""
     lengths, count = [], 0

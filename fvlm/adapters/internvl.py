@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from fvlm.adapters import tiny
-from fvlm.adapters.base import BackboneAdapter, ImageGrid
+from fvlm.adapters.base import BackboneAdapter, fixed_size_grids
 
 INTERNVL_TILE, INTERNVL_PATCH = 32, 4  # tiny tiles: 8 x 8 patches, pixel-shuffled to 4 x 4 tokens
 INTERNVL_TILES = [1, 3, 1, 2]  # tiles per image, cycled per image
 
 
 class InternVLAdapter(BackboneAdapter):
-    """InternVL: one :class:`ImageGrid` per tile (``side x side`` tokens in raster order; a multi-tile
+    """InternVL: one :class:`~fvlm.types.ImageGrid` per tile (``side x side`` tokens in raster order; a multi-tile
     image lists its crops, then its thumbnail, as the processor tiles it)."""
 
     family = "internvl"
@@ -22,13 +22,7 @@ class InternVLAdapter(BackboneAdapter):
                  vision="several tiles per image: vision-tower probes (VisionZip, PIO-FVLM w/ VE) do not apply")
 
     def image_grids(self, input_ids, top_kwargs, observed):
-        per_tile = int(self.model.config.image_seq_length)
-        side = int(round(per_tile**0.5))
-        grids = []
-        for row in self.visual_mask(input_ids).cpu():
-            total = int(row.sum())
-            grids.append([ImageGrid(o, per_tile, side, side) for o in range(0, total, per_tile)])
-        return grids
+        return fixed_size_grids(self.visual_mask(input_ids), int(self.model.config.image_seq_length))
 
 
 class TinyInternVL(tiny.TinySpec):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fvlm.adapters import tiny
-from fvlm.adapters.base import BackboneAdapter, ImageGrid, VisionProbe, run_lengths
+from fvlm.adapters.base import BackboneAdapter, ImageGrid, VisionProbe, fixed_size_grids, run_lengths
 from fvlm.types import Need
 
 CLIP_IMAGE, CLIP_PATCH = 32, 8  # tiny CLIP tiles: 4 x 4 patches
@@ -23,13 +23,7 @@ class LlavaAdapter(BackboneAdapter):
                  vision="CLIP with a CLS token: vision-side selectors (VisionZip, PIO-FVLM w/ VE) apply")
 
     def image_grids(self, input_ids, top_kwargs, observed):
-        per_image = int(self.model.config.image_seq_length)
-        side = int(round(per_image**0.5))
-        grids = []
-        for row in self.visual_mask(input_ids).cpu():
-            total = int(row.sum())
-            grids.append([ImageGrid(o, per_image, side, side) for o in range(0, total, per_image)])
-        return grids
+        return fixed_size_grids(self.visual_mask(input_ids), int(self.model.config.image_seq_length))
 
     def _feature_layer(self):
         tower = self.top.vision_tower

@@ -4,43 +4,31 @@ from __future__ import annotations
 import torch
 
 from fvlm.adapters import tiny
-from fvlm.adapters.base import BackboneAdapter, ImageGrid, run_lengths
 from fvlm.adapters.llava import (
     CLIP_IMAGE,
     CLIP_PATCH,
     LLAVA_NEXT_PINPOINTS,
     LLAVA_NEXT_SIZES,
-    anyres_count,
+    LlavaNextAdapter,
+    TinyLlavaNext,
     clip_processing,
-    stack_tiles,
 )
 
 
-class LlavaOnevisionAdapter(BackboneAdapter):
+class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision: per image its base view (a ``side x side`` grid) first, then, for the only image
     of a prompt, the unpadded high-res grid with one newline token per row (``anyres_max_9`` may shrink
-    it); an image among several is its base view plus one newline token."""
+    it); an image among several is its base view plus one newline token. The grids are LLaVA-NeXT's."""
 
     family = "llava_onevision"
     model_types = ("llava_onevision",)
+    vision_has_cls = False
     about = dict(name="LLaVA-OneVision", classes={"llava_onevision": "LlavaOnevisionForConditionalGeneration"},
                  checkpoints={"llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf"},
                  vision="SigLIP has no CLS token: CLS-based vision selectors (VisionZip, PIO-FVLM w/ VE) do not apply")
 
-    def image_grids(self, input_ids, top_kwargs, observed):
-        vc = self.model.config.vision_config
-        side = vc.image_size // vc.patch_size
-        grids = []
-        for row in self.visual_mask(input_ids).cpu():
-            spans, offset = [], 0
-            for length in run_lengths(row):
-                spans.append(ImageGrid(offset, length, side, side))
-                offset += length
-            grids.append(spans)
-        return grids
 
-
-class TinyLlavaOnevision(tiny.TinySpec):
+class TinyLlavaOnevision(TinyLlavaNext):
     """A 32 px SigLIP tile of 4 x 4 patches; the only image of a prompt is any-res over
     ``LLAVA_NEXT_PINPOINTS`` (sizes cycle through ``LLAVA_NEXT_SIZES``), others are 16 + 1 tokens."""
 
@@ -57,21 +45,17 @@ class TinyLlavaOnevision(tiny.TinySpec):
                                     vision_feature_select_strategy="full", initializer_range=tiny.INIT_STD)
 
     def image(self, index, gen, images_in_prompt):
+        if images_in_prompt == 1:
+            return super().image(index, gen, images_in_prompt)
         size = LLAVA_NEXT_SIZES[index % len(LLAVA_NEXT_SIZES)]
         side = CLIP_IMAGE // CLIP_PATCH
-        if images_in_prompt == 1:
-            rows, cols, tiles = anyres_count(*size, LLAVA_NEXT_PINPOINTS, side, CLIP_IMAGE)
-            count = side * side + rows * cols + rows
-        else:
-            tiles, count = 1, side * side + 1
-        pixels = torch.randn(tiles, 3, CLIP_IMAGE, CLIP_IMAGE, generator=gen)
+        count = side * side + 1
+        pixels = torch.randn(1, 3, CLIP_IMAGE, CLIP_IMAGE, generator=gen)
         return tiny.TinyImage([tiny.IMAGE_ID] * count, {"pixel_values": pixels, "image_sizes": size},
                               [(count, side, side)])
 
     def collate(self, prompts, dtype):
-        images = [i for p in prompts for i in p]
-        return {"pixel_values": stack_tiles([i.inputs["pixel_values"] for i in images]).to(dtype),
-                "image_sizes": torch.tensor([i.inputs["image_sizes"] for i in images], dtype=torch.long),
+        return {**super().collate(prompts, dtype),
                 "batch_num_images": torch.tensor([len(p) for p in prompts], dtype=torch.long)}
 
     def processor(self, tokenizer):
