@@ -153,6 +153,19 @@ def test_unsupported_architecture_is_named_before_loading(tmp_path):
     message = one_line(proc.stderr)
     assert "no backbone adapter for LlamaConfig (model_type='llama')" in message and "llava" in message
     assert "Qwen2VLConfig" not in message and len(proc.stderr.strip().splitlines()) == 1
+    # a family fvlm cannot prune: the reason is named, still before any weight is read
+    from transformers import Gemma3Config
+
+    Gemma3Config(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=16, vocab_size=64, sliding_window=8),
+                 vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=32, patch_size=8)).save_pretrained(tmp_path / "gemma3")
+    proc = fvlm("run", "-c", TINY / "llava-reference.yaml", "--model.backbone.path", tmp_path / "gemma3",
+                "--output", tmp_path / "out", *QUIET)
+    message = one_line(proc.stderr)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no backbone adapter for Gemma3Config (model_type='gemma3')" in message
+    assert "could not be pruned anyway: sliding-window or chunked attention in decoder layers 0, 1" in message
 
 
 # -- 7: selector arguments are checked when the recipe is parsed -----------------------------------
