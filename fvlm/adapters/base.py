@@ -183,11 +183,12 @@ class BackboneAdapter:
         return hidden
 
     def run_layer(self, index: int, hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
-        """Decoder layer ``index`` on ``hidden`` (causal, no cache) with the mask / rotary / position
-        arguments of ``layer_kwargs``. Calls ``.forward``, not the module: a proxy pass must fire no
-        hooks (the session's own, HF's output recorders)."""
+        """Decoder layer ``index`` on ``hidden`` (causal, no cache: none is passed, whatever the
+        version calls it) with the mask / rotary / position arguments of ``layer_kwargs``. Calls
+        ``.forward``, not the module: a proxy pass must fire no hooks (the session's own, HF's output
+        recorders)."""
         kwargs = {k: v for k, v in layer_kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")}
-        out = self.layers[index].forward(hidden, past_key_values=None, use_cache=False, **kwargs)
+        out = self.layers[index].forward(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def attention_backend(self, index: int) -> str:
