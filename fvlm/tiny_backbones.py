@@ -36,7 +36,7 @@ def parse_tiny(path: str) -> str | None:
 
 
 def tiny_processor(family: str):
-    """The processor matching ``fvlm.testing.tiny_model(family)``, built without the hub."""
+    """The processor matching ``fvlm.adapters.tiny.tiny_model(family)``, built without the hub."""
     if family not in families():
         raise ValueError(f"unknown family {family!r}; expected one of {tuple(families())}")
     spec = tiny.spec_for(family)

@@ -52,11 +52,14 @@ def _models() -> str:
         about = cls.about or {}
         probes = cls.vision_probe is not BackboneAdapter.vision_probe
         selectors = "all" if probes or not probing else f"all but {', '.join(f'`{n}`' for n in probing)}"
-        oracles = f"{ORACLES} (eager, SDPA)" if name in cls.tiny else "none (no tiny model)"
+        spec = cls.tiny.get(name)
+        oracles = f"{ORACLES} (eager, SDPA)" if spec else "none (no tiny model)"
+        backbone = f"`tiny:{name}`" if spec and spec.has_processor else "-"
         rows.append(f"| {about.get('name', cls.family)} | `{name}` | `{about.get('classes', {}).get(name, '-')}` | "
-                    f"`{about.get('checkpoints', {}).get(name, '-')}` | {selectors} | {oracles} |")
-    head = "| family | model_type | transformers class | example checkpoint | selectors | tested oracles |\n"
-    return head + "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+                    f"`{about.get('checkpoints', {}).get(name, '-')}` | {selectors} | {oracles} | {backbone} |")
+    head = ("| family | model_type | transformers class | example checkpoint | selectors | tested oracles | "
+            "tiny backbone for recipes |\n")
+    return head + "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
 def on_page_markdown(markdown, page, config, files, **kwargs):
