@@ -293,9 +293,15 @@ def images_per_row(image_tokens: Sequence[int], row_tokens: Sequence[int]) -> li
             need -= image_tokens[nxt]
             nxt += 1
         if need != 0 or len(set(group)) != 1:
+            n = len(image_tokens)
+            repeated = any(n % e == 0 and all(len(set(image_tokens[i:i + e])) == 1 for i in range(0, n, e))
+                           for e in range(2, n + 1))
+            hint = ("; the tower encoded each image several times in a row (this transformers version expands "
+                    "per-image inputs for beams like per-prompt ones, so the model itself gives rows features of "
+                    "other images): use one beam / return, or another transformers version") if repeated else ""
             raise UnsupportedModelError(
                 f"rows {start}..{start + copies - 1} of the batch do not show whole images of the vision "
-                f"tower's batch (visual tokens per row {rows}, per image {list(image_tokens)})")
+                f"tower's batch (visual tokens per row {rows}, per image {list(image_tokens)}){hint}")
         out += [picked] * copies
     return out
 
