@@ -7,6 +7,7 @@ import torch
 
 from fvlm.adapters import tiny
 from fvlm.adapters.base import BackboneAdapter
+from fvlm.adapters.llava import stack_tiles
 
 IDEFICS_TILE, IDEFICS_PATCH, IDEFICS_SCALE = 32, 4, 2  # tiny tiles: 8 x 8 patches, shuffled to 4 x 4 tokens
 IDEFICS_SPLITS = [(0, 0), (1, 2), (0, 0), (2, 1)]  # (rows, cols) of tiles per image (0: global view only)
@@ -67,11 +68,10 @@ class TinyIdefics3(tiny.TinySpec):
         return tiny.TinyImage(tokens, {"pixel_values": pixels}, [(per_tile, side, side)] * tiles)
 
     def collate(self, prompts, dtype):
-        from fvlm.adapters.llava import stack_tiles
-
+        # [prompts, tiles, C, H, W]: a prompt's tiles one after another, all-zero tiles as padding (skipped)
         per_prompt = [torch.cat([i.inputs["pixel_values"] for i in p]) if p else torch.zeros(0, 3, IDEFICS_TILE, IDEFICS_TILE)
                       for p in prompts]
-        pixels = stack_tiles(per_prompt) if any(len(p) for p in per_prompt) else None
+        pixels = stack_tiles(per_prompt)
         return {"pixel_values": pixels.to(dtype),
                 "pixel_attention_mask": torch.ones(*pixels.shape[:2], IDEFICS_TILE, IDEFICS_TILE, dtype=torch.bool)}
 
