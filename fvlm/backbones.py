@@ -17,7 +17,6 @@ from jsonargparse.typing import path_type
 from fvlm.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TINY_PREFIX = "tiny:"
 
 Path_any = path_type("")  # a path or a name, no checks: relative paths in a recipe remember its folder
 
@@ -79,8 +78,6 @@ class BackboneSpec:
     @property
     def tiny_family(self) -> str | None:
         """The family of a ``tiny:<family>`` path (checked), else None."""
-        if not self.path.startswith(TINY_PREFIX):
-            return None
         from fvlm.tiny_backbones import parse_tiny
 
         return parse_tiny(self.path)
@@ -162,6 +159,8 @@ class BackboneSpec:
         try:
             return AutoProcessor.from_pretrained(path, **kwargs)
         except (ImportError, OSError):  # e.g. Qwen-VL's video processor without torchvision
+            from fvlm.processors import load_processor_without_video
+
             processor = load_processor_without_video(path, **kwargs)
             if processor is None:
                 raise
@@ -176,57 +175,3 @@ def prepare(model, processor) -> None:
     gen = model.generation_config
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def image_only_class(base: type) -> type:
-    """``base`` (a processor class) without its video processor.
-
-    transformers' Qwen video processors need torchvision, which fvlm does not install, and fvlm
-    only feeds images. ``ProcessorMixin`` takes its sub-processors from ``__init__``'s parameter
-    names, so a subclass whose ``__init__`` drops ``video_processor`` loads and saves without it.
-    The class is cached as the module attribute ``_ImageOnly<base name>`` (picklable).
-    """
-    name = f"_ImageOnly{base.__name__}"
-    cls = globals().get(name)
-    if cls is None:
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-        cls = type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
-        globals()[name] = cls
-    return cls
-
-
-def __getattr__(name: str):  # resolves pickled image-only processor classes
-    if name.startswith("_ImageOnly"):
-        import transformers
-
-        return image_only_class(getattr(transformers, name[len("_ImageOnly"):]))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def load_processor_without_video(path: str, **kwargs):
-    """A checkpoint's processor loaded without its video processor, or ``None`` if it has none.
-
-    The fallback of :class:`BackboneSpec` when ``AutoProcessor`` fails to build a video processor
-    (Qwen-VL without torchvision).
-    """
-    import inspect
-    import json
-
-    from transformers.models.auto.processing_auto import processor_class_from_name
-    from transformers.utils import cached_file
-
-    name = None
-    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        resolved = cached_file(path, fname, _raise_exceptions_for_missing_entries=False,
-                               revision=kwargs.get("revision"))
-        if resolved:
-            with open(resolved, encoding="utf-8") as fh:
-                name = json.load(fh).get("processor_class")
-            if name:
-                break
-    cls = processor_class_from_name(name.removeprefix("_ImageOnly")) if name else None
-    if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
-        return None
-    return image_only_class(cls).from_pretrained(path, **kwargs)
