@@ -12,7 +12,7 @@ import fvlm
 import fvlm.backbones
 from fvlm.answering import Answerer, Prompt, build_inputs
 from fvlm.selectors.spec import SelectorSpec, selector_arguments
-from fvlm.tiny_backbones import tiny_backbone
+from fvlm.tiny_backbones import families, tiny_backbone
 from helpers import EveryOther, FixedSelector, GradientNorm
 
 SIZES = [(32, 32), (48, 64), (40, 24)]
@@ -25,7 +25,7 @@ def _prompts() -> list[Prompt]:
             Prompt([], "Say hi.")]
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=families())  # every family with a tiny model and processor
 def backbone(request):
     model, processor = tiny_backbone(request.param)
     fvlm.backbones.prepare(model, processor)
