@@ -124,11 +124,14 @@ def check_selector(cfg) -> Any:
     try:
         parsed = parser.parse_object({"model": {"selector": {"args": args}}})
     except Exception as exc:
+        from fvlm.selectors.spec import SelectorSpec
+
         try:  # the selector's own check names the parameter and its range better than the type check
-            _build(name, args)
-        except RecipeError as own:
-            if isinstance(own.__context__, SelectorArgumentError):
-                raise own from None
+            SelectorSpec(name=name, args=args).build()
+        except SelectorArgumentError as own:
+            raise _argument_error(name, own) from None
+        except Exception:
+            pass
         raise RecipeError(f"selector {name!r}: {exc}") from None
     full = parsed.get(key)
     full = full.as_dict() if isinstance(full, Namespace) else dict(full or {})
@@ -137,14 +140,18 @@ def check_selector(cfg) -> Any:
     return selector
 
 
+def _argument_error(name: str, exc: SelectorArgumentError) -> RecipeError:
+    where = "model.selector.args" + (f".{exc.parameter}" if exc.parameter else "")
+    return RecipeError(f"{where} ({name}): {exc}")
+
+
 def _build(name: str, args: dict):
     from fvlm.selectors.spec import SelectorSpec
 
     try:
         return SelectorSpec(name=name, args=args).build()
     except SelectorArgumentError as exc:
-        where = "model.selector.args" + (f".{exc.parameter}" if exc.parameter else "")
-        raise RecipeError(f"{where} ({name}): {exc}")
+        raise _argument_error(name, exc) from None
     except Exception as exc:
         raise RecipeError(f"model.selector ({name!r}): {_reason(exc)}") from None
 
