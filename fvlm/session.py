@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ class _Run:
     visual_counts: list = field(default_factory=list)  # (first layer, [B] visual count)
     stages: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    layout: list | None = None  # per sample VisualLayout (selectors that need the grid)
+    instructions: list[str] | None = None
 
     def group_for(self, layer: int) -> KeepMap | None:
         found = None
@@ -62,10 +64,14 @@ class PruningSession:
     All hooks are registered on this model instance on ``__enter__`` and removed on ``__exit__``
     (also when the block raises). Selection happens in prefill only; decode steps run on the pruned
     KV cache. ``positions="original"`` keeps every kept token's original position id (default);
-    ``"compact"`` renumbers kept tokens contiguously (1-D RoPE families only).
+    ``"compact"`` renumbers kept tokens contiguously (1-D RoPE families only). ``instructions``: the
+    instruction text of every sample of the next calls (selectors that declare
+    ``Need.INSTRUCTION``, e.g. CDPruner); the attribute may be replaced between calls. The selector's
+    auxiliary models are loaded here (once per backbone, :mod:`fvlm.auxiliary`).
     """
 
-    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str = "original"):
+    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str = "original",
+                 instructions: Sequence[str] | None = None):
         if not isinstance(selector, TokenSelector):
             raise TypeError(f"selector must be a TokenSelector instance, got {type(selector).__name__}")
         if positions not in POSITION_POLICIES:
@@ -81,6 +87,8 @@ class PruningSession:
             )
         self.positions = positions
         self.schedule = self._validated_schedule(list(selector.stages(self.info)))
+        self.instructions = instructions
+        self.auxiliary = _load_auxiliary(selector, model)
         self.trace: Trace | None = None
         self._run: _Run | None = None
         self._handles: list = []
@@ -112,6 +120,11 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise FVLMError("this pruning session is already active")
+        if Need.INSTRUCTION in self.selector.needs and self.instructions is None:
+            raise FVLMError(
+                f"selector {type(self.selector).__name__} needs each sample's instruction text: "
+                "fvlm.prune(model, selector, instructions=[...]) with one string per prompt "
+                "(fvlm run passes every sample's question)")
         try:
             self._attach()
         except BaseException:
@@ -125,7 +138,7 @@ class PruningSession:
 
     def _attach(self) -> None:
         hooks = self._handles
-        hooks.extend(self.adapter.observe(self._observed, self.selector.needs))
+        hooks.extend(self.adapter.observe(self._observed, self.selector.needs, self.selector.vision_layers(self.info)))
         hooks.append(self.adapter.top.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_hook(self._lm_hook, with_kwargs=True))
@@ -183,7 +196,10 @@ class PruningSession:
             original_visual=is_visual.sum(dim=1),
             grids=self.adapter.image_grids(input_ids, self._top_kwargs),
             dtype=embeds.dtype,
+            instructions=self._instructions(bsz),
         )
+        if Need.GRID in self.selector.needs:
+            run.layout = self.adapter.visual_layout(input_ids, self._top_kwargs)
         for stage in self.schedule:
             if isinstance(stage.where, str):
                 keep, embeds = self._apply_stage(stage, embeds)
@@ -197,6 +213,19 @@ class PruningSession:
             kwargs["position_ids"] = self._input_positions(kwargs.get("position_ids"), run, embeds.device)
         self._finish_trace()
         return kwargs
+
+    def _instructions(self, bsz: int) -> list[str] | None:
+        """The session's instructions for a batch of ``bsz`` rows (``generate`` repeats each prompt
+        ``num_beams`` times, and so are its instructions)."""
+        texts = self.instructions
+        if texts is None:
+            return None
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise FVLMError("instructions must be a list of strings, one per prompt")
+        texts = list(texts)
+        if not texts or bsz % len(texts):
+            raise FVLMError(f"{len(texts)} instructions for a batch of {bsz} prompts: give one instruction per prompt")
+        return [t for t in texts for _ in range(bsz // len(texts))]
 
     def _input_positions(self, pos, run: _Run, device) -> torch.Tensor:
         if pos is None:
@@ -262,7 +291,7 @@ class PruningSession:
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
         start = time.perf_counter()
-        budget = self._budget(stage, run)
+        notes: list[str] = []
         ctx = SelectionContext(
             selector=self.selector,
             stage=stage,
@@ -272,13 +301,18 @@ class PruningSession:
             hidden=hidden,
             is_visual=run.is_visual,
             token_valid=run.token_valid,
-            budget=budget,
+            budget=None,
             grids=run.grids,
             layer_input=run.layer_input,
             layer_kwargs=run.layer_kwargs,
             observed=self._observed,
+            layout=run.layout,
+            instructions=run.instructions,
+            auxiliary=self.auxiliary,
+            notes=notes,
         )
-        selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
+        budget = ctx.budget = self._budget(stage, run, ctx)
+        selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual, stage.exact)
         keep = build_keep_map(run.is_visual | run.is_filler, ctx.visual_index, selection.indices)
         new_hidden = gather_seq(hidden, keep.index)
         if selection.embeddings is not None:
@@ -290,12 +324,15 @@ class PruningSession:
         run.token_valid = run.token_valid.gather(1, keep.index) & ~keep.filler
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
-        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start))
+        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start, notes))
         return keep, new_hidden
 
-    def _budget(self, stage: Stage, run: _Run) -> torch.Tensor:
+    def _budget(self, stage: Stage, run: _Run, ctx: SelectionContext) -> torch.Tensor:
         now = run.is_visual.sum(dim=1)
-        if isinstance(stage.keep, float):
+        budget = self.selector.stage_budget(ctx)
+        if budget is not None:
+            budget = torch.as_tensor(budget, dtype=torch.long, device=now.device)
+        elif isinstance(stage.keep, float):
             budget = (run.original_visual.double() * stage.keep).round().long().clamp(min=1)
         else:
             budget = torch.full_like(now, stage.keep)
@@ -309,7 +346,7 @@ class PruningSession:
             )
         return budget
 
-    def _checked(self, selection, budget: torch.Tensor, num_visual: torch.Tensor) -> Selection:
+    def _checked(self, selection, budget: torch.Tensor, num_visual: torch.Tensor, exact: bool = True) -> Selection:
         name = type(self.selector).__name__
         if isinstance(selection, torch.Tensor):
             selection = Selection(selection)
@@ -319,12 +356,15 @@ class PruningSession:
         ok = idx >= 0
         srt = torch.where(ok, idx, -1 - torch.arange(idx.shape[1], device=idx.device)).sort(dim=1).values
         dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1)
-        wrong = (ok.sum(dim=1) != budget) | (ok & (idx >= num_visual[:, None])).any(dim=1) | dup
+        count = ok.sum(dim=1)
+        wrong_count = count != budget if exact else (count > budget) | ((count < 1) & (budget > 0))
+        wrong = wrong_count | (ok & (idx >= num_visual[:, None])).any(dim=1) | dup
         if bool(wrong.any()):
             b = int(wrong.nonzero()[0])
+            need = f"{int(budget[b])}" if exact else f"1 to {int(budget[b])}"
             raise SelectionError(
                 f"selector {name} returned an invalid selection for sample {b}: {idx[b].tolist()} "
-                f"(need {int(budget[b])} unique indices in [0, {int(num_visual[b])}))"
+                f"(need {need} unique indices in [0, {int(num_visual[b])}))"
             )
         order = (~ok).long().argsort(dim=1, stable=True)
         emb = selection.embeddings
@@ -421,11 +461,14 @@ class PruningSession:
         )
 
 
-def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str = "original", **selector_kwargs: Any) -> PruningSession:
+def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str = "original",
+          instructions: Sequence[str] | None = None, **selector_kwargs: Any) -> PruningSession:
     """Prune ``model``'s visual tokens with ``selector`` inside a ``with`` block.
 
     ``selector`` is a :class:`TokenSelector` instance, or a registered name plus keyword arguments
-    (``fvlm.prune(model, "random", keep=64, seed=0)``).
+    (``fvlm.prune(model, "random", keep=64, seed=0)``). ``instructions``: one instruction text per
+    prompt, for instruction-conditioned selectors (``fvlm.prune(model, "cdpruner", keep=64,
+    instructions=["What is on the table?"])``).
     """
     if isinstance(selector, str):
         from fvlm.registry import create_selector
@@ -433,4 +476,15 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
         selector = create_selector(selector, **selector_kwargs)
     elif selector_kwargs:
         raise TypeError("selector keyword arguments are only accepted with a registered selector name")
-    return PruningSession(model, selector, positions=positions)
+    return PruningSession(model, selector, positions=positions, instructions=instructions)
+
+
+def _load_auxiliary(selector: TokenSelector, model: nn.Module) -> dict:
+    from fvlm.auxiliary import load_auxiliary
+
+    loaded = {}
+    for spec in selector.auxiliary_models():
+        if spec.name in loaded:
+            raise FVLMError(f"selector {type(selector).__name__} declares two auxiliary models named {spec.name!r}")
+        loaded[spec.name] = load_auxiliary(spec, model)
+    return loaded

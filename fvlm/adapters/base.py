@@ -26,6 +26,9 @@ class ModelInfo:
     vocab_size: int
     vision_has_cls: bool = False
     mrope: bool = False
+    vision_layers: int = 0  # depth of the vision tower (0: unknown)
+    vision_feature_layer: int | None = None  # 0-based vision layer whose output becomes the visual tokens
+    vision_full_attention: tuple[int, ...] = ()  # vision layers with full (not windowed) attention
     extra: dict = field(default_factory=dict)
 
 
@@ -52,6 +55,67 @@ class ImageGrid:
     length: int
     rows: int
     cols: int
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """A 2-D grid of one sample's visual tokens as the language model sees them.
+
+    ``index[r, c]`` is the position among the sample's visual tokens of grid cell ``(r, c)``;
+    ``newline[r]`` (LLaVA-NeXT's high-resolution grid) that of the newline token closing row ``r``.
+    """
+
+    index: torch.Tensor
+    newline: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.index.shape[1]
+
+
+@dataclass(frozen=True)
+class View:
+    """One view the vision tower encodes (LLaVA: an image; LLaVA-NeXT: one crop; Qwen: one image frame).
+
+    ``source`` is its row among the tower's views of the whole batch (the order of the
+    ``vision_attention`` / view-feature lists); ``index[r, c]`` the position among the sample's
+    visual tokens of its patch ``(r, c)``, ``-1`` where the patch does not reach the language model
+    (LLaVA-NeXT tiles cut by the unpadding).
+    """
+
+    source: int
+    image: int
+    index: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.index.shape[1]
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """How one sample's visual tokens are laid out: the grids the LLM sees and the tower's views."""
+
+    grids: list[TokenGrid]
+    views: list[View]
+    num_visual: int
+
+    @property
+    def unviewed(self) -> torch.Tensor:
+        """Positions among the sample's visual tokens that belong to no view (LLaVA-NeXT newlines)."""
+        seen = torch.zeros(self.num_visual, dtype=torch.bool)
+        for view in self.views:
+            cells = view.index.flatten()
+            seen[cells[cells >= 0]] = True
+        return (~seen).nonzero().flatten()
 
 
 class BackboneAdapter:
@@ -121,15 +185,60 @@ class BackboneAdapter:
             vocab_size=tc.vocab_size,
             vision_has_cls=self.vision_has_cls,
             mrope=self.mrope,
+            **self.vision_info(),
         )
+
+    def vision_info(self) -> dict:
+        """The vision-tower fields of :class:`ModelInfo` (depth, feature layer, full-attention layers)."""
+        return {}
 
     vision_has_cls: ClassVar[bool] = False
     mrope: ClassVar[bool] = False
 
-    def observe(self, store: dict, needs: frozenset) -> list:
+    def observe(self, store: dict, needs: frozenset, vision_layers: frozenset = frozenset()) -> list:
         """Register hooks that record what selectors may need (image grids, vision-tower
-        internals) into ``store`` while the model runs; return the hook handles."""
+        internals, the inputs of ``vision_layers``) into ``store`` while the model runs; return the
+        hook handles."""
         return []
+
+    def vision_attention(self, store: dict, layer: int) -> list[torch.Tensor]:
+        """Per view (in ``View.source`` order), per-head attention scores ``[heads, N]`` of vision
+        layer ``layer`` for the view's ``N`` output tokens (raster order); see the family adapters."""
+        raise UnsupportedModelError(f"{self.family}: vision-tower attention probes are not available")
+
+    def view_features(self, store: dict, view: View, visual_hidden: torch.Tensor) -> torch.Tensor:
+        """LLM-space features ``[rows * cols, D]`` of every patch of ``view`` (raster order).
+
+        Default: the sample's visual hidden states ``visual_hidden`` (``[N, D]``) at the view's
+        cells (every patch of the view reaches the language model)."""
+        if bool((view.index < 0).any()):
+            raise UnsupportedModelError(f"{self.family}: view features of patches missing from the LLM input")
+        return visual_hidden[view.index.flatten()]
+
+    def view_vision_features(self, store: dict, view: View) -> torch.Tensor:
+        """Vision-tower features ``[rows * cols, Dv]`` of ``view`` before the projector (raster order)."""
+        raise UnsupportedModelError(f"{self.family}: pre-projector vision features are not available")
+
+    @property
+    def vision_post_norm(self) -> nn.Module:
+        """The vision tower's final norm (CLIP's ``post_layernorm``)."""
+        raise UnsupportedModelError(f"{self.family}: the vision tower has no final norm fvlm knows")
+
+    def visual_layout(self, input_ids: torch.Tensor, top_kwargs: dict) -> list[VisualLayout]:
+        """Per sample, its :class:`VisualLayout`: one square grid and one view per image span of
+        :meth:`image_grids` (families with another layout override this)."""
+        layouts, source = [], 0
+        for sample in self.image_grids(input_ids, top_kwargs):
+            grids, views = [], []
+            for image, g in enumerate(sample):
+                if g.rows * g.cols != g.length:
+                    raise UnsupportedModelError(f"{self.family}: an image of {g.length} tokens is not a 2-D grid")
+                index = torch.arange(g.offset, g.offset + g.length).view(g.rows, g.cols)
+                grids.append(TokenGrid(index))
+                views.append(View(source, image, index))
+                source += 1
+            layouts.append(VisualLayout(grids, views, sum(g.length for g in sample)))
+        return layouts
 
     def vision_probe(self, store: dict) -> "VisionProbe":
         """Vision-tower internals of the last image batch, one row per image (see :class:`VisionProbe`)."""
@@ -177,13 +286,14 @@ class BackboneAdapter:
 
     def project_qkv(
         self, layer_index: int, hidden_in: torch.Tensor, position_embeddings, rows: torch.Tensor | None = None,
-        *, queries: bool = True, values: bool = False,
+        *, queries: bool = True, values: bool = False, rotary: bool = True,
     ) -> "Projections":
         """The shared per-layer primitive: what layer ``layer_index``'s attention computes from ``hidden_in``.
 
         Runs the layer's own ``input_layernorm`` and ``k_proj`` (and ``v_proj`` if ``values``) on all
         ``S`` rows, and ``q_proj`` only on query ``rows`` (``[B, Q]`` positions; ``None`` = all rows;
-        skipped if not ``queries``), with the layer's rotary function on queries and keys. Returns
+        skipped if not ``queries``), with the layer's rotary function on queries and keys (unless
+        ``rotary=False``: raw projections, as VScan's Qwen scoring uses them). Returns
         :class:`Projections` with ``queries`` ``[B, H, Q, hd]`` and ``keys`` / ``values``
         ``[B, H_kv, S, hd]`` (``None`` where not asked for), and ``normed``, the normalised input
         ``[B, S, D]``. Differentiable w.r.t. ``hidden_in``.
@@ -193,20 +303,19 @@ class BackboneAdapter:
         normed = layer.input_layernorm(hidden_in)
         bsz, seq, _ = normed.shape
         hd = attn.head_dim
-        cos, sin = position_embeddings
-        rotary = self._rotary_fn(attn)
+        cos, sin = position_embeddings if rotary else (None, None)
+        apply = self._rotary_fn(attn)
         keys = attn.k_proj(normed).view(bsz, seq, -1, hd).transpose(1, 2)
-        _, keys = rotary(keys[:, :1], keys, cos, sin)  # a one-head stand-in for the unused query side
+        if rotary:
+            _, keys = apply(keys[:, :1], keys, cos, sin)  # a one-head stand-in for the unused query side
         vals = attn.v_proj(normed).view(bsz, seq, -1, hd).transpose(1, 2) if values else None
         q = None
         if queries:
-            if rows is None:
-                q_in, q_cos, q_sin = normed, cos, sin
-            else:
-                q_in = normed.gather(1, rows.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
-                q_cos, q_sin = _gather_seq(cos, rows), _gather_seq(sin, rows)
+            q_in = normed if rows is None else normed.gather(1, rows.unsqueeze(-1).expand(-1, -1, normed.shape[-1]))
             q = attn.q_proj(q_in).view(bsz, q_in.shape[1], -1, hd).transpose(1, 2)
-            q, _ = rotary(q, q[:, :1], q_cos, q_sin)
+            if rotary:
+                q_cos, q_sin = (cos, sin) if rows is None else (_gather_seq(cos, rows), _gather_seq(sin, rows))
+                q, _ = apply(q, q[:, :1], q_cos, q_sin)
         return Projections(q, keys, vals, normed)
 
     def key_states(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -215,16 +324,16 @@ class BackboneAdapter:
 
     def attention_rows(
         self, layer_index: int, hidden_in: torch.Tensor, position_embeddings, key_valid: torch.Tensor,
-        rows: torch.Tensor,
+        rows: torch.Tensor, *, rotary: bool = True,
     ) -> torch.Tensor:
         """Attention probabilities ``[B, H, Q, S]`` of query ``rows`` (``[B, Q]``) in one layer.
 
-        Recomputed from the layer's own q/k projections and rotary embedding, so it works whatever
-        attention kernel the model runs. ``key_valid`` ``[B, S]`` masks padding; causality is applied
-        per query row.
+        Recomputed from the layer's own q/k projections and rotary embedding (``rotary=False``:
+        without it), so it works whatever attention kernel the model runs. ``key_valid`` ``[B, S]``
+        masks padding; causality is applied per query row.
         """
         attn = self._check_full_attention(layer_index)
-        proj = self.project_qkv(layer_index, hidden_in, position_embeddings, rows)
+        proj = self.project_qkv(layer_index, hidden_in, position_embeddings, rows, rotary=rotary)
         queries, keys = proj.queries, proj.keys
         groups = queries.shape[1] // keys.shape[1]
         keys = keys.repeat_interleave(groups, dim=1)

@@ -10,6 +10,7 @@ import torch
 
 if TYPE_CHECKING:
     from fvlm.adapters.base import ModelInfo
+    from fvlm.auxiliary import AuxiliarySpec
     from fvlm.context import SelectionContext
 
 
@@ -20,9 +21,11 @@ class Need(str, enum.Enum):
     KEYS = "keys"  # post-rotary key states of the pruning layer
     GRADIENT = "gradient"  # gradient of an objective w.r.t. the hidden states (local autograd)
     VISION_ATTENTION = "vision_attention"  # CLS-row attention inside the vision tower
+    VISION_FEATURES = "vision_features"  # per-view vision-tower features before / after the projector
     TEXT = "text"  # hidden states of the text tokens of the prompt
     GRID = "grid"  # the 2-D patch grid of every image
     LAYERS = "layers"  # direct use of decoder layers / final norm / LM head (proxy models)
+    INSTRUCTION = "instruction"  # the instruction text of every sample (``fvlm.prune(..., instructions=)``)
 
 
 Where = Union[str, int]  # "vision", "input", or l >= 1: after l decoder layers
@@ -35,11 +38,17 @@ class Stage:
     ``where`` is ``"vision"`` (on the vision tower's output, applied as the LLM input is formed),
     ``"input"`` (on the LLM input embeddings) or an int ``l >= 1`` (on the output of the first ``l``
     decoder layers; layer ``l`` and later see the reduced sequence). ``keep`` is an absolute count
-    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float).
+    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float); a selector
+    whose count follows another rule (per image, per crop, of the current count) computes the
+    per-sample budget in :meth:`TokenSelector.stage_budget` and ``keep`` is the nominal count for a single
+    image (what ``fvlm profile`` uses). ``exact=False``: the selector may keep fewer than the budget
+    (at least one token), e.g. LLaVA-NeXT crops whose picks the unpadding removes; the session's
+    trace records the real count.
     """
 
     where: Where
     keep: Union[int, float]
+    exact: bool = True
 
     def __post_init__(self):
         if self.where not in ("vision", "input") and not (isinstance(self.where, int) and self.where >= 1):
@@ -50,6 +59,8 @@ class Stage:
             raise ValueError(f"Stage.keep must be >= 0, got {self.keep}")
         if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
             raise ValueError(f"a fractional Stage.keep must be in (0, 1], got {self.keep}")
+        if not isinstance(self.exact, bool):
+            raise TypeError(f"Stage.exact must be a bool, got {self.exact!r}")
 
     @property
     def order(self) -> float:
@@ -90,6 +101,22 @@ class TokenSelector(abc.ABC):
     @abc.abstractmethod
     def select(self, ctx: "SelectionContext") -> Selection | torch.Tensor:
         """Choose the visual tokens to keep at ``ctx.stage`` (``ctx.budget[b]`` per sample)."""
+
+    def stage_budget(self, ctx: "SelectionContext") -> torch.Tensor | None:
+        """Per-sample budget ``[B]`` at ``ctx.stage``, or ``None`` (default) for the stage's ``keep``
+        rule (a count, or a fraction of each sample's original visual-token count)."""
+        return None
+
+    def vision_layers(self, info: "ModelInfo") -> frozenset[int]:
+        """Vision-tower layers (0-based) whose attention :meth:`SelectionContext.vision_attention`
+        reads; the session records their inputs while the tower runs."""
+        return frozenset()
+
+    def auxiliary_models(self) -> Sequence["AuxiliarySpec"]:
+        """Models this selector loads next to the backbone (see :mod:`fvlm.auxiliary`): loaded once
+        per backbone when a session starts, on the backbone's device; read with
+        :meth:`SelectionContext.auxiliary`."""
+        return ()
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

@@ -9,8 +9,9 @@ class Compose(TokenSelector):
     """Runs its parts' stages as one schedule; each stage is answered by the part that declared it.
 
     ``selectors`` are instances, registered names, or ``{"name": ..., "args": {...}}`` mappings.
-    PIO-FVLM's encoder-involved mode is ``Compose([VisionZip(...), PIOFVLM(...)])``. Needs are the
-    union of the parts' needs; every part is checked against its own.
+    PIO-FVLM's encoder-involved mode ("w/ VE") is ``Compose([VScanEncoder(keep=96),
+    PIOFVLM(layers=[16], keep=[32])])``. Needs, vision layers and auxiliary models are the union of
+    the parts'; every part is checked against its own needs.
     """
 
     example_kwargs = {"selectors": [{"name": "divprune", "args": {"keep": 10}}, {"name": "random", "args": {"keep": 4, "layer": 2}}]}
@@ -50,3 +51,13 @@ class Compose(TokenSelector):
     def select(self, ctx):
         part = self._owner[ctx.stage.where]
         return part.select(ctx.for_selector(part))
+
+    def stage_budget(self, ctx):
+        part = self._owner[ctx.stage.where]
+        return part.stage_budget(ctx.for_selector(part))
+
+    def vision_layers(self, info):
+        return frozenset().union(*(p.vision_layers(info) for p in self.selectors))
+
+    def auxiliary_models(self):
+        return [spec for part in self.selectors for spec in part.auxiliary_models()]
