@@ -199,7 +199,7 @@ class PruningSession:
             instructions=self._instructions(bsz),
         )
         if Need.GRID in self.selector.needs:
-            run.layout = self.adapter.visual_layout(input_ids, self._top_kwargs)
+            run.layout = self.adapter.visual_layout(input_ids, self._top_kwargs, embeds, self._observed)
         for stage in self.schedule:
             if isinstance(stage.where, str):
                 keep, embeds = self._apply_stage(stage, embeds)

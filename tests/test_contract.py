@@ -30,7 +30,8 @@ def _run(model, name, inputs):
         return out
 
     selector.select = recording
-    with fvlm.prune(model, selector), torch.no_grad():
+    instructions = [f"question {b}: what is in the picture?" for b in range(inputs["input_ids"].shape[0])]
+    with fvlm.prune(model, selector, instructions=instructions), torch.no_grad():
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
     return selector, calls
 

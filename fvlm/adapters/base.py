@@ -29,6 +29,7 @@ class ModelInfo:
     vision_layers: int = 0  # depth of the vision tower (0: unknown)
     vision_feature_layer: int | None = None  # 0-based vision layer whose output becomes the visual tokens
     vision_full_attention: tuple[int, ...] = ()  # vision layers with full (not windowed) attention
+    view_tokens: int = 0  # patch tokens per vision-tower view when fixed (CLIP towers: 576 at 336 px); 0: varies
     extra: dict = field(default_factory=dict)
 
 
@@ -224,9 +225,11 @@ class BackboneAdapter:
         """The vision tower's final norm (CLIP's ``post_layernorm``)."""
         raise UnsupportedModelError(f"{self.family}: the vision tower has no final norm fvlm knows")
 
-    def visual_layout(self, input_ids: torch.Tensor, top_kwargs: dict) -> list[VisualLayout]:
+    def visual_layout(self, input_ids: torch.Tensor, top_kwargs: dict, embeds: torch.Tensor | None = None,
+                      store: dict | None = None) -> list[VisualLayout]:
         """Per sample, its :class:`VisualLayout`: one square grid and one view per image span of
-        :meth:`image_grids` (families with another layout override this)."""
+        :meth:`image_grids` (families with another layout override this). ``embeds`` are the LLM input
+        embeddings, ``store`` what :meth:`observe` recorded."""
         layouts, source = [], 0
         for sample in self.image_grids(input_ids, top_kwargs):
             grids, views = [], []

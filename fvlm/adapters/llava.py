@@ -39,8 +39,9 @@ class ClipTowerAdapter(BackboneAdapter):
 
     def vision_info(self) -> dict:
         depth = len(self._tower.encoder.layers)
+        vc = self.model.config.vision_config
         return dict(vision_layers=depth, vision_feature_layer=self._feature_index(),
-                    vision_full_attention=tuple(range(depth)))
+                    vision_full_attention=tuple(range(depth)), view_tokens=(vc.image_size // vc.patch_size) ** 2)
 
     def observe(self, store, needs, vision_layers=frozenset()):
         wants_attention = Need.VISION_ATTENTION in needs
@@ -117,6 +118,12 @@ class ClipTowerAdapter(BackboneAdapter):
         return self.top.multi_modal_projector(features)
 
 
+def _reproduces(crop: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor) -> bool:
+    """Whether a crop's patch features (``[N, D]``) equal the LLM input tokens they map to (``-1``: cut)."""
+    kept = index >= 0
+    return torch.equal(crop[kept.to(crop.device)], tokens[index[kept].to(tokens.device)])
+
+
 class LlavaAdapter(ClipTowerAdapter):
     """LLaVA-1.5 style: every image is one square grid of ``image_seq_length`` tokens."""
 
@@ -131,6 +138,23 @@ class LlavaAdapter(ClipTowerAdapter):
             total = int(row.sum())
             grids.append([ImageGrid(o, per_image, side, side) for o in range(0, total, per_image)])
         return grids
+
+    def visual_layout(self, input_ids, top_kwargs, embeds=None, store=None):
+        """One grid and one view per image; a view's source is the recorded projector output that
+        equals the image's LLM input (so ``generate``'s beam expansion maps to the encoded image)."""
+        layouts = super().visual_layout(input_ids, top_kwargs, embeds, store)
+        crops = (store or {}).get("projector_output")
+        if crops is None or embeds is None:
+            return layouts
+        flat = crops.flatten(1)
+        for b, (layout, row) in enumerate(zip(layouts, self.visual_mask(input_ids))):
+            tokens = embeds[b, row.nonzero().flatten()]
+            for i, view in enumerate(layout.views):
+                match = (flat == tokens[view.index.flatten().to(tokens.device)].flatten()).all(dim=1).nonzero().flatten()
+                if not len(match):
+                    raise UnsupportedModelError("llava: an image's tokens match no recorded projector output")
+                layout.views[i] = View(int(match[0]), view.image, view.index)
+        return layouts
 
 
 class LlavaNextAdapter(ClipTowerAdapter):
@@ -151,51 +175,82 @@ class LlavaNextAdapter(ClipTowerAdapter):
             grids.append(spans)
         return grids
 
-    def visual_layout(self, input_ids, top_kwargs):
-        """Crops and grids from the model's own packing: ``pack_image_features`` applied to a tensor
-        that holds each crop patch's index (and -1 as the newline) says where every patch lands."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    def visual_layout(self, input_ids, top_kwargs, embeds=None, store=None):
+        """Grids and crops of every image, read from what the language model receives.
 
-        sizes = top_kwargs.get("image_sizes")
-        counts = self.visual_mask(input_ids).sum(dim=1).tolist()
-        if sizes is None:
-            if any(counts):
-                raise UnsupportedModelError("llava_next: the visual layout needs the image_sizes of the prompt")
-            return [VisualLayout([], [], 0) for _ in counts]
-        cfg, vc = self.model.config, self.model.config.vision_config
+        ``generate`` encodes the images before the prefill call (the image sizes never reach the
+        model's forward), so the layout is decoded from the LLM input: per image, the base tile's
+        ``side**2`` tokens, then ``rows`` rows of ``cols`` tokens each closed by the model's
+        ``image_newline`` vector (a single-crop image has one newline after its base tile). Crops come
+        from the tiling (one of the config's pinpoints) and unpadding offsets that reproduce the
+        recorded projector outputs exactly; without them (selectors that need no views) only the grids
+        are known.
+        """
+        if embeds is None:
+            raise UnsupportedModelError("llava_next: the visual layout needs the LLM input embeddings")
+        vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
-        n = side * side
-        crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                           patch_size=vc.image_size) for s in sizes]
-        first = [sum(crops[:i]) for i in range(len(crops))]
-        coded = [(torch.arange(c * n, dtype=torch.float64) + f * n).view(c, n, 1) for c, f in zip(crops, first)]
-        packed, _ = self.top.pack_image_features(coded, sizes.cpu(), cfg.vision_feature_select_strategy,
-                                                 image_newline=torch.tensor([-1.0], dtype=torch.float64))
-        images = iter(zip(packed, crops, first))
+        newline = self.top.image_newline.to(embeds.device, embeds.dtype)
+        crops = (store or {}).get("projector_output")
         layouts = []
-        for total in counts:
-            grids, views, offset, image = [], [], 0, 0
-            while offset < total:
-                try:
-                    values, num_crops, first_crop = next(images)
-                except StopIteration:
-                    raise UnsupportedModelError("llava_next: more image tokens in the prompts than packed image "
-                                                "features") from None
-                code = values[:, 0].long()
-                pos = torch.arange(offset, offset + len(code))
-                index = torch.full((num_crops * n,), -1, dtype=torch.long)
-                index[code[code >= 0] - first_crop * n] = pos[code >= 0]
-                views += [View(first_crop + c, image, index[c * n:(c + 1) * n].view(side, side)) for c in range(num_crops)]
-                grids.append(TokenGrid(pos[:n].view(side, side)))
-                rest, rest_code = pos[n:], code[n:]
-                rows = int((rest_code < 0).sum())
-                cols = (len(rest) - rows) // rows if rows else 0
-                if cols:
-                    table = rest.view(rows, cols + 1)
+        for b, row in enumerate(self.visual_mask(input_ids)):
+            positions = row.nonzero().flatten()
+            tokens = embeds[b, positions]
+            is_newline = (tokens == newline).all(dim=-1).cpu()
+            grids, views, i, image = [], [], 0, 0
+            while i < len(positions):
+                base = torch.arange(i, i + side * side)
+                grids.append(TokenGrid(base.view(side, side)))
+                i += side * side
+                if i < len(positions) and bool(is_newline[i]):  # a single crop: base tile + one newline
+                    tiles, i = None, i + 1
+                else:
+                    cols = int(is_newline[i:].long().argmax()) if bool(is_newline[i:].any()) else 0
+                    rows = 0
+                    while cols and i + (rows + 1) * (cols + 1) <= len(positions) and bool(
+                            is_newline[i + rows * (cols + 1) + cols]) and not bool(
+                            is_newline[i + rows * (cols + 1): i + rows * (cols + 1) + cols].any()):
+                        rows += 1
+                    if not rows:
+                        raise UnsupportedModelError("llava_next: cannot read the image layout from the LLM input "
+                                                    "(expected base tile, then rows closed by the image newline)")
+                    table = torch.arange(i, i + rows * (cols + 1)).view(rows, cols + 1)
                     grids.append(TokenGrid(table[:, :cols], table[:, cols]))
-                offset += len(code)
+                    tiles, i = table[:, :cols], i + rows * (cols + 1)
+                if crops is not None:
+                    views += self._crop_views(crops, tokens, base, tiles, side, image)
                 image += 1
-            if offset != total:
-                raise UnsupportedModelError(f"llava_next: a sample has {total} image tokens, the packed images {offset}")
-            layouts.append(VisualLayout(grids, views, total))
+            layouts.append(VisualLayout(grids, views, len(positions)))
         return layouts
+
+    def _crop_views(self, crops, tokens, base, tiles, side, image) -> list[View]:
+        """The views of one image: its base crop and tiles located in the recorded projector outputs
+        (``crops [C, side**2, D]``), checked to reproduce the LLM input exactly."""
+        flat = crops.flatten(1)
+        first = (flat == tokens[base].flatten()).all(dim=1).nonzero().flatten()
+        if not len(first):
+            raise UnsupportedModelError("llava_next: an image's base tile matches no recorded crop "
+                                        "(view features need vision_feature_select_strategy='default')")
+        start = int(first[0])
+        views = [View(start, image, base.view(side, side))]
+        if tiles is None:
+            return views
+        rows, cols = tiles.shape
+        image_size = self.model.config.vision_config.image_size
+        for height, width in self.model.config.image_grid_pinpoints:
+            nph, npw = height // image_size, width // image_size
+            full_r, full_c = nph * side, npw * side
+            if not ((cols == full_c and rows <= full_r and (full_r - rows) % 2 == 0)
+                    or (rows == full_r and cols <= full_c and (full_c - cols) % 2 == 0)):
+                continue
+            if start + 1 + nph * npw > len(crops):
+                continue
+            top, left = (full_r - rows) // 2, (full_c - cols) // 2
+            index = torch.full((full_r, full_c), -1, dtype=torch.long)
+            index[top: top + rows, left: left + cols] = tiles
+            per_tile = index.view(nph, side, npw, side).permute(0, 2, 1, 3).reshape(nph * npw, side, side)
+            cand = [View(start + 1 + t, image, per_tile[t]) for t in range(nph * npw)]
+            if all(_reproduces(crops[v.source], tokens, v.index.flatten()) for v in cand):
+                return views + cand
+        raise UnsupportedModelError("llava_next: no tiling of the config's image_grid_pinpoints reproduces an "
+                                    "image's tokens from the recorded crops")

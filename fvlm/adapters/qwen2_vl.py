@@ -53,34 +53,57 @@ class Qwen2VLAdapter(BackboneAdapter):
                 hooks.append(self._visual.blocks[index].register_forward_pre_hook(block_input, with_kwargs=True))
         return hooks
 
-    def image_grids(self, input_ids, top_kwargs):
+    def _row_images(self, input_ids, top_kwargs) -> list[list[tuple[int, int, int, int]]]:
+        """Per batch row, its images as ``(first frame's index among all encoded frames, t, h, w)``
+        in merged tokens. ``generate`` encodes the images once and then repeats every prompt
+        ``num_beams`` times: rows then share their group's images."""
         thw = top_kwargs.get("image_grid_thw")
         merge = self.model.config.vision_config.spatial_merge_size
         sizes = [] if thw is None else [(int(t), int(h) // merge, int(w) // merge) for t, h, w in thw.tolist()]
-        images = iter(sizes)
+        totals = self.visual_mask(input_ids).sum(dim=1).tolist()
+        encoded = sum(t * h * w for t, h, w in sizes)
+        repeat = sum(totals) // encoded if encoded and sum(totals) % encoded == 0 else 1
+        if len(totals) % repeat:
+            repeat = 1
+        images, frame, out = iter(sizes), 0, []
+        for r, total in enumerate(totals):
+            if r % repeat:
+                out.append(out[-1])
+                continue
+            row, count = [], 0
+            while count < total:
+                try:
+                    t, h, w = next(images)
+                except StopIteration:
+                    raise UnsupportedModelError(f"{self.family}: the prompts hold more image tokens than the "
+                                                "encoded images (image_grid_thw)") from None
+                row.append((frame, t, h, w))
+                frame, count = frame + t, count + t * h * w
+            out.append(row)
+        return out
+
+    def image_grids(self, input_ids, top_kwargs):
         grids = []
-        for row in self.visual_mask(input_ids).cpu():
-            spans, offset, total = [], 0, int(row.sum())
-            while offset < total:
-                t, h, w = next(images)
+        for row in self._row_images(input_ids, top_kwargs):
+            spans, offset = [], 0
+            for _, t, h, w in row:
                 spans.append(ImageGrid(offset, t * h * w, h, w))
                 offset += t * h * w
             grids.append(spans)
         return grids
 
-    def visual_layout(self, input_ids, top_kwargs):
+    def visual_layout(self, input_ids, top_kwargs, embeds=None, store=None):
         """One grid and one view per image frame (raster order of merged tokens)."""
-        layouts, source = [], 0
-        for sample in self.image_grids(input_ids, top_kwargs):
-            grids, views = [], []
-            for image, g in enumerate(sample):
-                for frame in range(g.length // (g.rows * g.cols)):
-                    start = g.offset + frame * g.rows * g.cols
-                    index = torch.arange(start, start + g.rows * g.cols).view(g.rows, g.cols)
+        layouts = []
+        for row in self._row_images(input_ids, top_kwargs):
+            grids, views, offset = [], [], 0
+            for image, (frame, t, h, w) in enumerate(row):
+                for f in range(t):
+                    index = torch.arange(offset, offset + h * w).view(h, w)
                     grids.append(TokenGrid(index))
-                    views.append(View(source, image, index))
-                    source += 1
-            layouts.append(VisualLayout(grids, views, sum(g.length for g in sample)))
+                    views.append(View(frame + f, image, index))
+                    offset += h * w
+            layouts.append(VisualLayout(grids, views, offset))
         return layouts
 
     def vision_attention(self, store, layer):

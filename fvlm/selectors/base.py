@@ -81,6 +81,20 @@ class Selection:
     indices: torch.Tensor
     embeddings: torch.Tensor | None = None
 
+    @staticmethod
+    def from_rows(rows: "list[list[tuple[int, torch.Tensor]]]", like: torch.Tensor) -> "Selection":
+        """A merging selection from per-sample ``(index, embedding)`` pairs (sorted by index here),
+        padded with ``-1``; embeddings take ``like``'s dtype and device."""
+        width = max((len(r) for r in rows), default=0)
+        index = torch.full((len(rows), width), -1, dtype=torch.long, device=like.device)
+        embeds = like.new_zeros(len(rows), width, like.shape[-1])
+        for b, row in enumerate(rows):
+            row = sorted(row, key=lambda entry: entry[0])
+            if row:
+                index[b, : len(row)] = torch.tensor([p for p, _ in row], device=like.device)
+                embeds[b, : len(row)] = torch.stack([e.to(like.dtype) for _, e in row])
+        return Selection(index, embeds)
+
 
 class TokenSelector(abc.ABC):
     """Base class of every token-reduction method.
