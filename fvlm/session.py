@@ -196,7 +196,7 @@ class PruningSession:
             original_visual=is_visual.sum(dim=1),
             grids=self.adapter.image_grids(input_ids, self._top_kwargs),
             dtype=embeds.dtype,
-            instructions=self._instructions(bsz),
+            instructions=self._instructions(input_ids, valid),
         )
         if Need.GRID in self.selector.needs:
             run.layout = self.adapter.visual_layout(input_ids, self._top_kwargs, embeds, self._observed)
@@ -214,18 +214,22 @@ class PruningSession:
         self._finish_trace()
         return kwargs
 
-    def _instructions(self, bsz: int) -> list[str] | None:
-        """The session's instructions for a batch of ``bsz`` rows (``generate`` repeats each prompt
-        ``num_beams`` times, and so are its instructions)."""
+    def _instructions(self, input_ids: torch.Tensor, valid: torch.Tensor) -> list[str] | None:
+        """The session's instructions, one per batch row. ``generate`` repeats each prompt
+        ``num_beams`` times (identical consecutive rows): each instruction then covers its repeats."""
         texts = self.instructions
         if texts is None:
             return None
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise FVLMError("instructions must be a list of strings, one per prompt")
-        texts = list(texts)
-        if not texts or bsz % len(texts):
+        texts, bsz = list(texts), input_ids.shape[0]
+        repeat = bsz // len(texts) if texts and bsz % len(texts) == 0 else 0
+        rows = torch.where(valid, input_ids, -1)
+        if repeat > 1 and not torch.equal(rows, rows[::repeat].repeat_interleave(repeat, dim=0)):
+            repeat = 0
+        if not repeat:
             raise FVLMError(f"{len(texts)} instructions for a batch of {bsz} prompts: give one instruction per prompt")
-        return [t for t in texts for _ in range(bsz // len(texts))]
+        return [t for t in texts for _ in range(repeat)]
 
     def _input_positions(self, pos, run: _Run, device) -> torch.Tensor:
         if pos is None:
