@@ -249,3 +249,39 @@ def test_qwen25_llm_embed_default_equals_the_reference():
         assert selector.needs == {fvlm.Need.GRID, fvlm.Need.VISION_FEATURES, fvlm.Need.TEXT}
         assert kept(calls[0], 0) == dpp_picks(merged, quality, keep)
         assert session.trace.llm_input_visual == [keep]
+
+
+# ------------------------------------------------------------------------------- fvlm run, the CLI
+def test_fvlm_run_gives_cdpruner_each_samples_question(tmp_path):
+    """``fvlm run`` (its entry point, in process) passes every sample's question, with its options and
+    without the answer-format prompt, as the instruction: its answers equal generate under
+    ``fvlm.prune(..., instructions=[that text])`` one sample at a time, and other instructions would
+    change some of them."""
+    import json
+    from pathlib import Path
+
+    from fvlm.cli import main
+    from fvlm.lightning.data import VQACollator, VQADataset, instruction_text, load_records
+    from fvlm.tiny_backbones import tiny_backbone
+
+    root = Path(__file__).resolve().parents[1]
+    data = root / "recipes/tiny/data/vqa.jsonl"
+    assert main(["run", "-c", str(root / "recipes/tiny/llava-cdpruner.yaml"), "--output", str(tmp_path),
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    answers = {r["id"]: r["answer"] for r in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
+    model, processor = tiny_backbone("llava")
+    collate = VQACollator(processor)
+    records = load_records(data)
+    changed = 0
+    for i, rec in enumerate(records):
+        inputs = collate([VQADataset(records)[i]])["inputs"]
+        for text in (instruction_text(rec), "A completely different instruction about something else"):
+            with fvlm.prune(model, "cdpruner", keep=4, text_model="tiny:clip", instructions=[text]), torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            if text == instruction_text(rec):
+                assert answer == answers[rec["id"]], rec["id"]
+            else:
+                changed += answer != answers[rec["id"]]
+    assert "\nA. " in instruction_text(next(r for r in records if r.get("choices")))
+    assert changed > 0
