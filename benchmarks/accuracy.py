@@ -38,8 +38,9 @@ from fvlm.builtin import budgets as B  # noqa: E402
 from fvlm.builtin import synthetic  # noqa: E402
 
 
-def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2) -> dict:
-    """Answers for every record (in record order), mean layer-average visual tokens, seconds."""
+def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2, questions=None) -> dict:
+    """Answers for every record (in record order), mean layer-average visual tokens, seconds.
+    ``questions`` (per record) are each sample's instruction for instruction-conditioned selectors."""
     answers: list[str | None] = [None] * n
     layer_avg: list[float] = []
     start = time.perf_counter()
@@ -49,7 +50,8 @@ def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             layer_avg += [float(model.config.image_seq_length)] * len(chunk)
         else:
-            with fvlm.prune(model, selector) as session, torch.no_grad():
+            texts = None if questions is None else [questions[i] for i in chunk]
+            with fvlm.prune(model, selector, instructions=texts) as session, torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             layer_avg += session.trace.layer_average
         texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -107,7 +109,8 @@ def benchmark(args) -> dict:
                 kwargs = setting.make_kwargs(budget or 0, num_layers)
                 cell["kwargs"] = B.describe(kwargs)
                 selector = fvlm.create_selector(setting.selector, **kwargs)
-                out = run(model, processor, batches, len(records), selector, args.max_new_tokens)
+                out = run(model, processor, batches, len(records), selector, args.max_new_tokens,
+                          [r["question"] for r in records])
             except Exception as exc:
                 cell["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 print(f"{label} @ {key}: failed ({cell['error']})", flush=True)
@@ -158,10 +161,13 @@ def markdown(results: dict) -> str:
         f"**Unpruned accuracy: {_pct(base['accuracy'])} %** ({meta['n']} records). "
         "*Accuracy* is exact match with the reference answer, *fidelity* exact match with the unpruned "
         f"model's answer. A budget `b` keeps `b` of the {v} visual tokens from the selector's first pruning "
-        "point on: before the language model for `random`, `uniform`, `divprune`, `visionzip`; after "
-        "decoder layer 2 (`fastv`, `sparsevlm`, `dart`) or 1 (`pio_fvlm`) for the in-LLM methods, whose "
-        "earlier layers still see all tokens (compare the layer averages below). Settings per selector: "
-        "`fvlm/builtin/budgets.py`.",
+        "point on: before the language model for `random`, `uniform`, `divprune`, `visionzip`, `cdpruner`, "
+        "`vscan_encoder` (and the encoder stage of `vscan` and `pio_fvlm_ve`, which keep a third of it after "
+        "layer 2); after decoder layer 2 (`fastv`, `sparsevlm`, `dart`) or 1 (`pio_fvlm`) for the in-LLM "
+        "methods, whose earlier layers still see all tokens (compare the layer averages below). `pool` "
+        "averages s x s blocks (s = round(sqrt(576 / b)): 144, 144, 64, 36 tokens). `cdpruner` takes its "
+        "relevance from the LLM embeddings of the question (the built-in model has no CLIP text tower). "
+        "Settings per selector: `fvlm/builtin/budgets.py`.",
         "",
         "## Accuracy (%)",
         "",
@@ -315,7 +321,7 @@ def main(argv=None) -> int:
         if args.out:
             results["plot"] = os.path.relpath(args.plot, args.out.parent)
     if args.visualize:
-        wanted = [n for n in ("pio_fvlm", "fastv", "sparsevlm", "visionzip", "divprune") if n in fvlm.list_selectors()]
+        wanted = [n for n in ("pio_fvlm", "fastv", "visionzip", "vscan", "cdpruner", "pool") if n in fvlm.list_selectors()]
         results["picture"] = picture(args, wanted)
         if args.out:
             results["picture"]["path"] = os.path.relpath(args.visualize, args.out.parent)

@@ -142,7 +142,8 @@ def _demo(args: argparse.Namespace) -> int:
     table.add_row("(unpruned)", str(inputs["input_ids"].eq(fvlm.testing.image_token_id(model)).sum(1).tolist()), "-", "-", "-", "-", f"{base_time * 1e3:.0f} ms")
     for name in names:
         kwargs = options or fvlm.registry.get_selector_class(name).example_kwargs
-        with fvlm.prune(model, name, **kwargs) as session, torch.no_grad():
+        questions = ["What is in the picture?", "What is on the left?"]  # for instruction-conditioned selectors
+        with fvlm.prune(model, name, instructions=questions, **kwargs) as session, torch.no_grad():
             start = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
             elapsed = time.perf_counter() - start

@@ -30,6 +30,7 @@ class ModelInfo:
     vision_feature_layer: int | None = None  # 0-based vision layer whose output becomes the visual tokens
     vision_full_attention: tuple[int, ...] = ()  # vision layers with full (not windowed) attention
     view_tokens: int = 0  # patch tokens per vision-tower view when fixed (CLIP towers: 576 at 336 px); 0: varies
+    vision_hidden: int = 0  # width of the vision tower
     extra: dict = field(default_factory=dict)
 
 

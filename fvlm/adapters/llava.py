@@ -41,7 +41,8 @@ class ClipTowerAdapter(BackboneAdapter):
         depth = len(self._tower.encoder.layers)
         vc = self.model.config.vision_config
         return dict(vision_layers=depth, vision_feature_layer=self._feature_index(),
-                    vision_full_attention=tuple(range(depth)), view_tokens=(vc.image_size // vc.patch_size) ** 2)
+                    vision_full_attention=tuple(range(depth)), view_tokens=(vc.image_size // vc.patch_size) ** 2,
+                    vision_hidden=vc.hidden_size)
 
     def observe(self, store, needs, vision_layers=frozenset()):
         wants_attention = Need.VISION_ATTENTION in needs

@@ -33,7 +33,9 @@ class Qwen2VLAdapter(BackboneAdapter):
     def vision_info(self) -> dict:
         depth = len(self._visual.blocks)
         full = tuple(getattr(self._visual, "fullatt_block_indexes", range(depth)))
-        return dict(vision_layers=depth, vision_feature_layer=depth - 1, vision_full_attention=full)
+        vc = self.model.config.vision_config
+        width = vc.embed_dim if self.model.config.model_type == "qwen2_vl" else vc.hidden_size
+        return dict(vision_layers=depth, vision_feature_layer=depth - 1, vision_full_attention=full, vision_hidden=width)
 
     def observe(self, store, needs, vision_layers=frozenset()):
         """``generate`` encodes images before the prefill call: record their grids from the vision tower

@@ -185,6 +185,16 @@ class CDPruner(TokenSelector):
         counts = [sum(min(self.keep, v.rows * v.cols) for v in lay.views) + len(lay.unviewed) for lay in ctx.layout]
         return torch.tensor(counts, dtype=torch.long, device=ctx.hidden.device)
 
+    def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
+        """The kernel and greedy MAP per view, plus one 77-token row of a ViT-L/14 CLIP text tower
+        for ``clip_text`` (longer instructions add a row each)."""
+        from fvlm.metrics.flops import clip_text_flops, dpp_map_flops
+
+        views = max(1, n_visual // info.view_tokens) if info.view_tokens else 1
+        per_view = n_visual / views
+        text = clip_text_flops(1) if self._resolve(info) == "clip_text" else 0.0
+        return views * dpp_map_flops(per_view, info.hidden_size, min(self.keep, per_view)) + text
+
     # -- selection -------------------------------------------------------------------------
     def relevance(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Normalised relevance ``[N]`` of one sample's patch embeddings ``[N, P]`` to its text rows ``[M, P]``."""

@@ -139,6 +139,17 @@ class VScanEncoder(TokenSelector):
         nominal = self.view_count(info.view_tokens, qwen) if info.view_tokens else self.keep
         return [Stage("vision", nominal)]
 
+    def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
+        """Per view: the two vision-layer scores recomputed from their inputs (CLS rows; Qwen: the
+        attention every patch receives) and the merge's similarities."""
+        from fvlm.metrics.flops import cls_rows_flops, merge_flops, received_attention_flops
+
+        qwen = self._qwen(info)
+        views = 1 if qwen or not info.view_tokens else max(1, n_visual // info.view_tokens)
+        n = n_visual / views
+        scores = received_attention_flops(4 * n, info.vision_hidden) if qwen else cls_rows_flops(n + 1, info.vision_hidden)
+        return views * (2 * scores + merge_flops(n, self.view_count(int(n), qwen), info.hidden_size))
+
     def stage_budget(self, ctx):
         qwen = self._qwen(ctx.info)
         counts = [sum(self.view_count(v.rows * v.cols, qwen) for v in lay.views) + len(lay.unviewed)
@@ -227,6 +238,14 @@ class VScan(TokenSelector):
         if isinstance(nominal, int) and isinstance(encoder.keep, int):
             nominal = min(nominal, encoder.keep)
         return [encoder, Stage(self.layer, nominal)]
+
+    def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
+        """The encoder stage's (see :class:`VScanEncoder`), then one recomputed last-token attention row."""
+        from fvlm.metrics.flops import TextArch, attention_rows_flops
+
+        if stage.where == "vision":
+            return self.encoder.overhead_flops(info, stage, seq_len, n_visual)
+        return attention_rows_flops(seq_len, TextArch.of(info))
 
     def stage_budget(self, ctx):
         if ctx.stage.where == "vision":
