@@ -121,3 +121,29 @@ def reference_nms_picks(saliency, features, k: int, tau: float, nms: bool = True
         if i not in kept:
             kept.append(i)
     return sorted(kept)
+
+
+def record(selector) -> list:
+    """Wrap ``selector.select`` on the instance; the list collects every stage's Selection (or indices)."""
+    calls = []
+    original = selector.select
+
+    def recording(ctx):
+        out = original(ctx)
+        calls.append(out)
+        return out
+
+    selector.select = recording
+    return calls
+
+
+def lm_input(model, inputs) -> torch.Tensor:
+    """The ``inputs_embeds`` the language model receives in a plain forward of ``inputs``."""
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["inputs_embeds"]

@@ -146,20 +146,6 @@ def qwen25_inputs(grids=((36, 36),), seeds=(0,), after=(12,)) -> dict:
             "image_grid_thw": torch.tensor(thw), "mm_token_type_ids": (ids == IMAGE).long()}
 
 
-def record(selector) -> list:
-    """Wrap ``selector.select`` on the instance; the list collects every stage's Selection (or indices)."""
-    calls = []
-    original = selector.select
-
-    def recording(ctx):
-        out = original(ctx)
-        calls.append(out)
-        return out
-
-    selector.select = recording
-    return calls
-
-
 def kept(selection, b: int) -> list[int]:
     index = selection if isinstance(selection, torch.Tensor) else selection.indices
     row = index[b]

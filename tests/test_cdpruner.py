@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import fvlm
 from fvlm.selectors.algorithms import dpp_greedy_map
 from fvlm.tiny_backbones import tiny_clip
+from helpers import record
 from layouts import (
     IMAGE,
     kept,
@@ -19,7 +20,6 @@ from layouts import (
     next_tokens,
     qwen25,
     qwen25_inputs,
-    record,
 )
 
 QUESTIONS = ["What colour is the car on the left?",

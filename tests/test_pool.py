@@ -7,18 +7,8 @@ import pytest
 import torch
 
 import fvlm
-from layouts import IMAGE, kept, llava15, llava15_inputs, llava_next, next_inputs, next_tokens, qwen25, qwen25_inputs, record
-
-
-def lm_input(model, inputs):
-    seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen["inputs_embeds"][0]
+from helpers import lm_input, record
+from layouts import IMAGE, kept, llava15, llava15_inputs, llava_next, next_inputs, next_tokens, qwen25, qwen25_inputs
 
 
 def pooled_grid(x, index, s):
@@ -58,7 +48,7 @@ def same_as_plain_forward(model, inputs, selection, embeds, stride):
 def test_llava15_blocks_and_the_smaller_grid(stride, count):
     model = llava15("sdpa", layers=2, vision_layers=2)
     inputs = llava15_inputs(seeds=(0,))
-    embeds = lm_input(model, inputs)
+    embeds = lm_input(model, inputs)[0]
     visual = embeds[inputs["input_ids"][0] == IMAGE]
     selector = fvlm.create_selector("pool", stride=stride)
     calls = record(selector)
@@ -73,7 +63,7 @@ def test_llava_next_pools_base_and_high_resolution_grids_with_one_newline_per_ro
     model = llava_next("sdpa", hidden=64)
     inputs = next_inputs(sizes=((500, 700),))
     count, _, rows, cols = next_tokens(500, 700)
-    embeds = lm_input(model, inputs)
+    embeds = lm_input(model, inputs)[0]
     visual = embeds[inputs["input_ids"][0] == IMAGE]
     selector = fvlm.create_selector("pool", stride=2)
     calls = record(selector)

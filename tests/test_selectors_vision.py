@@ -7,30 +7,8 @@ import torch
 import fvlm
 from fvlm.selectors.algorithms import max_min_diversity
 from fvlm.testing import tiny_inputs, tiny_model
-
-
-def _record(selector):
-    calls = []
-    original = selector.select
-
-    def recording(ctx):
-        out = original(ctx)
-        calls.append(out)
-        return out
-
-    selector.select = recording
-    return calls
-
-
-def _lm_input(model, inputs):
-    seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen["inputs_embeds"]
+from helpers import lm_input as _lm_input
+from helpers import record as _record
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 import fvlm
-from layouts import IMAGE, kept, llava15, llava15_inputs, qwen25, qwen25_inputs, record
+from helpers import record
+from layouts import IMAGE, kept, llava15, llava15_inputs, qwen25, qwen25_inputs
 
 
 @pytest.fixture(scope="module")

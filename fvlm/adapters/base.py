@@ -59,16 +59,10 @@ class ImageGrid:
     cols: int
 
 
-@dataclass(frozen=True)
-class TokenGrid:
-    """A 2-D grid of one sample's visual tokens as the language model sees them.
-
-    ``index[r, c]`` is the position among the sample's visual tokens of grid cell ``(r, c)``;
-    ``newline[r]`` (LLaVA-NeXT's high-resolution grid) that of the newline token closing row ``r``.
-    """
+class _Table:
+    """``rows`` / ``cols`` of a dataclass whose ``index`` is a 2-D table of token positions."""
 
     index: torch.Tensor
-    newline: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -80,7 +74,19 @@ class TokenGrid:
 
 
 @dataclass(frozen=True)
-class View:
+class TokenGrid(_Table):
+    """A 2-D grid of one sample's visual tokens as the language model sees them.
+
+    ``index[r, c]`` is the position among the sample's visual tokens of grid cell ``(r, c)``;
+    ``newline[r]`` (LLaVA-NeXT's high-resolution grid) that of the newline token closing row ``r``.
+    """
+
+    index: torch.Tensor
+    newline: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class View(_Table):
     """One view the vision tower encodes (LLaVA: an image; LLaVA-NeXT: one crop; Qwen: one image frame).
 
     ``source`` is its row among the tower's views of the whole batch (the order of the
@@ -92,14 +98,6 @@ class View:
     source: int
     image: int
     index: torch.Tensor
-
-    @property
-    def rows(self) -> int:
-        return self.index.shape[0]
-
-    @property
-    def cols(self) -> int:
-        return self.index.shape[1]
 
 
 @dataclass(frozen=True)
