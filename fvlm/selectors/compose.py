@@ -31,8 +31,11 @@ class Compose(TokenSelector):
         if not parts:
             raise FVLMError("Compose needs at least one selector")
         self.selectors = parts
-        self.needs = frozenset().union(*(p.needs for p in parts))
         self._owner: dict = {}
+
+    @property
+    def needs(self) -> frozenset:  # parts may settle their needs in stages() (e.g. per model family)
+        return frozenset().union(*(p.needs for p in self.selectors))
 
     def stages(self, info):
         owner, stages = {}, []
