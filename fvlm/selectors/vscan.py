@@ -170,7 +170,7 @@ class VScanEncoder(TokenSelector):
             picked = window_quota_scan(local[None], rows, cols, self.window, n_loc)[0]
         n_glob = keep - int(picked.sum()) if qwen or self.fill_to_budget else keep - n_loc
         rest = torch.where(picked, float("-inf"), deep.float())
-        return picked | topk_mask(rest, ~picked, n_glob)
+        return picked | _topk_mask(rest, ~picked, n_glob)
 
     def select(self, ctx):
         qwen = self._qwen(ctx.info)
@@ -191,7 +191,7 @@ class VScanEncoder(TokenSelector):
         return Selection.from_rows(rows_out, ctx.hidden)
 
 
-def topk_mask(scores: torch.Tensor, allowed: torch.Tensor, n: int) -> torch.Tensor:
+def _topk_mask(scores: torch.Tensor, allowed: torch.Tensor, n: int) -> torch.Tensor:
     """Mask of the ``n`` best ``allowed`` entries of a 1-D score (ties -> lower index)."""
     picks = topk_indices(scores[None], allowed[None], n)[0]
     return torch.zeros_like(allowed).scatter(0, picks[picks >= 0], True)
