@@ -136,14 +136,3 @@ def record(selector) -> list:
     selector.select = recording
     return calls
 
-
-def lm_input(model, inputs) -> torch.Tensor:
-    """The ``inputs_embeds`` the language model receives in a plain forward of ``inputs``."""
-    seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen["inputs_embeds"]

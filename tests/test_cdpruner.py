@@ -197,7 +197,8 @@ def test_instructions_are_required_and_counted(llava):
         with fvlm.prune(llava, "cdpruner", keep=8, text_model="tiny:clip", instructions=["one"]), torch.no_grad():
             llava(**inputs)
     with pytest.raises(fvlm.errors.AuxiliaryModelError, match="cannot load auxiliary model"):
-        fvlm.prune(llava, "cdpruner", keep=8, text_model="/nonexistent/clip")
+        with fvlm.prune(llava, "cdpruner", keep=8, text_model="/nonexistent/clip", instructions=["a"]):
+            pass
 
 
 # -------------------------------------------------------------------------------------- LLaVA-NeXT

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fvlm
-from helpers import lm_input, record
+from fvlm.testing import llm_input_embeddings
+from helpers import record
 from layouts import IMAGE, kept, llava15, llava15_inputs, llava_next, next_inputs, next_tokens, qwen25, qwen25_inputs
 
 
@@ -48,7 +49,7 @@ def same_as_plain_forward(model, inputs, selection, embeds, stride):
 def test_llava15_blocks_and_the_smaller_grid(stride, count):
     model = llava15("sdpa", layers=2, vision_layers=2)
     inputs = llava15_inputs(seeds=(0,))
-    embeds = lm_input(model, inputs)[0]
+    embeds = llm_input_embeddings(model, inputs)[0]
     visual = embeds[inputs["input_ids"][0] == IMAGE]
     selector = fvlm.create_selector("pool", stride=stride)
     calls = record(selector)
@@ -63,7 +64,7 @@ def test_llava_next_pools_base_and_high_resolution_grids_with_one_newline_per_ro
     model = llava_next("sdpa", hidden=64)
     inputs = next_inputs(sizes=((500, 700),))
     count, _, rows, cols = next_tokens(500, 700)
-    embeds = lm_input(model, inputs)[0]
+    embeds = llm_input_embeddings(model, inputs)[0]
     visual = embeds[inputs["input_ids"][0] == IMAGE]
     selector = fvlm.create_selector("pool", stride=2)
     calls = record(selector)

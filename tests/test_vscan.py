@@ -144,10 +144,11 @@ def test_llava15_vscan_in_llm_stage_equals_the_reference(llava, encoder, keep):
     calls = record(selector)
     seen, handle = capture_output(model.model.language_model.layers[15])
     try:
-        with fvlm.prune(model, selector, positions="compact") as session, torch.no_grad():
+        with fvlm.prune(model, selector) as session, torch.no_grad():  # VScan declares its authors' policy
             model(**inputs)
     finally:
         handle.remove()
+    assert session.positions == "compact"  # the reference's rotary uses contiguous positions
     shallow, deep, _ = clip_maps(llava, inputs["pixel_values"])[0]
     assert kept(calls[0], 0) == scan_llava(shallow, deep, encoder)
     with torch.no_grad():
@@ -262,6 +263,7 @@ def test_qwen25_encoder_and_llm_stage_equal_the_reference():
                                    atol=1e-6 * float(x.abs().max()), rtol=1e-6)
         counts.append(keep)
     assert counts == [216, 23] and session.trace.llm_input_visual == counts
+    assert session.positions == "original"  # M-RoPE: kept tokens keep their ids, as VScan's Qwen code
     for b, keep in enumerate(counts):  # the in-LLM stage: each sample's real tokens are the last ones
         ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
         prefix = int((ids == IMAGE).nonzero()[0])

@@ -60,6 +60,11 @@ class ClipTowerAdapter(BackboneAdapter):
                     store.setdefault("vision_inputs", {})[index] = args[0] if args else kwargs["hidden_states"]
 
                 hooks.append(self._tower.encoder.layers[index].register_forward_pre_hook(layer_input, with_kwargs=True))
+            if feature is not None:
+                def layer_output(module, args, output):
+                    store["vision_cls"] = (output[0] if isinstance(output, tuple) else output)[:, 0]
+
+                hooks.append(self._tower.encoder.layers[feature].register_forward_hook(layer_output))
         return hooks
 
     def _cls_rows(self, store: dict, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +93,8 @@ class ClipTowerAdapter(BackboneAdapter):
         patches = features.shape[1]  # CLS dropped by the "default" feature strategy
         if patches != probs.shape[-1] - 1:
             raise ValueError(f"vision probes expect {probs.shape[-1] - 1} patch features per image, got {patches}")
-        return VisionProbe(features=features, cls_attention=probs[:, :, 1:].sum(dim=1), keys=k[:, :, 1:].mean(dim=1))
+        return VisionProbe(features=features, cls_attention=probs[:, :, 1:].sum(dim=1), keys=k[:, :, 1:].mean(dim=1),
+                           cls_features=store.get("vision_cls"))
 
     def vision_attention(self, store, layer):
         """CLS-query attention to every patch, per head (softmax over CLS + patches; the CLS column

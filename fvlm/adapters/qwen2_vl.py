@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from fvlm.adapters.base import BackboneAdapter, ImageGrid, TokenGrid, View, VisualLayout
+from fvlm.adapters.base import BackboneAdapter, ImageGrid, TokenGrid, View, VisualLayout, images_per_row
 from fvlm.errors import UnsupportedModelError
 from fvlm.selectors.base import Need
 
@@ -62,27 +62,9 @@ class Qwen2VLAdapter(BackboneAdapter):
         thw = top_kwargs.get("image_grid_thw")
         merge = self.model.config.vision_config.spatial_merge_size
         sizes = [] if thw is None else [(int(t), int(h) // merge, int(w) // merge) for t, h, w in thw.tolist()]
-        totals = self.visual_mask(input_ids).sum(dim=1).tolist()
-        encoded = sum(t * h * w for t, h, w in sizes)
-        repeat = sum(totals) // encoded if encoded and sum(totals) % encoded == 0 else 1
-        if len(totals) % repeat:
-            repeat = 1
-        images, frame, out = iter(sizes), 0, []
-        for r, total in enumerate(totals):
-            if r % repeat:
-                out.append(out[-1])
-                continue
-            row, count = [], 0
-            while count < total:
-                try:
-                    t, h, w = next(images)
-                except StopIteration:
-                    raise UnsupportedModelError(f"{self.family}: the prompts hold more image tokens than the "
-                                                "encoded images (image_grid_thw)") from None
-                row.append((frame, t, h, w))
-                frame, count = frame + t, count + t * h * w
-            out.append(row)
-        return out
+        rows = images_per_row([t * h * w for t, h, w in sizes], self.visual_mask(input_ids).sum(dim=1).tolist())
+        first = [sum(t for t, _, _ in sizes[:i]) for i in range(len(sizes))]  # frame index of each image
+        return [[(first[i], *sizes[i]) for i in images] for images in rows]
 
     def image_grids(self, input_ids, top_kwargs):
         grids = []

@@ -85,7 +85,7 @@ SETTINGS: dict[str, Setting] = {s.label: s for s in [
     Setting("vscan_encoder", "vscan_encoder", lambda b, n: {"keep": b, "local_layer": 0}),
     Setting("vscan", "vscan", lambda b, n: dict(zip(("encoder_keep", "keep"), _two_stage(b)), layer=2, local_layer=0)),
     Setting("fastv", "fastv", lambda b, n: {"k": 2, "keep": b}),
-    Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)]}),
+    Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)], "recycle": False}),
     Setting("dart", "dart", lambda b, n: {"layer": 2, "keep": b}),
     Setting("pio_fvlm", "pio_fvlm", lambda b, n: {"layers": [1], "keep": [b]}),
     Setting("pio_fvlm_3stage", "pio_fvlm", _pio_three),

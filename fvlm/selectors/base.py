@@ -31,6 +31,10 @@ class Need(str, enum.Enum):
 Where = Union[str, int]  # "vision", "input", or l >= 1: after l decoder layers
 
 
+ROUNDING = ("round", "floor")
+POSITION_POLICIES = ("original", "compact")
+
+
 @dataclass(frozen=True)
 class Stage:
     """One pruning point: where it fires and how many visual tokens survive it.
@@ -38,16 +42,17 @@ class Stage:
     ``where`` is ``"vision"`` (on the vision tower's output, applied as the LLM input is formed),
     ``"input"`` (on the LLM input embeddings) or an int ``l >= 1`` (on the output of the first ``l``
     decoder layers; layer ``l`` and later see the reduced sequence). ``keep`` is an absolute count
-    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float); a selector
-    whose count follows another rule (per image, per crop, of the current count) computes the
-    per-sample budget in :meth:`TokenSelector.stage_budget` and ``keep`` is the nominal count for a single
-    image (what ``fvlm profile`` uses). ``exact=False``: the selector may keep fewer than the budget
-    (at least one token), e.g. LLaVA-NeXT crops whose picks the unpadding removes; the session's
-    trace records the real count.
+    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float), turned into
+    a count by ``rounding`` (see :meth:`count`). A selector whose count follows another rule (per image,
+    per crop, of the current count) gives it in :meth:`TokenSelector.keep_count` (from counts) or
+    :meth:`TokenSelector.stage_budget` (from the visual layout). ``exact=False``: the selector may keep
+    fewer than the budget (at least one token), e.g. LLaVA-NeXT crops whose picks the unpadding
+    removes; the session's trace records the real count.
     """
 
     where: Where
     keep: Union[int, float]
+    rounding: str = "round"
     exact: bool = True
 
     def __post_init__(self):
@@ -59,8 +64,24 @@ class Stage:
             raise ValueError(f"Stage.keep must be >= 0, got {self.keep}")
         if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
             raise ValueError(f"a fractional Stage.keep must be in (0, 1], got {self.keep}")
+        if self.rounding not in ROUNDING:
+            raise ValueError(f"Stage.rounding must be one of {ROUNDING}, got {self.rounding!r}")
         if not isinstance(self.exact, bool):
             raise TypeError(f"Stage.exact must be a bool, got {self.exact!r}")
+
+    def count(self, original) -> torch.Tensor:
+        """Visual tokens kept per sample (``[B]`` long) for ``original`` visual tokens (int or ``[B]``).
+
+        An int ``keep`` is the count. A fraction ``f`` gives ``round(f * n)`` (half to even, like
+        Python's ``round``; ``rounding="round"``) or ``int(f * n)`` (truncation, ``rounding="floor"``,
+        e.g. FastV's lmms-eval drop-in), at least 1; a sample without visual tokens keeps 0.
+        """
+        original = torch.as_tensor(original, dtype=torch.long)
+        if isinstance(self.keep, int):
+            return torch.full_like(original, self.keep)
+        scaled = original.double() * self.keep
+        kept = (scaled.round() if self.rounding == "round" else scaled.floor()).long().clamp(min=1)
+        return torch.where(original > 0, kept, 0)
 
     @property
     def order(self) -> float:
@@ -107,6 +128,12 @@ class TokenSelector(abc.ABC):
     #: Keyword arguments that fit fvlm's tiny test backbones (4 layers, 8-88 visual tokens per image);
     #: the contract tests and docs create the selector with them.
     example_kwargs: ClassVar[dict] = {}
+    #: Position ids of the kept tokens in the method's authors' code: ``"original"`` (kept tokens keep
+    #: their ids, with gaps; the default for a selector that does not say) or ``"compact"`` (renumbered
+    #: contiguously in sequence order). A session uses it unless given ``positions=`` explicitly;
+    #: ``"compact"`` resolves to ``"original"`` on M-RoPE backbones (Qwen), where fvlm keeps ids. An
+    #: instance may set its own when the policy depends on an option (SparseVLM's ``version``).
+    positions: str = "original"
 
     @abc.abstractmethod
     def stages(self, info: "ModelInfo") -> Sequence[Stage]:
@@ -116,10 +143,22 @@ class TokenSelector(abc.ABC):
     def select(self, ctx: "SelectionContext") -> Selection | torch.Tensor:
         """Choose the visual tokens to keep at ``ctx.stage`` (``ctx.budget[b]`` per sample)."""
 
-    def stage_budget(self, ctx: "SelectionContext") -> torch.Tensor | None:
-        """Per-sample budget ``[B]`` at ``ctx.stage``, or ``None`` (default) for the stage's ``keep``
-        rule (a count, or a fraction of each sample's original visual-token count)."""
-        return None
+    def keep_count(self, stage: Stage, current: torch.Tensor, original: torch.Tensor,
+                   images: torch.Tensor) -> torch.Tensor:
+        """``[B]`` visual tokens each sample keeps at ``stage`` (the session's ``ctx.budget``).
+
+        ``current``: visual tokens entering the stage, ``original``: before any stage, ``images``:
+        images in the prompt (all ``[B]`` long). Default :meth:`Stage.count` of ``original``; override
+        when the authors' count depends on more (SparseVLM's recycled clusters, VisionZip per image).
+        ``fvlm profile`` counts stages with it.
+        """
+        return stage.count(original)
+
+    def stage_budget(self, ctx: "SelectionContext") -> torch.Tensor:
+        """``[B]`` visual tokens each sample keeps at ``ctx.stage`` when the model runs: by default
+        :meth:`keep_count`; override when the count depends on the visual layout (``ctx.layout``:
+        CDPruner and VScan count per view of the vision tower, LLaVA-NeXT crops and newlines)."""
+        return self.keep_count(ctx.stage, ctx.num_visual, ctx.original_visual, ctx.images)
 
     def vision_layers(self, info: "ModelInfo") -> frozenset[int]:
         """Vision-tower layers (0-based) whose attention :meth:`SelectionContext.vision_attention`

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from fvlm.errors import FVLMError
+from fvlm.selectors.arguments import check_int, check_keep, check_where
 from fvlm.selectors.base import Need, ScoreSelector, Selection, Stage, TokenSelector
 
 
@@ -11,7 +12,7 @@ class KeepAll(TokenSelector):
     """Identity: keeps every visual token (the unpruned reference and test oracle)."""
 
     def __init__(self, layer: int | str = "input"):
-        self.layer = layer
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         return [Stage(self.layer, 1.0)]
@@ -21,19 +22,24 @@ class KeepAll(TokenSelector):
 
 
 class RandomSelector(ScoreSelector):
-    """Keeps a seeded uniformly random subset of the visual tokens (same seed, same picks)."""
+    """Keeps a seeded uniformly random subset of the visual tokens (same seed, same picks).
+
+    Every sample draws from the same seeded stream, so its picks do not depend on its place in the
+    batch (a prompt's beams, or the prompt run alone, keep the same tokens).
+    """
 
     def __init__(self, keep: int | float = 0.25, layer: int | str = "input", seed: int = 0):
-        self.keep = keep
-        self.layer = layer
-        self.seed = seed
+        self.keep = check_keep(self, keep)
+        self.layer = check_where(self, layer)
+        self.seed = check_int(self, seed, "seed")
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]
 
     def score(self, ctx):
         gen = torch.Generator().manual_seed(self.seed)
-        return torch.rand(ctx.visual_index.shape, generator=gen).to(ctx.hidden.device)
+        bsz, width = ctx.visual_index.shape
+        return torch.rand(width, generator=gen).expand(bsz, width).to(ctx.hidden.device)
 
 
 class UniformSelector(TokenSelector):
@@ -46,8 +52,8 @@ class UniformSelector(TokenSelector):
     needs = frozenset({Need.GRID})
 
     def __init__(self, keep: int | float = 0.25, layer: int | str = "input"):
-        self.keep = keep
-        self.layer = layer
+        self.keep = check_keep(self, keep)
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]
@@ -106,13 +112,11 @@ class Pool(TokenSelector):
 
     needs = frozenset({Need.GRID})
     example_kwargs = {"stride": 2}
+    positions = "compact"  # the pooled grid's own layout (M-RoPE backbones keep original ids)
 
     def __init__(self, stride: int = 2, layer: int | str = "input"):
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"Pool: `stride` must be an int >= 1, got {stride!r}")
-        Stage(layer, 1.0)  # validates layer
-        self.stride = stride
-        self.layer = layer
+        self.stride = check_int(self, stride, "stride", minimum=1)
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         side = int(round(info.view_tokens**0.5))

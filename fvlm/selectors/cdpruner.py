@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fvlm.auxiliary import AuxiliarySpec
+from fvlm.auxiliary import DTYPES, AuxiliarySpec
 from fvlm.errors import AuxiliaryModelError, UnsupportedModelError
+from fvlm.selectors.arguments import check_choice, check_int, check_number, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
 DEFAULT_TEXT_MODEL = "openai/clip-vit-large-patch14-336"
@@ -130,23 +131,23 @@ class CDPruner(TokenSelector):
 
     needs = _NEEDS["clip_text"]
     example_kwargs = {"keep": 6, "text_model": "tiny:clip"}
+    positions = "compact"  # the authors' LLaVA code renumbers the kept tokens (Qwen keeps its M-RoPE ids)
 
     def __init__(self, keep: int = 64, relevance_source: str = "auto", text_model: str = DEFAULT_TEXT_MODEL,
                  relevance_sign: int = -1, theta: float | None = None, normalize_in_input_dtype: bool = True,
                  text_dtype: str = "float32"):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"CDPruner: `keep` must be an int >= 1 (patches per view), got {keep!r}")
-        if relevance_source not in RELEVANCE_SOURCES:
-            raise ValueError(f"CDPruner: `relevance_source` must be one of {RELEVANCE_SOURCES}, got {relevance_source!r}")
-        if relevance_sign not in (-1, 1) or isinstance(relevance_sign, bool):
-            raise ValueError(f"CDPruner: `relevance_sign` must be -1 or 1, got {relevance_sign!r}")
-        if theta is not None and not (isinstance(theta, (int, float)) and 0 < theta < 1):
-            raise ValueError(f"CDPruner: `theta` must be None or in (0, 1), got {theta!r}")
+        check_int(self, keep, "keep", minimum=1)
+        check_choice(self, relevance_source, "relevance_source", RELEVANCE_SOURCES)
+        check_choice(self, relevance_sign, "relevance_sign", (-1, 1))
+        if theta is not None:
+            check_number(self, theta, "theta", 0.0, 1.0)
+            if not 0 < theta < 1:
+                raise fail(self, "theta", "None or a number in (0, 1)", theta)
         if not isinstance(normalize_in_input_dtype, bool):
-            raise TypeError(f"CDPruner: `normalize_in_input_dtype` must be a bool, got {normalize_in_input_dtype!r}")
+            raise fail(self, "normalize_in_input_dtype", "a bool", normalize_in_input_dtype)
         if not isinstance(text_model, str) or not text_model:
-            raise ValueError(f"CDPruner: `text_model` must be a CLIP hub id or folder, got {text_model!r}")
-        AuxiliarySpec("text_tower", text_model, load_clip_relevance, text_dtype)  # validates text_dtype
+            raise fail(self, "text_model", "a CLIP hub id, a local folder or 'tiny:clip'", text_model)
+        check_choice(self, text_dtype, "text_dtype", DTYPES)
         self.keep = keep
         self.relevance_source = relevance_source
         self.text_model = text_model
@@ -181,7 +182,14 @@ class CDPruner(TokenSelector):
             return [AuxiliarySpec("text_tower", self.text_model, load_clip_relevance, self.text_dtype)]
         return []
 
+    def keep_count(self, stage, current, original, images):
+        """From counts (``fvlm profile``): ``keep`` per image, or the nominal fraction on LLaVA-NeXT."""
+        if isinstance(stage.keep, float):
+            return stage.count(original)
+        return torch.minimum(images.clamp(min=1) * stage.keep, current)
+
     def stage_budget(self, ctx):
+        """Per view (LLaVA-NeXT: per crop, plus the newline tokens, which stay): ``min(keep, view size)``."""
         counts = [sum(min(self.keep, v.rows * v.cols) for v in lay.views) + len(lay.unviewed) for lay in ctx.layout]
         return torch.tensor(counts, dtype=torch.long, device=ctx.hidden.device)
 

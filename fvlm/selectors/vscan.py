@@ -45,19 +45,13 @@ import torch
 
 from fvlm.errors import UnsupportedModelError
 from fvlm.selectors.algorithms import merge_into_kept, topk_indices, window_cap_scan, window_quota_scan
+from fvlm.selectors.arguments import check_int, check_keep, check_number, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
 
 def _count(keep: int | float, n: int) -> int:
     """Tokens a budget keeps of ``n``: an int count, or ``int(f * n)`` for a float fraction."""
     return min(n, keep if isinstance(keep, int) else int(keep * n))
-
-
-def _check_keep(name: str, keep) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"VScan: `{name}` must be an int count or a float fraction, got {keep!r}")
-    if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
-        raise ValueError(f"VScan: `{name}` must be an int >= 1 or a float in (0, 1], got {keep!r}")
 
 
 class VScanEncoder(TokenSelector):
@@ -74,19 +68,18 @@ class VScanEncoder(TokenSelector):
 
     needs = frozenset({Need.VISION_ATTENTION, Need.VISION_FEATURES, Need.GRID})
     example_kwargs = {"keep": 8, "local_layer": 0, "window": 2}
+    positions = "compact"  # the authors' LLaVA code renumbers the kept tokens (Qwen keeps its M-RoPE ids)
 
     def __init__(self, keep: int | float = 96, local_layer: int | None = None, global_layer: int | None = None,
                  local_ratio: float = 0.5, window: int = 4, fill_to_budget: bool = False):
-        _check_keep("keep", keep)
+        check_keep(self, keep)
         for name, value in (("local_layer", local_layer), ("global_layer", global_layer)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"VScan: `{name}` must be a vision layer index >= 0 or None, got {value!r}")
-        if isinstance(local_ratio, bool) or not isinstance(local_ratio, (int, float)) or not 0 <= local_ratio <= 1:
-            raise ValueError(f"VScan: `local_ratio` must be in [0, 1], got {local_ratio!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"VScan: `window` must be an int >= 1, got {window!r}")
+            if value is not None:
+                check_int(self, value, name, minimum=0)
+        local_ratio = check_number(self, local_ratio, "local_ratio", 0.0, 1.0)
+        check_int(self, window, "window", minimum=1)
         if not isinstance(fill_to_budget, bool):
-            raise TypeError(f"VScan: `fill_to_budget` must be a bool, got {fill_to_budget!r}")
+            raise fail(self, "fill_to_budget", "a bool", fill_to_budget)
         self.keep = keep
         self.local_layer = local_layer
         self.global_layer = global_layer
@@ -135,9 +128,15 @@ class VScanEncoder(TokenSelector):
         if info.family == "llava_next":
             return [Stage("vision", self.view_count(info.view_tokens, False) / info.view_tokens, exact=False)]
         if isinstance(self.keep, float):
-            return [Stage("vision", self.keep)]
+            return [Stage("vision", self.keep, rounding="floor")]  # int(f * n) of each image
         nominal = self.view_count(info.view_tokens, qwen) if info.view_tokens else self.keep
         return [Stage("vision", nominal)]
+
+    def keep_count(self, stage, current, original, images):
+        """From counts (``fvlm profile``): per image (the stage's nominal count of one image)."""
+        if isinstance(stage.keep, float):
+            return stage.count(original)
+        return torch.minimum(images.clamp(min=1) * stage.keep, current)
 
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
         """Per view: the two vision-layer scores recomputed from their inputs (CLS rows; Qwen: the
@@ -208,13 +207,14 @@ class VScan(TokenSelector):
     """
 
     example_kwargs = {"encoder_keep": 8, "layer": 2, "keep": 4, "local_layer": 0, "window": 2}
+    positions = "compact"  # the authors' LLaVA code renumbers the kept tokens (Qwen keeps its M-RoPE ids)
 
     def __init__(self, encoder_keep: int | float = 96, layer: int = 16, keep: int | float = 32,
                  local_layer: int | None = None, global_layer: int | None = None, local_ratio: float = 0.5,
                  window: int = 4, fill_to_budget: bool = False):
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"VScan: `layer` must be an int >= 1 (prune after that many decoder layers), got {layer!r}")
-        _check_keep("keep", keep)
+        check_int(self, layer, "layer", minimum=1)
+        check_keep(self, keep)
+        check_keep(self, encoder_keep, "encoder_keep")
         self.encoder = VScanEncoder(encoder_keep, local_layer, global_layer, local_ratio, window, fill_to_budget)
         self.encoder_keep = encoder_keep
         self.layer = layer
@@ -228,16 +228,21 @@ class VScan(TokenSelector):
 
     def stages(self, info):
         (encoder,) = self.encoder.stages(info)
-        n = info.view_tokens
+        if isinstance(self.keep, float):  # int(f * n) of the n visual tokens entering the stage
+            return [encoder, Stage(self.layer, self.keep, rounding="floor")]
+        if info.family == "llava_next":  # nominal: per crop of the 2,880-token count
+            return [encoder, Stage(self.layer, min(1.0, self.keep / info.view_tokens))]
+        return [encoder, Stage(self.layer, self.keep)]
+
+    def keep_count(self, stage, current, original, images):
+        """From counts (``fvlm profile``): the encoder's; then ``int(f * current)`` or ``keep`` per image."""
+        if stage.where == "vision":
+            return self.encoder.keep_count(stage, current, original, images)
         if isinstance(self.keep, float):
-            nominal = encoder.keep * self.keep if isinstance(encoder.keep, float) else max(1, int(encoder.keep * self.keep))
-        elif info.family == "llava_next":
-            nominal = min(1.0, self.keep / n)
-        else:
-            nominal = self.keep
-        if isinstance(nominal, int) and isinstance(encoder.keep, int):
-            nominal = min(nominal, encoder.keep)
-        return [encoder, Stage(self.layer, nominal)]
+            return stage.count(current)
+        if isinstance(stage.keep, float):
+            return torch.minimum(stage.count(original), current)
+        return torch.minimum(images.clamp(min=1) * self.keep, current)
 
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
         """The encoder stage's (see :class:`VScanEncoder`), then one recomputed last-token attention row."""
@@ -252,7 +257,7 @@ class VScan(TokenSelector):
             return self.encoder.stage_budget(ctx.for_selector(self.encoder))
         now = ctx.num_visual
         if isinstance(self.keep, float):
-            return (now.double() * self.keep).floor().long().clamp(min=1).minimum(now)
+            return ctx.stage.count(now)
         views = torch.tensor([len(lay.views) for lay in ctx.layout], device=now.device)
         return (views.clamp(min=1) * self.keep).minimum(now)
 
