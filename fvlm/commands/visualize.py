@@ -104,7 +104,7 @@ def draw_panel(image: Image.Image, kept: list[int] | None, title: str, subtitle:
 
 
 def render(model, processor, image: Image.Image, question: str, labels: list[str], keep: int,
-           reference: str | None = None) -> tuple[Image.Image, list[dict]]:
+           reference: str | None = None, positions: str | None = None) -> tuple[Image.Image, list[dict]]:
     """The side-by-side PNG and, per panel, ``{label, answer, kept}`` (``kept`` None for the unpruned panel)."""
     import fvlm
     from fvlm.builtin import budgets as B
@@ -121,7 +121,7 @@ def render(model, processor, image: Image.Image, question: str, labels: list[str
             if selector is None:
                 out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
             else:
-                with fvlm.prune(model, selector, instructions=[question]):
+                with fvlm.prune(model, selector, positions=positions, instructions=[question]):
                     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
