@@ -7,17 +7,14 @@ from typing import Any, Callable
 
 import torch
 
-from fvlm.adapters.base import (
-    BackboneAdapter,
-    ImageGrid,
-    ModelInfo,
-    View,
-    VisionProbe,
-    VisualLayout,
-    images_per_row,
-)
+from fvlm.adapters.base import BackboneAdapter, images_per_row
 from fvlm.errors import FVLMError, GradientUnavailableError
-from fvlm.selectors.base import Need, Stage, TokenSelector
+from fvlm.indexing import gather_rows
+from fvlm.metrics.flops import value_mixing_pays
+from fvlm.selectors.base import TokenSelector
+from fvlm.types import ImageGrid, ModelInfo, Need, Stage, View, VisionObservation, VisionProbe, VisualLayout
+
+__all__ = ["SelectionContext", "gather_rows", "positions_of"]
 
 
 class SelectionContext:
@@ -45,7 +42,7 @@ class SelectionContext:
         grids: list[list[ImageGrid]] | None = None,
         layer_input: torch.Tensor | None = None,
         layer_kwargs: dict[str, Any] | None = None,
-        observed: dict | None = None,
+        observed: VisionObservation | None = None,
         original_visual: torch.Tensor | None = None,
         layout: list[VisualLayout] | None = None,
         instructions: list[str] | None = None,
@@ -66,7 +63,7 @@ class SelectionContext:
         self._grids = grids
         self._layer_input = layer_input
         self._layer_kwargs = layer_kwargs or {}
-        self._observed = observed or {}
+        self._observed = observed or VisionObservation()
         self._layout = layout
         self._instructions = instructions
         self._auxiliary = auxiliary or {}
@@ -298,11 +295,7 @@ class SelectionContext:
         """Run decoder layer ``index`` on ``hidden`` (current sequence), causally, without a cache."""
         self._use(Need.LAYERS)
         self._require_layer("run_layer")
-        kwargs = {k: v for k, v in self._layer_kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")}
-        # .forward, not __call__: a proxy pass must not fire module hooks (the session's own stage
-        # hooks on this layer would prune / re-gather kwargs again; HF's output recorders would log it)
-        out = self.adapter.layers[index].forward(hidden, past_key_values=None, use_cache=False, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return self.adapter.run_layer(index, hidden, self._layer_kwargs)
 
     def run_layer_rows(self, index: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Output ``[B, Q, D]`` of decoder layer ``index`` at ``rows`` (``[B, Q]`` positions) only.
@@ -310,11 +303,14 @@ class SelectionContext:
         Equals ``run_layer(index, hidden)`` gathered at ``rows`` (same positions, causal + padding
         mask, no cache), but computes queries, attention output and MLP for the ``Q`` rows only
         (keys and values for all rows): see :meth:`fvlm.adapters.base.BackboneAdapter.rows_forward`.
+        Values are mixed from the inputs where that costs fewer FLOPs
+        (:func:`fvlm.metrics.flops.value_mixing_pays`).
         """
         self._use(Need.LAYERS)
         self._require_layer("run_layer_rows")
         return self.adapter.rows_forward(
-            index, hidden, self._layer_kwargs["position_embeddings"], self.token_valid, rows
+            index, hidden, self._layer_kwargs["position_embeddings"], self.token_valid, rows,
+            value_mixing=value_mixing_pays,
         )
 
     @property
@@ -364,9 +360,3 @@ def positions_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.where(mask, ar, ar + seq).sort(dim=1).values[:, :width]
     valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
     return torch.where(valid, order, -1), valid
-
-
-def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``t[b, index[b, j]]`` for ``t`` ``[B, L, D]``; ``-1`` entries give zeros."""
-    out = t.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, t.shape[-1]))
-    return out * (index >= 0)[..., None].to(out.dtype)

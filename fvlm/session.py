@@ -10,19 +10,13 @@ import torch
 from torch import nn
 
 from fvlm.adapters import adapter_for
+from fvlm.adapters.base import BackboneAdapter, LayerInjections
 from fvlm.context import SelectionContext, positions_of
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
-from fvlm.indexing import (
-    KeepMap,
-    build_keep_map,
-    build_mask,
-    gather_last,
-    gather_mask_columns,
-    gather_seq,
-    gather_square_mask,
-)
-from fvlm.selectors.base import POSITION_POLICIES, Need, Selection, Stage, TokenSelector
+from fvlm.indexing import KeepMap, build_keep_map, gather_last, gather_mask_columns, gather_seq
+from fvlm.selectors.base import TokenSelector
 from fvlm.trace import StageRecord, Trace
+from fvlm.types import POSITION_POLICIES, Need, Selection, Stage, VisionObservation
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()  # model -> session
 
@@ -48,7 +42,7 @@ class _Run:
     encoder_outputs: Any = None  # the images generate encoded once for all its steps, if passed
     origin: "_Run | None" = None
     applied: list = field(default_factory=list)  # per stage: (keep map, replacing embeddings, source length)
-    layout: list | None = None  # per sample VisualLayout (selectors that need the grid)
+    visual_layout: list | None = None  # per sample VisualLayout (selectors that need the grid)
     instructions: list[str] | None = None
     input_map: KeepMap | None = None
     llm_input_len: int = 0  # L0: length entering layer 0
@@ -58,6 +52,7 @@ class _Run:
     layer_input: torch.Tensor | None = None
     layer_kwargs: dict | None = None
     visual_counts: list = field(default_factory=list)  # (first layer, [B] visual count)
+    injections: LayerInjections | None = None  # what the family adds after its first layers (DeepStack)
     stages: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)
 
@@ -95,6 +90,7 @@ class PruningSession:
         self.model = model
         self.selector = selector
         self.adapter = adapter_for(model)
+        self.adapter.check_supported()
         self.info = self.adapter.info()
         self.positions = self._resolved_positions(positions)
         self.schedule = self._validated_schedule(list(selector.stages(self.info)))
@@ -104,7 +100,8 @@ class PruningSession:
         self._run: _Run | None = None
         self._handles: list = []
         self._top_kwargs: dict = {}
-        self._observed: dict = {}
+        self._observed = VisionObservation()
+        self._layer_index = {layer: i for i, layer in enumerate(self.adapter.layers)}
 
     def _resolved_positions(self, requested: str | None) -> str:
         if requested is None:
@@ -173,12 +170,18 @@ class PruningSession:
 
     def _attach(self) -> None:
         hooks = self._handles
-        hooks.extend(self.adapter.observe(self._observed, self.selector.needs, self.selector.vision_layers(self.info)))
+        hooks.extend(self.adapter.observe(self._observed, self.selector.needs))
+        layers = self.selector.vision_layers(self.info)
+        if layers:
+            hooks.extend(self.adapter.observe_layers(self._observed, layers))
         hooks.append(self.adapter.top.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_hook(self._lm_hook, with_kwargs=True))
         first = min(self.layer_stages, default=None)
+        injects = type(self.adapter).take_injections is not BackboneAdapter.take_injections
         for i, layer in enumerate(self.adapter.layers):
+            if injects:  # before the stage hook on the same layer: a stage prunes the updated states
+                hooks.append(layer.register_forward_hook(self._inject_hook(i)))
             if first is not None and i >= first - 1:
                 hooks.append(layer.register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
             if i + 1 in self.layer_stages:
@@ -190,17 +193,19 @@ class PruningSession:
 
     # -- hooks -----------------------------------------------------------------------------
     def _top_pre_hook(self, module, args, kwargs):
-        self._top_kwargs = {**self._observed, **{k: v for k, v in kwargs.items() if v is not None}}
+        self._top_kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if args:
             self._top_kwargs.setdefault("input_ids", args[0])
 
     def _lm_pre_hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise FVLMError("fvlm expects the language model to be called with inputs_embeds")
-        if cache is None or cache.get_seq_length() == 0:
-            return args, self._prefill(kwargs, embeds)
+        injections = self.adapter.take_injections(kwargs)
+        if self.adapter.is_prefill(kwargs):
+            kwargs = self._prefill(kwargs, embeds)
+            self._run.injections = injections
+            return args, kwargs
         return args, self._decode(kwargs, embeds.shape[1])
 
     def _lm_hook(self, module, args, kwargs, output):
@@ -220,18 +225,18 @@ class PruningSession:
         if input_ids is None or input_ids.shape[1] != embeds.shape[1]:
             raise FVLMError("fvlm locates visual tokens from input_ids: call the model with input_ids, not inputs_embeds")
         bsz, seq = input_ids.shape
-        is_visual = self.adapter.visual_mask(input_ids).to(embeds.device)
         mask = kwargs.get("attention_mask")
-        valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(is_visual)
-        is_visual = is_visual & valid
+        valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(input_ids, dtype=torch.bool)
         origin = self._continued(input_ids, valid, kwargs)
+        layout = self.adapter.layout(input_ids, self._top_kwargs, self._observed, grids=origin is None)
+        is_visual = layout.visual.to(embeds.device) & valid.to(embeds.device)
         run = self._run = _Run(
             prompt_len=seq,
             is_visual=is_visual,
             is_filler=torch.zeros_like(is_visual),
             token_valid=valid,
             original_visual=is_visual.sum(dim=1),
-            grids=origin.grids if origin is not None else self.adapter.image_grids(input_ids, self._top_kwargs),
+            grids=origin.grids if origin is not None else (layout.grids or []),
             dtype=embeds.dtype,
             input_ids=input_ids,
             prompt_valid=valid,
@@ -240,7 +245,7 @@ class PruningSession:
             instructions=self._instructions(input_ids, valid),
         )
         if Need.GRID in self.selector.needs and origin is None:
-            run.layout = self.adapter.visual_layout(input_ids, self._top_kwargs, embeds, self._observed)
+            run.visual_layout = self.adapter.visual_layout(input_ids, self._top_kwargs, embeds, self._observed)
         for stage in self.schedule:
             if isinstance(stage.where, str):
                 keep, embeds = self._apply_stage(stage, embeds)
@@ -287,7 +292,7 @@ class PruningSession:
         if use_cache is None:
             use_cache = getattr(self.adapter.text_config, "use_cache", True)
         length = origin.prompt_len
-        if kwargs.get("past_key_values") is not None or use_cache or input_ids.shape[1] <= length \
+        if self.adapter.cache_of(kwargs) is not None or use_cache or input_ids.shape[1] <= length \
                 or input_ids.shape[0] != origin.input_ids.shape[0]:
             return None
         if self._top_kwargs.get("mm_encoder_outputs") is not origin.encoder_outputs:
@@ -341,6 +346,21 @@ class PruningSession:
 
         return hook
 
+    def _inject_hook(self, index: int):
+        def hook(module, args, output):
+            run = self._run
+            if run is None or not run.in_prefill or run.injections is None or index >= len(run.injections.rows):
+                return None
+            source = run.injections.source.to(run.is_visual.device)
+            for keep in (run.input_map, run.group_for(index)):
+                if keep is not None:
+                    source = source.gather(1, keep.index).masked_fill(keep.filler, -1)
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = self.adapter.inject(hidden, run.injections.rows[index], source)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
     def _layer_hook(self, index: int):
         def hook(module, args, kwargs, output):
             run = self._run
@@ -386,7 +406,7 @@ class PruningSession:
                 layer_kwargs=run.layer_kwargs,
                 observed=self._observed,
                 original_visual=run.original_visual,
-                layout=run.layout,
+                layout=run.visual_layout,
                 instructions=run.instructions,
                 auxiliary=self.auxiliary,
                 notes=notes,
@@ -462,7 +482,9 @@ class PruningSession:
         mask = kwargs.get("attention_mask")
         key = ("mask", id(keep), id(mask))
         if key not in cache:
-            cache[key] = self._layer_mask(module, mask, keep.ordered, run)
+            cache[key] = self.adapter.pruned_mask(
+                self._layer_index[module], mask, keep.ordered, prefill=run.in_prefill, steps=run.steps,
+                source_len=run.llm_input_len, dtype=run.dtype)
         kwargs["attention_mask"] = cache[key]
         pos = kwargs.get("position_ids")
         if run.in_prefill:
@@ -488,27 +510,6 @@ class PruningSession:
         if self.positions == "compact":
             return self.adapter.rotary_emb(pe[0], ids), ids
         return tuple(gather_seq(t, keep.index) for t in pe), ids
-
-    def _layer_mask(self, module, mask, keep: KeepMap, run: _Run):
-        length = run.llm_input_len
-        if mask is None:
-            if not bool(keep.filler.any()):
-                return None
-            impl = self._attn_impl(module)
-            query = keep.index.shape[1] if run.in_prefill else 1
-            extra = 0 if run.in_prefill else run.steps
-            if impl.startswith("flash"):
-                cols = (~keep.filler).long()
-                return torch.cat([cols, cols.new_ones(cols.shape[0], extra)], dim=1)
-            kind = "float" if impl == "eager" else "bool"
-            return build_mask(keep, query, extra, kind, run.dtype)
-        if mask.dim() == 4 and run.in_prefill:
-            return gather_square_mask(mask, keep)
-        return gather_mask_columns(mask, keep, length)
-
-    @staticmethod
-    def _attn_impl(module: nn.Module) -> str:
-        return getattr(module.self_attn.config, "_attn_implementation", None) or "eager"
 
     @staticmethod
     def _dropped_before(keep: KeepMap, source_len: int) -> torch.Tensor:

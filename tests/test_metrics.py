@@ -45,7 +45,8 @@ from fvlm.profiling.arch import text_arch, vision_arch
 from fvlm.profiling.flop_counter import measure_flops
 from fvlm.profiling.timing import PeakMemory, StepClock, measure_generate, time_prefill
 from fvlm.selectors.base import Stage
-from fvlm.testing import _llava_next_count, tiny_inputs
+from fvlm.adapters.llava import CLIP_IMAGE, CLIP_PATCH, LLAVA_NEXT_PINPOINTS, anyres_count
+from fvlm.testing import tiny_inputs
 
 
 # A small architecture whose numbers are easy to check by hand.
@@ -185,7 +186,8 @@ def test_full_flops_llava_next_tiles(model_cache):
     model = model_cache("llava_next")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2))
     measured, _ = _measured(model, inputs)
-    images = [{"tiles": _llava_next_count(*size)[1]} for size in inputs["image_sizes"].tolist()]
+    images = [{"tiles": anyres_count(*size, LLAVA_NEXT_PINPOINTS, CLIP_IMAGE // CLIP_PATCH, CLIP_IMAGE)[2]}
+              for size in inputs["image_sizes"].tolist()]
     assert measured.total == _analytic(model, inputs, images=images)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 from lightning.pytorch import Callback
 
+from fvlm.adapters.base import BackboneAdapter
 from fvlm.metrics.scoring import read_jsonl, summarize_efficiency
 
 PREDICTIONS = "predictions.jsonl"
@@ -238,8 +239,7 @@ class _GenerateTimer:
     def _pre(self, module, args, kwargs):
         if not self._active():
             return
-        cache = kwargs.get("past_key_values")
-        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._prefill = BackboneAdapter.is_prefill(kwargs)
         self._sync()
         self._start = time.perf_counter()
 

@@ -158,7 +158,7 @@ class BackboneSpec:
 
 
     def _load_processor(self, auto):
-        from fvlm.tiny_backbones import load_processor_without_video
+        from fvlm.processors import load_processor_without_video
 
         path = self.processor_path or self.path
         kwargs = dict(revision=self.revision, trust_remote_code=self.trust_remote_code, **self.processor_kwargs)

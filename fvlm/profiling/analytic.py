@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from fvlm.adapters.base import ModelInfo
 from fvlm.errors import FVLMError, UsageError
 from fvlm.metrics.flops import (
     FlopsBreakdown,
@@ -22,7 +21,7 @@ from fvlm.metrics.flops import (
 from fvlm.metrics.kv import dtype_bytes, kv_bytes
 from fvlm.metrics.tokens import VisualCounts, stage_count, visual_counts
 from fvlm.profiling.arch import Architecture, model_info
-from fvlm.selectors.base import Stage
+from fvlm.types import ModelInfo, Stage
 
 # Parameters a layer-average budget sets, in this order of preference. AVERAGE_PARAMETERS take the
 # target itself (the selector maps it to its own stage counts); COUNT_PARAMETERS are a kept-token

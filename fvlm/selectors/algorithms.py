@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from fvlm.indexing import gather_seq
+
 Budget = Union[int, torch.Tensor]
 _SIM_MAX = 2**26  # entries of the [B, m, m] similarity block nms_fill may hold (256 MiB in float32)
 
@@ -90,11 +92,6 @@ def _first_argmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.where(x == x.amax(dim, keepdim=True), idx, n).amin(dim)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D], idx [B, K] (-1 allowed, gives row 0) -> [B, K, D]."""
-    return x.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
@@ -136,7 +133,7 @@ def nms_fill(saliency: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor, k
     m = min(N, 2 * picks)
     kept_by_rank = None
     while picks and B * m * m <= _SIM_MAX:
-        kept_by_rank = _nms_keep_by_rank(_gather_rows(v, order[:, :m]), valid_by_rank[:, :m], tau)
+        kept_by_rank = _nms_keep_by_rank(gather_seq(v, order[:, :m]), valid_by_rank[:, :m], tau)
         kept_by_rank &= kept_by_rank.cumsum(1) <= k[:, None]  # the walk stops at k picks
         short = (kept_by_rank.sum(1) < k) & (valid_by_rank[:, m:].any(1))
         if m == N or not bool(short.any()):
@@ -384,14 +381,14 @@ def cls_dominant_and_contextual(cls_attn: torch.Tensor, keys: torch.Tensor, hidd
     is_target = rest & (pos % step == 0) & (pos // step < n_contextual)
     tgt = _mask_to_indices(is_target, n_contextual)
     kn = _unit(keys)
-    sim = torch.einsum("bnd,bcd->bnc", kn, _gather_rows(kn, tgt))
+    sim = torch.einsum("bnd,bcd->bnc", kn, gather_seq(kn, tgt))
     assign = _first_argmax(torch.where(tgt[:, None, :] >= 0, sim, -math.inf))
     w = (rest & ~is_target).float()[..., None]
     h = hidden.float()
     sums = h.new_zeros(B, n_contextual, D).scatter_add_(1, assign[..., None].expand(B, N, D),
                                                         torch.where(w > 0, h, 0))
     counts = h.new_zeros(B, n_contextual, 1).scatter_add_(1, assign[..., None], w)
-    ctx = (_gather_rows(h, tgt) + sums / counts.clamp(min=1)) * (tgt >= 0)[..., None]
+    ctx = (gather_seq(h, tgt) + sums / counts.clamp(min=1)) * (tgt >= 0)[..., None]
     return dom, tgt, ctx.to(hidden.dtype)
 
 

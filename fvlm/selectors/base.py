@@ -2,119 +2,23 @@
 from __future__ import annotations
 
 import abc
-import enum
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Sequence, Union
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
+from fvlm.types import (  # noqa: F401  (the selector API's types)
+    POSITION_POLICIES,
+    ROUNDING,
+    ModelInfo,
+    Need,
+    Selection,
+    Stage,
+    Where,
+)
+
 if TYPE_CHECKING:
-    from fvlm.adapters.base import ModelInfo
     from fvlm.auxiliary import AuxiliarySpec
     from fvlm.context import SelectionContext
-
-
-class Need(str, enum.Enum):
-    """Inputs a selector may read beyond the visual hidden states (always available)."""
-
-    ATTENTION = "attention"  # attention rows of the pruning layer, recomputed from its q/k
-    KEYS = "keys"  # post-rotary key states of the pruning layer
-    GRADIENT = "gradient"  # gradient of an objective w.r.t. the hidden states (local autograd)
-    VISION_ATTENTION = "vision_attention"  # CLS-row attention inside the vision tower
-    VISION_FEATURES = "vision_features"  # per-view vision-tower features before / after the projector
-    TEXT = "text"  # hidden states of the text tokens of the prompt
-    GRID = "grid"  # the 2-D patch grid of every image
-    LAYERS = "layers"  # direct use of decoder layers / final norm / LM head (proxy models)
-    INSTRUCTION = "instruction"  # the instruction text of every sample (``fvlm.prune(..., instructions=)``)
-
-
-Where = Union[str, int]  # "vision", "input", or l >= 1: after l decoder layers
-
-
-ROUNDING = ("round", "floor")
-POSITION_POLICIES = ("original", "compact")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One pruning point: where it fires and how many visual tokens survive it.
-
-    ``where`` is ``"vision"`` (on the vision tower's output, applied as the LLM input is formed),
-    ``"input"`` (on the LLM input embeddings) or an int ``l >= 1`` (on the output of the first ``l``
-    decoder layers; layer ``l`` and later see the reduced sequence). ``keep`` is an absolute count
-    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float), turned into
-    a count by ``rounding`` (see :meth:`count`). A selector whose count follows another rule (per image,
-    per crop, of the current count) gives it in :meth:`TokenSelector.keep_count` (from counts) or
-    :meth:`TokenSelector.stage_budget` (from the visual layout). ``exact=False``: the selector may keep
-    fewer than the budget (at least one token), e.g. LLaVA-NeXT crops whose picks the unpadding
-    removes; the session's trace records the real count.
-    """
-
-    where: Where
-    keep: Union[int, float]
-    rounding: str = "round"
-    exact: bool = True
-
-    def __post_init__(self):
-        if self.where not in ("vision", "input") and not (isinstance(self.where, int) and self.where >= 1):
-            raise ValueError(f"Stage.where must be 'vision', 'input' or an int >= 1, got {self.where!r}")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
-            raise TypeError(f"Stage.keep must be an int count or a float fraction, got {self.keep!r}")
-        if isinstance(self.keep, int) and self.keep < 0:
-            raise ValueError(f"Stage.keep must be >= 0, got {self.keep}")
-        if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"a fractional Stage.keep must be in (0, 1], got {self.keep}")
-        if self.rounding not in ROUNDING:
-            raise ValueError(f"Stage.rounding must be one of {ROUNDING}, got {self.rounding!r}")
-        if not isinstance(self.exact, bool):
-            raise TypeError(f"Stage.exact must be a bool, got {self.exact!r}")
-
-    def count(self, original) -> torch.Tensor:
-        """Visual tokens kept per sample (``[B]`` long) for ``original`` visual tokens (int or ``[B]``).
-
-        An int ``keep`` is the count. A fraction ``f`` gives ``round(f * n)`` (half to even, like
-        Python's ``round``; ``rounding="round"``) or ``int(f * n)`` (truncation, ``rounding="floor"``,
-        e.g. FastV's lmms-eval drop-in), at least 1; a sample without visual tokens keeps 0.
-        """
-        original = torch.as_tensor(original, dtype=torch.long)
-        if isinstance(self.keep, int):
-            return torch.full_like(original, self.keep)
-        scaled = original.double() * self.keep
-        kept = (scaled.round() if self.rounding == "round" else scaled.floor()).long().clamp(min=1)
-        return torch.where(original > 0, kept, 0)
-
-    @property
-    def order(self) -> float:
-        """Sort key: vision < input < layer 1 < layer 2 ..."""
-        return {"vision": -1.0, "input": 0.0}.get(self.where, self.where)  # type: ignore[arg-type]
-
-
-@dataclass
-class Selection:
-    """What a selector returns for one stage.
-
-    ``indices``: LongTensor ``[B, K]`` of indices into each sample's current visual tokens, in the
-    order the kept tokens should appear in the sequence (usually ascending), padded with ``-1``
-    where a sample keeps fewer than ``K``. ``embeddings`` (optional, ``[B, K, D]``) replaces the
-    hidden state of each kept token (merging methods); its position stays that of the index.
-    """
-
-    indices: torch.Tensor
-    embeddings: torch.Tensor | None = None
-
-    @staticmethod
-    def from_rows(rows: "list[list[tuple[int, torch.Tensor]]]", like: torch.Tensor) -> "Selection":
-        """A merging selection from per-sample ``(index, embedding)`` pairs (sorted by index here),
-        padded with ``-1``; embeddings take ``like``'s dtype and device."""
-        width = max((len(r) for r in rows), default=0)
-        index = torch.full((len(rows), width), -1, dtype=torch.long, device=like.device)
-        embeds = like.new_zeros(len(rows), width, like.shape[-1])
-        for b, row in enumerate(rows):
-            row = sorted(row, key=lambda entry: entry[0])
-            if row:
-                index[b, : len(row)] = torch.tensor([p for p, _ in row], device=like.device)
-                embeds[b, : len(row)] = torch.stack([e.to(like.dtype) for _, e in row])
-        return Selection(index, embeds)
 
 
 class TokenSelector(abc.ABC):
@@ -150,7 +54,6 @@ class TokenSelector(abc.ABC):
         ``current``: visual tokens entering the stage, ``original``: before any stage, ``images``:
         images in the prompt (all ``[B]`` long). Default :meth:`Stage.count` of ``original``; override
         when the authors' count depends on more (SparseVLM's recycled clusters, VisionZip per image).
-        ``fvlm profile`` counts stages with it.
         """
         return stage.count(original)
 

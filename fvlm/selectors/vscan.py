@@ -246,11 +246,11 @@ class VScan(TokenSelector):
 
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
         """The encoder stage's (see :class:`VScanEncoder`), then one recomputed last-token attention row."""
-        from fvlm.metrics.flops import TextArch, attention_rows_flops
+        from fvlm.metrics.flops import attention_rows_flops
 
         if stage.where == "vision":
             return self.encoder.overhead_flops(info, stage, seq_len, n_visual)
-        return attention_rows_flops(seq_len, TextArch.of(info))
+        return attention_rows_flops(seq_len, info)
 
     def stage_budget(self, ctx):
         if ctx.stage.where == "vision":
