@@ -46,10 +46,15 @@ class GenerationSpec:
 
 @dataclass
 class Prompt:
-    """One user turn: its images (PIL, in the order they appear) and its text."""
+    """One user turn: its images (PIL, in the order they appear) and its text.
+
+    ``instruction``: the text instruction-conditioned selectors read (``Need.INSTRUCTION``, e.g.
+    CDPruner): the raw question without answer-format prompts; ``None`` uses ``text``.
+    """
 
     images: list
     text: str
+    instruction: str | None = None
 
 
 def messages(prompt: Prompt, system: str | None = None) -> list[dict]:
@@ -177,7 +182,8 @@ class Answerer:
     # -- answering -------------------------------------------------------------------------
     def answer(self, prompts: Sequence[Prompt], **generate_kwargs: Any) -> list[dict]:
         """One result per prompt (see :meth:`generate`)."""
-        return self.generate(self.inputs(prompts), **generate_kwargs)
+        instructions = [p.text if p.instruction is None else p.instruction for p in prompts]
+        return self.generate(self.inputs(prompts), instructions=instructions, **generate_kwargs)
 
     def answer_all(self, prompts: Sequence[Prompt], batch_size: int, **generate_kwargs: Any) -> list[dict]:
         """Results in input order, answered in batches of prompts sorted by text length (ties by
@@ -191,8 +197,9 @@ class Answerer:
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def generate(self, inputs: dict, **generate_kwargs: Any) -> list[dict]:
+    def generate(self, inputs: dict, instructions: Sequence[str] | None = None, **generate_kwargs: Any) -> list[dict]:
         """Answer a batch of prepared inputs (:meth:`inputs`); ``generate_kwargs`` override the settings.
+        ``instructions``: one per prompt, for instruction-conditioned selectors (the session's).
 
         Each result holds ``answer`` (the first returned sequence, stripped), ``efficiency`` and,
         with several returns per prompt, ``returns``; with ``fidelity``, ``reference_answer``,
@@ -209,7 +216,8 @@ class Answerer:
         reference = self.model.generate(**inputs, **kwargs) if self.fidelity else None
         session = None
         if self.selector is not None:
-            session = PruningSession(self.model, self.selector, positions=self.positions, listeners=self.listeners)
+            session = PruningSession(self.model, self.selector, positions=self.positions,
+                                     instructions=instructions, listeners=self.listeners)
         with session if session is not None else contextlib.nullcontext(), StepClock(self.model) as clock:
             out = self.model.generate(**inputs, **kwargs)
         self.last_session = session

@@ -58,12 +58,14 @@ def answer(model, processor, images: Sequence, questions: Sequence[str], batch_s
 
 
 def answer_records(model, processor, images: Sequence, questions: Sequence[str], batch_size: int = 16,
-                   max_new_tokens: int = 3, selector=None) -> list[dict]:
-    """As :func:`answer`, with each answer's efficiency record (``{"answer", "efficiency"}`` per question)."""
+                   max_new_tokens: int = 3, selector=None, positions: str | None = None) -> list[dict]:
+    """As :func:`answer`, with each answer's efficiency record (``{"answer", "efficiency"}`` per question).
+    Each question is also its prompt's instruction (instruction-conditioned selectors); ``positions``:
+    the session's position policy (``None``: the selector's own)."""
     import torch
 
     from fvlm.answering import Answerer, Prompt
 
-    answerer = Answerer(model, processor, selector, generation={"max_new_tokens": max_new_tokens})
+    answerer = Answerer(model, processor, selector, generation={"max_new_tokens": max_new_tokens}, positions=positions)
     with torch.no_grad():
         return answerer.answer_all([Prompt([im], q) for im, q in zip(images, questions)], batch_size)

@@ -4,7 +4,8 @@ Runs the built-in model (or a checkpoint of its layout, loaded by :class:`~fvlm.
 records the indices every stage of the selector keeps (a session listener, :class:`StageRecorder`),
 maps the last stage's kept set back to the original 24 x 24 patch grid (stage ``s`` indexes the
 visual tokens left after stage ``s - 1``) and draws one panel per selector: kept patches in full
-colour with an outline, dropped patches dimmed, the selector's answer under the title.
+colour with an outline, dropped patches dimmed, the selector's answer under the title. Merging
+selectors show the tokens that carry the merged values (``pool``: each block's top-left patch).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from fvlm.commands.exit_codes import ExitCode
 from fvlm.errors import UsageError
 
-DEFAULT_SELECTORS = ("pio_fvlm", "fastv", "visionzip", "divprune")
+DEFAULT_SELECTORS = ("pio_fvlm", "fastv", "visionzip", "vscan", "cdpruner", "divprune")
 PANEL = 336  # px, the model's input size
 TITLE_HEIGHT = 46
 
@@ -97,7 +98,7 @@ def draw_panel(image: Image.Image, kept: list[int] | None, title: str, subtitle:
 
 
 def render(model, processor, image: Image.Image, question: str, labels: list[str], keep: int,
-           reference: str | None = None) -> tuple[Image.Image, list[dict]]:
+           reference: str | None = None, positions: str | None = None) -> tuple[Image.Image, list[dict]]:
     """The side-by-side PNG and, per panel, ``{label, answer, kept}`` (``kept`` None for the unpruned panel)."""
     import fvlm
     from fvlm.answering import Answerer, Prompt
@@ -110,7 +111,8 @@ def render(model, processor, image: Image.Image, question: str, labels: list[str
     num_layers = model.config.text_config.num_hidden_layers
 
     def generate(selector=None, listeners=()) -> str:
-        answerer = Answerer(model, processor, selector, generation={"max_new_tokens": 3}, listeners=listeners)
+        answerer = Answerer(model, processor, selector, generation={"max_new_tokens": 3}, positions=positions,
+                            listeners=listeners)
         with torch.no_grad():
             return answerer.answer([prompt])[0]["answer"]
 

@@ -94,6 +94,16 @@ def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
     return records
 
 
+def instruction_text(rec: dict) -> str:
+    """The sample's instruction as instruction-conditioned selectors read it (CDPruner's CLIP text):
+    the question and, for multiple choice, the ``A. ...`` option lines; no chat template and no
+    answer-format prompt."""
+    parts = [rec["question"]]
+    if rec.get("choices"):
+        parts += [f"{choice_letter(i)}. {c}" for i, c in enumerate(rec["choices"])]
+    return "\n".join(parts)
+
+
 def load_image(path: str):
     """An RGB PIL image, fully decoded (a truncated file fails here, not in the processor)."""
     from PIL import Image
@@ -149,14 +159,9 @@ class VQACollator:
         self.system_prompt = system_prompt
 
     def prompt_text(self, rec: dict) -> str:
-        parts = [rec["question"]]
-        if rec.get("choices"):
-            parts += [f"{choice_letter(i)}. {c}" for i, c in enumerate(rec["choices"])]
-            if self.choice_prompt:
-                parts.append(self.choice_prompt)
-        elif self.short_answer_prompt:
-            parts.append(self.short_answer_prompt)
-        return "\n".join(parts)
+        """The user turn: :func:`instruction_text` plus the answer-format prompt."""
+        suffix = self.choice_prompt if rec.get("choices") else self.short_answer_prompt
+        return "\n".join([instruction_text(rec), suffix]) if suffix else instruction_text(rec)
 
     def _encode(self, samples: list[dict]) -> dict:
         from fvlm.answering import Prompt, build_inputs

@@ -15,6 +15,7 @@ from lightning.pytorch import LightningModule
 
 from fvlm.answering import Answerer, GenerationSpec, sample_efficiency  # noqa: F401  (re-exported)
 from fvlm.backbones import DTYPES, BackboneSpec  # noqa: F401  (re-exported)
+from fvlm.lightning.data import instruction_text
 from fvlm.metrics.scoring import score_sample
 from fvlm.selectors.base import Need, TokenSelector
 from fvlm.selectors.spec import SelectorSpec, resolve_selector_class, selector_arguments, selector_label  # noqa: F401
@@ -86,6 +87,12 @@ class FVLMModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model, self.processor = self.backbone.load()
+            if self.selector is not None:  # a missing auxiliary model fails now, not at the first batch
+                from fvlm.auxiliary import load_auxiliary
+
+                self.selector.stages(self.answerer.adapter().info())
+                for spec in self.selector.auxiliary_models():
+                    load_auxiliary(spec, self.model)
 
     @property
     def answerer(self) -> Answerer:
@@ -115,7 +122,7 @@ class FVLMModule(LightningModule):
             return records
         try:
             try:
-                results = self.answerer.generate(batch["inputs"])
+                results = self.answerer.generate(batch["inputs"], [instruction_text(s) for s in samples])
                 return records + [self._record(s, **r) for s, r in zip(samples, results)]
             except StopIteration as exc:  # would end Lightning's loop as if the data ran out
                 raise RuntimeError(f"generation raised StopIteration {exc!r}") from exc
