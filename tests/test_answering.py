@@ -123,6 +123,35 @@ def test_listeners_see_every_answered_stage(model_cache):
         fvlm.prune(model, "random", listeners=[print])
 
 
+class InstructionRecorder:
+    def __init__(self):
+        self.seen = []
+
+    def on_stage(self, stage, ctx, selection):
+        self.seen.append(list(ctx.instructions))
+
+
+def test_each_prompt_gives_its_instruction_to_an_instruction_conditioned_selector():
+    """CDPruner (``Need.INSTRUCTION``) reads one instruction per prompt: ``Prompt.instruction`` where
+    given, else the prompt's text; answers equal ``fvlm.prune(..., instructions=...)`` around generate."""
+    model, processor = tiny_backbone("llava")
+    fvlm.backbones.prepare(model, processor)
+    prompts = _prompts()[:2]
+    prompts[0].instruction = "What colour is it?"
+    recorder = InstructionRecorder()
+    selector = fvlm.create_selector("cdpruner", keep=4, text_model="tiny:clip")
+    answerer = Answerer(model, processor, selector, generation={"max_new_tokens": 3}, listeners=[recorder])
+    with torch.no_grad():
+        answers = [r["answer"] for r in answerer.answer(prompts)]
+    expected = ["What colour is it?", prompts[1].text]
+    assert recorder.seen == [expected]
+    inputs = build_inputs(processor, prompts)
+    with fvlm.prune(model, selector, instructions=expected), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    assert answers == [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
 def test_gradient_selector_is_refused_when_the_session_is_entered_under_inference_mode(model_cache):
     model = model_cache("llava")
     session = fvlm.prune(model, GradientNorm())

@@ -19,7 +19,7 @@ from fvlm.metrics.scoring import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 6
-TASK = """task: fvlm_local
+TASK = """task: {name}
 dataset_path: parquet
 dataset_kwargs:
   data_files:
@@ -27,7 +27,7 @@ dataset_kwargs:
 test_split: test
 output_type: generate_until
 doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
+doc_to_text: !function utils.{doc_to_text}
 doc_to_target: answer
 generation_kwargs:
   max_new_tokens: 4
@@ -49,16 +49,28 @@ def doc_to_text(doc):
     return doc["question"]
 
 
+def doc_to_prompted_text(doc):
+    return doc["question"] + "\\nAnswer briefly."
+
+
 def process_results(doc, results):
     return {"exact_match": float(results[0].strip() == doc["answer"])}
 '''
-# (lmms-eval model_args beyond batch_size / output, selector, its arguments, the fvlm recipe with the same settings)
+CDPRUNER = {"keep": 64, "text_model": "tiny:clip", "relevance_source": "clip_text"}
+# (lmms-eval model_args beyond batch_size / output, selector, its arguments, task, the fvlm run with the
+# same settings: recipe and extra arguments). The prompted task appends an answer-format line to every
+# question; the CDPruner run reads its instruction, the bare question, from the document's field, as
+# fvlm run gives the question without its answer prompt.
 RUNS = [
-    ("pretrained=builtin,selector=keep_all", "keep_all", None, "reference.yaml"),
+    ("pretrained=builtin,selector=keep_all", "keep_all", None, "fvlm_local", "reference.yaml", []),
     ('pretrained=builtin,selector=fastv,selector_args={"k": 2, "keep": 64}', "fastv", {"k": 2, "keep": 64},
-     "fastv-64.yaml"),
+     "fvlm_local", "fastv-64.yaml", []),
     (f"recipe={ROOT / 'recipes/builtin/pio_fvlm-64.yaml'}", "pio_fvlm", {"layers": [1], "keep": [64]},
-     "pio_fvlm-64.yaml"),
+     "fvlm_local", "pio_fvlm-64.yaml", []),
+    (f"pretrained=builtin,selector=cdpruner,selector_args={json.dumps(CDPRUNER)},instruction_field=question",
+     "cdpruner", CDPRUNER, "fvlm_prompted", "cdpruner-64.yaml",
+     ["--model.selector", json.dumps({"name": "cdpruner", "args": CDPRUNER}),
+      "--data.short_answer_prompt", "Answer briefly."]),
 ]
 
 
@@ -79,40 +91,44 @@ def local_task(tmp_path_factory):
     }).cast_column("image", datasets.Image())
     table.to_parquet(str(root / "test.parquet"))
     (root / "task").mkdir()
-    (root / "task" / "fvlm_local.yaml").write_text(TASK.format(parquet=root / "test.parquet"))
+    for name, doc_to_text in (("fvlm_local", "doc_to_text"), ("fvlm_prompted", "doc_to_prompted_text")):
+        (root / "task" / f"{name}.yaml").write_text(TASK.format(name=name, doc_to_text=doc_to_text,
+                                                                  parquet=root / "test.parquet"))
     (root / "task" / "utils.py").write_text(UTILS)
     return root, jsonl, records
 
 
-def lmms(root: Path, model_args: str, out: Path) -> tuple[list[dict], dict]:
+def lmms(root: Path, model_args: str, out: Path, task: str = "fvlm_local") -> tuple[list[dict], dict]:
     """Run the lmms-eval command line; (per-sample log lines by doc_id, fvlm summary)."""
     model_args += f",batch_size=4,output={out / 'fvlm'}"
     cli = Path(sys.executable).with_name("lmms-eval")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_HOME=str(root / "hf"))
-    cmd = [str(cli), "--model", "fvlm", "--model_args", model_args, "--tasks", "fvlm_local",
+    cmd = [str(cli), "--model", "fvlm", "--model_args", model_args, "--tasks", task,
            "--include_path", str(root / "task"), "--output_path", str(out / "lmms"), "--log_samples",
            "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=root)
-    logs = sorted((out / "lmms").rglob("*_samples_fvlm_local.jsonl"))
+    logs = sorted((out / "lmms").rglob(f"*_samples_{task}.jsonl"))
     # lmms-eval 0.7.3 exits 0 even when the evaluation failed: the sample log is the proof
     assert proc.returncode == 0 and logs, (proc.stdout[-2000:], proc.stderr[-4000:])
     samples = sorted(read_jsonl(logs[0]), key=lambda s: s["doc_id"])
     return samples, json.loads((out / "fvlm" / "summary.json").read_text())
 
 
-def fvlm_run(jsonl: Path, recipe: str, out: Path) -> list[dict]:
+def fvlm_run(jsonl: Path, recipe: str, out: Path, extra: list[str]) -> list[dict]:
     code = run_cmd.main(["-c", str(ROOT / "recipes" / "builtin" / recipe), "--data.path", str(jsonl),
-                         "--data.limit", str(N), "--output", str(out), "--trainer.enable_progress_bar", "false"])
+                         "--data.limit", str(N), "--output", str(out), "--trainer.enable_progress_bar", "false",
+                         *extra])
     assert code == 0
     return read_jsonl(out / "predictions.jsonl")
 
 
-@pytest.mark.parametrize("model_args,selector,selector_args,recipe", RUNS, ids=[r[1] for r in RUNS])
-def test_lmms_eval_answers_equal_fvlm_run(local_task, tmp_path, model_args, selector, selector_args, recipe):
+@pytest.mark.parametrize("model_args,selector,selector_args,task,recipe,extra", RUNS, ids=[r[1] for r in RUNS])
+def test_lmms_eval_answers_equal_fvlm_run(local_task, tmp_path, model_args, selector, selector_args, task, recipe,
+                                          extra):
     root, jsonl, records = local_task
-    samples, summary = lmms(root, model_args, tmp_path)
-    expected = fvlm_run(jsonl, recipe, tmp_path / "run")
+    samples, summary = lmms(root, model_args, tmp_path, task)
+    expected = fvlm_run(jsonl, recipe, tmp_path / "run", extra)
     assert [s["doc"]["id"] if "doc" in s else records[s["doc_id"]]["id"] for s in samples] == [r["id"] for r in records]
     assert [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
             for s in samples] == [r["answer"] for r in expected]
@@ -159,3 +175,47 @@ def test_task_generation_kwargs_become_generate_arguments():
     kwargs, stops = generation_kwargs({"temperature": 0.2, "top_p": 0.9, "until": ["A", "B"]})
     assert kwargs == {"do_sample": True, "temperature": 0.2, "top_p": 0.9} and stops == ["A", "B"]
     assert cut_at_stops("yes\n\nbecause", ["\n\n"]) == "yes" and cut_at_stops("no", ["\n\n"]) == "no"
+
+
+class InstructionRecorder:
+    def __init__(self):
+        self.seen = []
+
+    def on_stage(self, stage, ctx, selection):
+        self.seen += list(ctx.instructions)
+
+
+def test_instructions_are_the_task_text_or_the_named_document_field(local_task):
+    """In process, with lmms-eval's own request records: CDPruner's instruction is the task's text as
+    the model receives it, or with ``instruction_field`` that field of each document; a field the
+    documents lack is named."""
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from fvlm.errors import UsageError
+    from fvlm.integrations.lmms_eval import FVLM
+
+    _, _, records = local_task
+    docs = [{"question": r["question"], "image": r["image"]} for r in records[:2]]
+    contexts = [d["question"] + "\nAnswer briefly." for d in docs]
+
+    def doc_to_visual(doc):
+        return [Image.new("RGB", (24, 24), (200, 30, 30))]
+
+    def requests():
+        return [Instance("generate_until", (ctx, {"max_new_tokens": 2}, doc_to_visual, i, "t", "test"), idx=0,
+                         metadata={"task": "t", "doc_id": i, "repeats": 1})
+                for i, ctx in enumerate(contexts)]
+
+    args = f"pretrained=builtin,selector=cdpruner,selector_args={json.dumps(CDPRUNER)},batch_size=2"
+    for extra, expected in (("", contexts), (",instruction_field=question", [d["question"] for d in docs])):
+        model = FVLM.create_from_arg_string(args + extra)
+        model.task_dict = {"t": {"test": docs}}
+        recorder = InstructionRecorder()
+        model.answerer.listeners.append(recorder)
+        assert len(model.generate_until(requests())) == 2
+        assert sorted(recorder.seen) == sorted(expected)
+    model = FVLM.create_from_arg_string(args + ",instruction_field=query")
+    model.task_dict = {"t": {"test": docs}}
+    with pytest.raises(UsageError, match="instruction_field='query'.*'question'"):
+        model.generate_until(requests())

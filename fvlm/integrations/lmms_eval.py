@@ -16,6 +16,9 @@ Model arguments (``--model_args k=v,...``):
 * ``selector`` (a registered name or dotted class path; ``none`` or left out: unpruned) and
   ``selector_args`` (a JSON / YAML mapping, e.g. ``'{"average": 64}'``); ``positions``
   (``original`` / ``compact``; default: the selector's own).
+* ``instruction_field``: the document field holding each sample's raw question, the instruction
+  that instruction-conditioned selectors read (CDPruner); default: the task's prompt text as the
+  model receives it (with the task's answer-format wording).
 * ``batch_size`` (here or lmms-eval's ``--batch_size``; prompts of one batch share the task's
   generation settings), ``device`` (default: CUDA when available).
 * ``output``: a folder for ``summary.json`` (selector, full arguments, position policy, layer
@@ -135,7 +138,7 @@ class FVLM(lmms):
                  positions: Optional[str] = None, recipe: Optional[str] = None, dtype: str = "auto",
                  attn_implementation: str = "sdpa", revision: Optional[str] = None, trust_remote_code: bool = False,
                  device: Optional[str] = None, batch_size: int | str = 1, max_batch_size: Optional[int] = None,
-                 output: Optional[str] = None, **unknown: Any) -> None:
+                 output: Optional[str] = None, instruction_field: Optional[str] = None, **unknown: Any) -> None:
         super().__init__()
         _check_version()
         if unknown:
@@ -164,6 +167,7 @@ class FVLM(lmms):
         self._model = model
         self.batch_size_per_gpu = int(batch_size)
         self.output = Path(output) if output else None
+        self.instruction_field = instruction_field
         self.answerer = Answerer(model, processor, self.selector, generation={"max_new_tokens": 1024},
                                  positions=positions)
         self.efficiency: list[dict] = []
@@ -188,14 +192,18 @@ class FVLM(lmms):
         return self._device
 
     # -- requests --------------------------------------------------------------------------
-    def _prompt(self, context: str, visuals: list) -> Prompt:
+    def _prompt(self, context: str, doc_to_visual, doc: dict) -> Prompt:
         images = []
-        for item in visuals:
+        for item in list(doc_to_visual(doc) or []):
             if not hasattr(item, "convert"):
                 raise UsageError(f"the fvlm model answers about images; this task gives {type(item).__name__} "
                                  "(video and audio tasks are not supported)")
             images.append(item.convert("RGB"))
-        return Prompt(images, context.replace(IMAGE_TOKEN, "").strip())
+        field = self.instruction_field
+        if field is not None and field not in doc:
+            raise UsageError(f"instruction_field={field!r}: the task's documents have no such field "
+                             f"(they have {sorted(doc)})")
+        return Prompt(images, context.replace(IMAGE_TOKEN, "").strip(), None if field is None else str(doc[field]))
 
     def generate_until(self, requests) -> list:
         tokenizer = self.answerer.tokenizer
@@ -207,7 +215,7 @@ class FVLM(lmms):
         results = []
         for chunk in reorder.get_batched(n=self.batch_size, batch_fn=None):
             contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
-            prompts = [self._prompt(ctx, list(fn(self.task_dict[task][split][doc_id]) or []))
+            prompts = [self._prompt(ctx, fn, self.task_dict[task][split][doc_id])
                        for ctx, fn, doc_id, task, split in zip(contexts, doc_to_visual, doc_ids, tasks, splits)]
             kwargs, stops = generation_kwargs(gen_kwargs[0])
             for answer in self.answerer.answer(prompts, **kwargs):
