@@ -63,8 +63,9 @@ CDPRUNER = {"keep": 64, "text_model": "tiny:clip", "relevance_source": "clip_tex
 # fvlm run gives the question without its answer prompt.
 RUNS = [
     ("pretrained=builtin,selector=keep_all", "keep_all", None, "fvlm_local", "reference.yaml", []),
-    ('pretrained=builtin,selector=fastv,selector_args={"k": 2, "keep": 64}', "fastv", {"k": 2, "keep": 64},
-     "fvlm_local", "fastv-64.yaml", []),
+    # 16 random tokens change 3 of the 6 unpruned answers: equal answers mean equal picks
+    ('pretrained=builtin,selector=random,selector_args={"keep": 16, "seed": 0}', "random", {"keep": 16, "seed": 0},
+     "fvlm_local", "random-64.yaml", ["--model.selector", '{name: random, args: {keep: 16, seed: 0}}']),
     (f"recipe={ROOT / 'recipes/builtin/pio_fvlm-64.yaml'}", "pio_fvlm", {"layers": [1], "keep": [64]},
      "fvlm_local", "pio_fvlm-64.yaml", []),
     (f"pretrained=builtin,selector=cdpruner,selector_args={json.dumps(CDPRUNER)},instruction_field=question",
@@ -132,6 +133,8 @@ def test_lmms_eval_answers_equal_fvlm_run(local_task, tmp_path, model_args, sele
     assert [s["doc"]["id"] if "doc" in s else records[s["doc_id"]]["id"] for s in samples] == [r["id"] for r in records]
     assert [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
             for s in samples] == [r["answer"] for r in expected]
+    if selector == "random":  # the pruning shows in the answers (the unpruned model answers all 6 right)
+        assert [r["answer"] for r in expected] != [r["answer"] for r in records]
     for sample, pred in zip(samples, expected):
         counts = sample["token_counts"][0]
         eff = counts["fvlm"]
@@ -146,6 +149,13 @@ def test_lmms_eval_answers_equal_fvlm_run(local_task, tmp_path, model_args, sele
         assert all(summary["selector_args"][k] == v for k, v in selector_args.items())
     else:
         assert summary["layer_average"] == 576.0  # keep-all keeps every token in every layer
+    from fvlm.commands.compare import rows  # fvlm compare reads both routes' summaries side by side
+
+    via_lmms, via_run = rows([tmp_path / "fvlm", tmp_path / "run"])
+    assert via_lmms["samples"] == via_run["samples"] == N and via_lmms["accuracy"] is None
+    assert via_run["accuracy"] is not None and via_lmms["selector"] == selector
+    for key in ("layer_average", "llm_input_visual", "kv_mib"):
+        assert via_lmms[key] == pytest.approx(via_run[key]), key
 
 
 def test_bad_selector_argument_fails_before_the_model_loads(local_task, tmp_path):
