@@ -64,11 +64,12 @@ CDPRUNER = {"keep": 64, "text_model": "tiny:clip", "relevance_source": "clip_tex
 RUNS = [
     ("pretrained=builtin,selector=keep_all", "keep_all", None, "fvlm_local", "reference.yaml", []),
     # 16 random tokens change 3 of the 6 unpruned answers: equal answers mean equal picks
-    ('pretrained=builtin,selector=random,selector_args={"keep": 16, "seed": 0}', "random", {"keep": 16, "seed": 0},
-     "fvlm_local", "random-64.yaml", ["--model.selector", '{name: random, args: {keep: 16, seed: 0}}']),
+    ('pretrained=builtin,selector=random,selector_args={"keep": 16, "seed": 0},positions=original', "random",
+     {"keep": 16, "seed": 0}, "fvlm_local", "random-64.yaml", ["--model.selector", '{name: random, args: {keep: 16, seed: 0}}']),
     (f"recipe={ROOT / 'recipes/builtin/pio_fvlm-64.yaml'}", "pio_fvlm", {"layers": [1], "keep": [64]},
      "fvlm_local", "pio_fvlm-64.yaml", []),
-    (f"pretrained=builtin,selector=cdpruner,selector_args={json.dumps(CDPRUNER)},instruction_field=question",
+    (f"pretrained=builtin,selector=cdpruner,selector_args={json.dumps(CDPRUNER)},positions=original,"
+     "instruction_field=question",
      "cdpruner", CDPRUNER, "fvlm_prompted", "cdpruner-64.yaml",
      ["--model.selector", json.dumps({"name": "cdpruner", "args": CDPRUNER}),
       "--data.short_answer_prompt", "Answer briefly."]),
@@ -154,6 +155,8 @@ def test_lmms_eval_answers_equal_fvlm_run(local_task, tmp_path, model_args, sele
     via_lmms, via_run = rows([tmp_path / "fvlm", tmp_path / "run"])
     assert via_lmms["samples"] == via_run["samples"] == N and via_lmms["accuracy"] is None
     assert via_run["accuracy"] is not None and via_lmms["selector"] == selector
+    if selector != "keep_all":  # the unpruned fvlm run has no position policy
+        assert via_lmms["positions"] == via_run["positions"] == "original"
     for key in ("layer_average", "llm_input_visual", "kv_mib"):
         assert via_lmms[key] == pytest.approx(via_run[key]), key
 
