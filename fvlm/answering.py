@@ -170,6 +170,17 @@ class Answerer:
             self._adapter = adapter_for(self.model)
         return self._adapter
 
+    def prepare(self) -> None:
+        """Settle the selector on this backbone and load its auxiliary models now, so that a wrong
+        argument or model path fails before the first batch (sessions then reuse them)."""
+        if self.selector is None:
+            return
+        from fvlm.auxiliary import load_auxiliary
+
+        self.selector.stages(self.adapter().info())
+        for spec in self.selector.auxiliary_models():
+            load_auxiliary(spec, self.model)
+
     # -- inputs ----------------------------------------------------------------------------
     def inputs(self, prompts: Sequence[Prompt]) -> dict:
         """The model inputs of a batch of prompts, on the model's device (floats in its dtype)."""

@@ -169,6 +169,15 @@ def test_bad_selector_argument_fails_before_the_model_loads(local_task, tmp_path
         FVLM.create_from_arg_string('pretrained=./nowhere,selector=fastv,selector_args={"keep": -5}')
 
 
+def test_a_missing_auxiliary_model_fails_before_the_evaluation():
+    from fvlm.errors import AuxiliaryModelError
+    from fvlm.integrations.lmms_eval import FVLM
+
+    with pytest.raises(AuxiliaryModelError, match="/nonexistent/clip"):
+        FVLM.create_from_arg_string('pretrained=builtin,selector=cdpruner,'
+                                    'selector_args={"keep": 8, "text_model": "/nonexistent/clip"}')
+
+
 def test_a_recipe_gives_the_backbone_selector_and_positions():
     from fvlm.integrations.lmms_eval import _from_recipe
 

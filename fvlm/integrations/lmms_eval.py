@@ -170,6 +170,7 @@ class FVLM(lmms):
         self.instruction_field = instruction_field
         self.answerer = Answerer(model, processor, self.selector, generation={"max_new_tokens": 1024},
                                  positions=positions)
+        self.answerer.prepare()  # a missing auxiliary model fails now, not at the first batch
         self.efficiency: list[dict] = []
 
     @classmethod

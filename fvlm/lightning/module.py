@@ -87,12 +87,7 @@ class FVLMModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model, self.processor = self.backbone.load()
-            if self.selector is not None:  # a missing auxiliary model fails now, not at the first batch
-                from fvlm.auxiliary import load_auxiliary
-
-                self.selector.stages(self.answerer.adapter().info())
-                for spec in self.selector.auxiliary_models():
-                    load_auxiliary(spec, self.model)
+            self.answerer.prepare()  # a missing auxiliary model fails now, not at the first batch
 
     @property
     def answerer(self) -> Answerer:
