@@ -181,7 +181,7 @@ class SelectionContext:
         kwargs = {k: v for k, v in self._layer_kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")}
         # .forward, not __call__: a proxy pass must not fire module hooks (the session's own stage
         # hooks on this layer would prune / re-gather kwargs again; HF's output recorders would log it)
-        out = self.adapter.layers[index].forward(hidden, past_key_values=None, use_cache=False, **kwargs)
+        out = self.adapter.layers[index].forward(hidden, use_cache=False, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def run_layer_rows(self, index: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fvlm.adapters import adapter_for
+from fvlm.adapters.cache import is_prefill_call
 from fvlm.context import SelectionContext
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
 from fvlm.indexing import (
@@ -147,11 +148,10 @@ class PruningSession:
             self._top_kwargs.setdefault("input_ids", args[0])
 
     def _lm_pre_hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise FVLMError("fvlm expects the language model to be called with inputs_embeds")
-        if cache is None or cache.get_seq_length() == 0:
+        if is_prefill_call(kwargs):
             return args, self._prefill(kwargs, embeds)
         return args, self._decode(kwargs, embeds.shape[1])
 

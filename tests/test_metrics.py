@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fvlm
+from fvlm.adapters.cache import cache_of
 from fvlm.metrics import (
     MIB,
     TextArch,
@@ -239,7 +240,7 @@ def test_kv_bytes_equal_the_real_cache(model_cache, family):
     inputs = tiny_inputs(model, images_per_prompt=(1, 2))
     with torch.no_grad(), fvlm.prune(model, "random", keep=5, layer=2, seed=0) as session:
         out = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     by_hand = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                   for layer in cache.layers)
     assert kv_cache_bytes(cache) == by_hand

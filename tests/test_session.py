@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fvlm
+from fvlm.adapters.cache import cache_of
 from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
 from helpers import EveryOther, FixedSelector, GradientNorm, generation_positions, greedy_without_cache, hook_count
 
@@ -106,7 +107,7 @@ def test_trace_matches_real_cache_and_schedule(model_cache, family):
     with fvlm.prune(model, EveryOther(SCHEDULES["multi"])) as session:
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     trace = session.trace
-    cache = out.past_key_values
+    cache = cache_of(out)
     assert trace.kv_length == [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
     assert trace.visual_per_layer == [[10, 6, 3, 3], [10, 6, 3, 3]]
     assert trace.layer_average == [5.5, 5.5]

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 from lightning.pytorch import Callback
 
+from fvlm.adapters.cache import is_prefill_call
 from fvlm.metrics.scoring import read_jsonl, summarize_efficiency
 
 PREDICTIONS = "predictions.jsonl"
@@ -208,8 +209,7 @@ class _GenerateTimer:
     def _pre(self, module, args, kwargs):
         if not self._active():
             return
-        cache = kwargs.get("past_key_values")
-        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._prefill = is_prefill_call(kwargs)
         self._sync()
         self._start = time.perf_counter()
 

@@ -8,6 +8,9 @@ and backward) to every aten op that runs. Two differences from ``FlopCounterMode
   ``torch.autograd.grad`` called inside a forward (what a gradient-based selector such as PIO-FVLM
   does: "A leaf node was passed to _will_engine_execute_node"). Per-module totals here come from
   forward pre/post hooks instead (``root=``), attributing an op to every module on the forward stack;
+* rotary tables are left out (ops inside a ``*RotaryEmbedding`` module under ``root``), as in the
+  analytic convention: transformers up to 5.17 builds cos / sin from a position x frequency matmul,
+  later releases element-wise, and the count must not depend on the release;
 * torch 2.13 has no formula for the CPU flash-attention kernel SDPA uses on CPU
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), whose attention products
   would silently count 0; the standard SDPA formulas are registered for them.
@@ -52,12 +55,13 @@ class _Counter(TorchDispatchMode):
         self.by_op: dict[str, int] = {}
         self.stack: list[str] = []
         self.by_module: dict[str, int] = {}
+        self.excluded: set[str] = set()  # module paths whose ops are not counted (rotary tables)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = self.registry.get(func._overloadpacket)
-        if formula is not None:
+        if formula is not None and not self.excluded.intersection(self.stack):
             flops = int(formula(*args, **kwargs, out_val=out))
             self.total += flops
             name = str(func._overloadpacket)
@@ -94,6 +98,8 @@ def measure_flops(fn: Callable[..., Any], *args, root: nn.Module | None = None, 
     if root is not None:
         for name, module in root.named_modules():
             path = name or type(root).__name__
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                counter.excluded.add(path)
 
             def pre(mod, inputs, path=path):
                 counter.stack.append(path)

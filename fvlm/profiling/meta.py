@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fvlm.adapters.cache import cache_of
 from fvlm.metrics.flops import lm_head_flops, llm_prefill_flops, vision_flops
 from fvlm.metrics.kv import dtype_bytes, kv_bytes, kv_cache_bytes
 from fvlm.profiling.arch import Architecture, build_meta_model
@@ -32,7 +33,7 @@ def meta_check(arch: Architecture, visual_tokens: int | None = None, text_tokens
         out, measured = measure_flops(model, inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
     result = {
         "llm": (measured.total, llm_prefill_flops([seq] * t.num_layers, t) + lm_head_flops(1, t)),
-        "kv_bytes": (kv_cache_bytes(out.past_key_values),
+        "kv_bytes": (kv_cache_bytes(cache_of(out)),
                      kv_bytes([seq] * t.num_layers, t.num_kv_heads, t.head_dim, dtype_bytes(dtype))),
         "vision": None,
     }
