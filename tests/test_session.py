@@ -1,11 +1,14 @@
 """Oracle tests of the pruning session on every supported family (tiny random models, CPU)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from transformers import DynamicCache
 
 import fvlm
-from fvlm.adapters.cache import cache_of
+from fvlm.adapters.cache import cache_of, is_prefill_call
 from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
 from helpers import EveryOther, FixedSelector, GradientNorm, generation_positions, greedy_without_cache, hook_count
 
@@ -98,6 +101,17 @@ def test_cached_decoding_equals_recomputing_without_cache(model_cache, family, a
         reference = greedy_without_cache(model, inputs, steps=6)
     assert torch.equal(cached, reference)
     assert trace.decode_steps == 5
+
+
+def test_cache_is_read_under_either_transformers_name():
+    cache = DynamicCache()
+    for name in ("cache", "past_key_values"):  # transformers >= 5.24, and before
+        assert cache_of({name: cache, "use_cache": True}) is cache
+        assert cache_of(SimpleNamespace(**{name: cache})) is cache
+        assert is_prefill_call({name: cache}) and is_prefill_call({name: None})
+    assert cache_of({"use_cache": True}) is None and cache_of(SimpleNamespace()) is None
+    cache.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), layer_idx=0)
+    assert not is_prefill_call({"cache": cache}) and not is_prefill_call({"past_key_values": cache})
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
