@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fvlm import registry
-from fvlm.errors import FVLMError, PluginLoadError
+from fvlm.errors import FVLMError, PluginLoadError, UsageError
 
 
 def _console(stderr: bool = False) -> Console:
@@ -117,16 +117,21 @@ def _demo(args: argparse.Namespace) -> int:
     from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
 
     if args.family not in FAMILIES:
-        raise FVLMError(f"unknown tiny family {args.family!r}; choose from {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown tiny family {args.family!r}; choose from {', '.join(FAMILIES)}")
     names = [args.selector] if args.selector else [n for n in ("random", "divprune", "pio_fvlm") if n in fvlm.list_selectors()]
     options = {}
     for item in args.options:
         key, sep, value = item.partition("=")
         if not sep:
-            raise FVLMError(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         options[key] = yaml.safe_load(value)
     if options and not args.selector:
-        raise FVLMError("--set needs --selector")
+        raise UsageError("--set needs --selector")
+    if args.tokens < 1:
+        raise UsageError(f"--tokens must be >= 1, got {args.tokens}")
+    # selectors first: a bad name or argument fails before any model is built
+    selectors = {name: fvlm.create_selector(name, **(options or fvlm.registry.get_selector_class(name).example_kwargs))
+                 for name in names}
     model = tiny_model(args.family)
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
     console = _console()
@@ -140,9 +145,8 @@ def _demo(args: argparse.Namespace) -> int:
     for column in ("selector", "visual tokens", "LLM input", "layer avg", "KV length / layer", "same tokens", "time"):
         table.add_column(column)
     table.add_row("(unpruned)", str(inputs["input_ids"].eq(fvlm.testing.image_token_id(model)).sum(1).tolist()), "-", "-", "-", "-", f"{base_time * 1e3:.0f} ms")
-    for name in names:
-        kwargs = options or fvlm.registry.get_selector_class(name).example_kwargs
-        with fvlm.prune(model, name, **kwargs) as session, torch.no_grad():
+    for name, selector in selectors.items():
+        with fvlm.prune(model, selector) as session, torch.no_grad():
             start = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
             elapsed = time.perf_counter() - start
@@ -189,13 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fvlm`` console script; returns the exit status."""
+    """Entry point of the ``fvlm`` console script; returns the exit status (:class:`ExitCode`)."""
+    from fvlm.commands.exit_codes import for_error
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except FVLMError as exc:
         _console(stderr=True).print(Text(f"error: {exc}", style="red"), soft_wrap=True)
-        return 1
+        return int(for_error(exc))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo, VisionProbe
+from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo, VisionProbe, images_per_row
 from fvlm.errors import FVLMError, GradientUnavailableError
 from fvlm.selectors.base import Need, Stage, TokenSelector
 
@@ -38,6 +38,7 @@ class SelectionContext:
         layer_input: torch.Tensor | None = None,
         layer_kwargs: dict[str, Any] | None = None,
         observed: dict | None = None,
+        original_visual: torch.Tensor | None = None,
     ):
         self.selector = selector
         self.stage = stage
@@ -48,6 +49,7 @@ class SelectionContext:
         self.is_visual = is_visual
         self.token_valid = token_valid
         self.budget = budget
+        self._original_visual = original_visual
         self.used: set[Need] = set()
         self._grids = grids
         self._layer_input = layer_input
@@ -71,6 +73,11 @@ class SelectionContext:
     @cached_property
     def num_visual(self) -> torch.Tensor:
         return self.is_visual.sum(dim=1)
+
+    @property
+    def original_visual(self) -> torch.Tensor:
+        """``[B]`` visual tokens of each sample before any stage (fractions of ``Stage.keep`` refer to it)."""
+        return self.num_visual if self._original_visual is None else self._original_visual
 
     @cached_property
     def visual_hidden(self) -> torch.Tensor:
@@ -137,6 +144,19 @@ class SelectionContext:
             layer, self._layer_input, self._layer_kwargs["position_embeddings"], self.token_valid, rows
         )
 
+    def rope_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, N]``: the pruning layer's rotary embedding applied to all-ones queries (at ``rows``)
+        and keys (at the visual tokens), their dot product over ``sqrt(head_dim)``.
+
+        This is the purely positional part of an attention logit (SparseVLM+ divides attention by
+        it, its "gravity"); the current position ids apply (original or compact).
+        """
+        self._use(Need.ATTENTION)
+        layer = self._require_layer("rope_bias")
+        bias = self.adapter.rotary_bias(layer, self._layer_kwargs["position_embeddings"], rows)
+        index = self.visual_index.clamp(min=0)[:, None, :].expand(-1, bias.shape[1], -1)
+        return bias.gather(2, index) * self.visual_valid[:, None, :]
+
     def keys(self) -> torch.Tensor:
         """Post-rotary keys ``[B, H_kv, L, head_dim]`` of the pruning layer."""
         self._use(Need.KEYS)
@@ -152,22 +172,24 @@ class SelectionContext:
     @cached_property
     def vision(self) -> VisionProbe:
         """Vision-tower view per sample, aligned with ``visual_index``: ``features`` ``[B, N, Dv]``
-        (pre-projector), ``cls_attention`` ``[B, N]``, ``keys`` ``[B, N, dk]``. Only at ``"vision"`` stages
+        (pre-projector), ``cls_attention`` ``[B, N]``, ``keys`` ``[B, N, dk]``, and per image
+        ``cls_features`` ``[B, I, Dv]`` (zeros past a sample's images). Only at ``"vision"`` stages
         (before anything is pruned)."""
         self._use(Need.VISION_ATTENTION)
         if self.stage.where != "vision":
             raise FVLMError("vision-tower probes are only available at a 'vision' stage")
         probe = self.adapter.vision_probe(self._observed)
-        counts = [len(images) for images in self._grids or []]
-        if sum(counts) != probe.features.shape[0]:
-            raise FVLMError(f"found {sum(counts)} images in the prompts but {probe.features.shape[0]} in the vision tower")
-        starts = [sum(counts[:b]) for b in range(len(counts))]
+        images, per_image = probe.features.shape[:2]
+        rows = images_per_row([per_image] * images, self.num_visual.tolist())  # beams repeat prompts
 
         def per_sample(t: torch.Tensor) -> torch.Tensor:
-            rows = [t[s : s + c].reshape(-1, *t.shape[2:]) for s, c in zip(starts, counts)]
-            return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)[:, : self.visual_index.shape[1]]
+            parts = [t[picked].reshape(-1, *t.shape[2:]) for picked in rows]
+            return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)[:, : self.visual_index.shape[1]]
 
-        return VisionProbe(per_sample(probe.features), per_sample(probe.cls_attention), per_sample(probe.keys))
+        cls = probe.cls_features
+        if cls is not None:
+            cls = torch.nn.utils.rnn.pad_sequence([cls[picked] for picked in rows], batch_first=True)
+        return VisionProbe(per_sample(probe.features), per_sample(probe.cls_attention), per_sample(probe.keys), cls)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Map vision features (``[..., Dv]``) to LLM input embeddings with the model's projector."""
@@ -206,6 +228,12 @@ class SelectionContext:
     def lm_head(self) -> torch.nn.Module:
         self._use(Need.LAYERS)
         return self.adapter.lm_head
+
+    @property
+    def input_embeddings(self) -> torch.nn.Module:
+        """The language model's token-embedding module (``weight`` ``[V, D]``)."""
+        self._use(Need.LAYERS)
+        return self.adapter.input_embeddings
 
     def grad(self, objective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``d objective(X) / dX`` at ``X = hidden`` (a detached leaf; model weights get no gradient).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -19,6 +20,17 @@ class KeepMap:
     filler: torch.Tensor
     source_col: torch.Tensor
 
+    @cached_property
+    def ordered(self) -> "KeepMap":
+        """The same kept set with ``index`` ascending per row (fillers stay first).
+
+        A selection may reorder kept visual tokens (merged tokens appended after the kept ones). The
+        sequence order is what causality and compact positions follow, so masks and compact ids are
+        built from this map; hidden states and original position ids follow ``index`` itself.
+        """
+        key = torch.where(self.filler, -1, self.index).sort(dim=1).values
+        return KeepMap(key.clamp(min=0), self.filler, self.source_col)
+
     def then(self, later: "KeepMap") -> "KeepMap":
         """Compose: ``later`` indexes this map's output; the result indexes this map's source."""
         return KeepMap(
@@ -26,6 +38,14 @@ class KeepMap:
             self.filler.gather(1, later.index) | later.filler,
             later.source_col,
         )
+
+    def extended(self, source_len: int, new_len: int) -> "KeepMap":
+        """This map (over a source of ``source_len`` positions) for the source grown to ``new_len``:
+        the added positions are all kept, after the others."""
+        bsz = self.index.shape[0]
+        added = torch.arange(source_len, new_len, device=self.index.device).expand(bsz, new_len - source_len)
+        return KeepMap(torch.cat([self.index, added], dim=1), torch.cat([self.filler, torch.zeros_like(added, dtype=torch.bool)], 1),
+                       torch.cat([self.source_col, torch.full_like(added, -1)], dim=1))
 
     @staticmethod
     def identity(bsz: int, length: int, device) -> "KeepMap":

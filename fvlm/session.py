@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,8 +10,8 @@ import torch
 from torch import nn
 
 from fvlm.adapters import adapter_for
-from fvlm.adapters.cache import is_prefill_call
-from fvlm.context import SelectionContext
+from fvlm.adapters.cache import cache_of, is_prefill_call
+from fvlm.context import SelectionContext, positions_of
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
 from fvlm.indexing import (
     KeepMap,
@@ -21,15 +22,20 @@ from fvlm.indexing import (
     gather_seq,
     gather_square_mask,
 )
-from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
+from fvlm.selectors.base import POSITION_POLICIES, Need, Selection, Stage, TokenSelector
 from fvlm.trace import StageRecord, Trace
 
-POSITION_POLICIES = ("original", "compact")
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()  # model -> session
 
 
 @dataclass
 class _Run:
-    """State of one prefill and the decode steps that follow it."""
+    """State of one prefill and the decode steps that follow it.
+
+    A forward without a KV cache that continues an earlier prompt (``generate(use_cache=False)``
+    feeds prompt + generated tokens again at every step) replays that prompt's prefill: ``origin`` is
+    its run, whose ``applied`` stages are reused instead of selecting again.
+    """
 
     prompt_len: int  # S: prompt length at the LLM input, before any pruning
     is_visual: torch.Tensor  # [B, L] in current coordinates
@@ -38,6 +44,11 @@ class _Run:
     original_visual: torch.Tensor  # [B]
     grids: list
     dtype: torch.dtype = torch.float32
+    input_ids: torch.Tensor | None = None  # the prompt, and which of its tokens are real
+    prompt_valid: torch.Tensor | None = None
+    encoder_outputs: Any = None  # the images generate encoded once for all its steps, if passed
+    origin: "_Run | None" = None
+    applied: list = field(default_factory=list)  # per stage: (keep map, replacing embeddings, source length)
     input_map: KeepMap | None = None
     llm_input_len: int = 0  # L0: length entering layer 0
     groups: list[tuple[int, KeepMap]] = field(default_factory=list)  # (first layer, map in L0 coords)
@@ -62,31 +73,45 @@ class PruningSession:
 
     All hooks are registered on this model instance on ``__enter__`` and removed on ``__exit__``
     (also when the block raises). Selection happens in prefill only; decode steps run on the pruned
-    KV cache. ``positions="original"`` keeps every kept token's original position id (default);
-    ``"compact"`` renumbers kept tokens contiguously (1-D RoPE families only).
+    KV cache, and cache-free steps (``generate(use_cache=False)``) replay the prompt's selection.
+    ``positions="original"`` keeps every kept token's original position id; ``"compact"`` renumbers
+    kept tokens contiguously in sequence order (1-D RoPE families only); ``None`` (default) uses the
+    selector's declared policy (its authors'), see
+    :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`. Sessions do not
+    nest: entering a second one on a model that has an active session raises.
     """
 
-    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str = "original"):
+    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None):
         if not isinstance(selector, TokenSelector):
             raise TypeError(f"selector must be a TokenSelector instance, got {type(selector).__name__}")
-        if positions not in POSITION_POLICIES:
-            raise ValueError(f"positions must be one of {POSITION_POLICIES}, got {positions!r}")
+        if positions is not None and positions not in POSITION_POLICIES:
+            raise ValueError(f"positions must be one of {POSITION_POLICIES} or None (the selector's own), "
+                             f"got {positions!r}")
         self.model = model
         self.selector = selector
         self.adapter = adapter_for(model)
         self.info = self.adapter.info()
-        if positions == "compact" and self.info.mrope:
-            raise FVLMError(
-                f"positions='compact' is defined for 1-D RoPE; {self.info.family} uses 3-D M-RoPE, "
-                "where fvlm keeps original positions (positions='original')"
-            )
-        self.positions = positions
+        self.positions = self._resolved_positions(positions)
         self.schedule = self._validated_schedule(list(selector.stages(self.info)))
         self.trace: Trace | None = None
         self._run: _Run | None = None
         self._handles: list = []
         self._top_kwargs: dict = {}
         self._observed: dict = {}
+
+    def _resolved_positions(self, requested: str | None) -> str:
+        if requested is None:
+            declared = getattr(self.selector, "positions", "original")
+            if declared not in POSITION_POLICIES:
+                raise FVLMError(f"selector {type(self.selector).__name__} declares positions={declared!r}; "
+                                f"expected one of {POSITION_POLICIES}")
+            return "original" if self.info.mrope else declared
+        if requested == "compact" and self.info.mrope:
+            raise FVLMError(
+                f"positions='compact' is defined for 1-D RoPE; {self.info.family} uses 3-D M-RoPE, "
+                "where fvlm keeps original positions (positions='original')"
+            )
+        return requested
 
     # -- schedule --------------------------------------------------------------------------
     def _validated_schedule(self, stages: list[Stage]) -> list[Stage]:
@@ -113,16 +138,25 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise FVLMError("this pruning session is already active")
+        other = _ACTIVE.get(self.model)
+        if other is not None:
+            raise FVLMError(
+                f"this model is already pruning (a session with {type(other.selector).__name__} is active); "
+                "sessions do not nest: use compose to run several selectors in one session, e.g. "
+                "fvlm.prune(model, 'compose', selectors=[...])")
         try:
             self._attach()
         except BaseException:
             self._detach()
             raise
+        _ACTIVE[self.model] = self
         return self
 
     def __exit__(self, *exc) -> None:
         self._detach()
         self._run = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
 
     def _attach(self) -> None:
         hooks = self._handles
@@ -160,6 +194,7 @@ class PruningSession:
             self._run.in_prefill = False
             self._run.layer_input = self._run.layer_kwargs = None
             self._run.cache.clear()
+            self._observed.clear()  # belongs to this prefill's images; the next call records its own
 
     def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
         if Need.GRADIENT in self.selector.needs and torch.is_inference_mode_enabled():
@@ -175,14 +210,19 @@ class PruningSession:
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(is_visual)
         is_visual = is_visual & valid
+        origin = self._continued(input_ids, valid, kwargs)
         run = self._run = _Run(
             prompt_len=seq,
             is_visual=is_visual,
             is_filler=torch.zeros_like(is_visual),
             token_valid=valid,
             original_visual=is_visual.sum(dim=1),
-            grids=self.adapter.image_grids(input_ids, self._top_kwargs),
+            grids=origin.grids if origin is not None else self.adapter.image_grids(input_ids, self._top_kwargs),
             dtype=embeds.dtype,
+            input_ids=input_ids,
+            prompt_valid=valid,
+            encoder_outputs=self._top_kwargs.get("mm_encoder_outputs"),
+            origin=origin,
         )
         for stage in self.schedule:
             if isinstance(stage.where, str):
@@ -193,18 +233,46 @@ class PruningSession:
         if run.input_map is not None:
             kwargs["inputs_embeds"] = embeds
             base = mask if mask is not None else torch.ones(bsz, seq, dtype=torch.long, device=embeds.device)
-            kwargs["attention_mask"] = gather_mask_columns(base, run.input_map, seq)
+            kwargs["attention_mask"] = gather_mask_columns(base, run.input_map.ordered, seq)
             kwargs["position_ids"] = self._input_positions(kwargs.get("position_ids"), run, embeds.device)
         self._finish_trace()
         return kwargs
 
+    def _continued(self, input_ids: torch.Tensor, valid: torch.Tensor, kwargs: dict) -> "_Run | None":
+        """The finished prefill this cache-free call continues, or None (a new prompt: select anew).
+
+        A continuation runs without a cache (``use_cache=False``), has the earlier prompt's rows as
+        its prefix (same ids, same padding), only text after it, and the same pre-encoded images
+        when ``generate`` passes them: what ``generate(use_cache=False)`` does at every step.
+        """
+        last = self._run
+        if last is None or last.in_prefill:
+            return None
+        origin = last.origin or last
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        length = origin.prompt_len
+        if cache_of(kwargs) is not None or use_cache or input_ids.shape[1] <= length \
+                or input_ids.shape[0] != origin.input_ids.shape[0]:
+            return None
+        if self._top_kwargs.get("mm_encoder_outputs") is not origin.encoder_outputs:
+            return None
+        same = torch.equal(input_ids[:, :length], origin.input_ids) and torch.equal(valid[:, :length], origin.prompt_valid)
+        return origin if same and not bool(self.adapter.visual_mask(input_ids[:, length:]).any()) else None
+
     def _input_positions(self, pos, run: _Run, device) -> torch.Tensor:
         if pos is None:
             pos = torch.arange(run.prompt_len, device=device)[None]
-        kept = gather_last(pos, run.input_map.index)
+        return self._kept_positions(pos, run.input_map, run.prompt_len)
+
+    def _kept_positions(self, pos: torch.Tensor, keep: KeepMap, source_len: int) -> torch.Tensor:
+        """Position ids of the kept slots: each token's own id (``original``) or, for ``compact``,
+        the ids renumbered contiguously in sequence order (the gaps of dropped tokens closed)."""
         if self.positions == "compact":
-            kept = kept - self._dropped_before(run.input_map, run.prompt_len)
-        return kept
+            ordered = keep.ordered
+            return gather_last(pos, ordered.index) - self._dropped_before(ordered, source_len)
+        return gather_last(pos, keep.index)
 
     def _decode(self, kwargs: dict, new_tokens: int) -> dict:
         run = self._run
@@ -219,7 +287,7 @@ class PruningSession:
                 total = run.prompt_len + run.steps
                 mask = torch.ones(run.input_map.index.shape[0], total, dtype=torch.long, device=run.input_map.index.device)
             if mask is not None:
-                kwargs["attention_mask"] = gather_mask_columns(mask, run.input_map, run.prompt_len)
+                kwargs["attention_mask"] = gather_mask_columns(mask, run.input_map.ordered, run.prompt_len)
             if self.positions == "compact" and kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] - self._total_dropped(run.input_map, run.prompt_len)
         return kwargs
@@ -232,7 +300,7 @@ class PruningSession:
             keep = run.group_for(index)
             if keep is not None:
                 kwargs = self._layer_kwargs(module, kwargs, keep, run)
-            if run.in_prefill and index + 1 in self.layer_stages:
+            if run.in_prefill and index + 1 in self.layer_stages and run.origin is None:
                 run.layer_input = args[0] if args else kwargs["hidden_states"]
                 run.layer_kwargs = kwargs
             return args, kwargs
@@ -263,27 +331,39 @@ class PruningSession:
             torch.cuda.synchronize(hidden.device)
         start = time.perf_counter()
         budget = self._budget(stage, run)
-        ctx = SelectionContext(
-            selector=self.selector,
-            stage=stage,
-            stage_index=self.schedule.index(stage),
-            info=self.info,
-            adapter=self.adapter,
-            hidden=hidden,
-            is_visual=run.is_visual,
-            token_valid=run.token_valid,
-            budget=budget,
-            grids=run.grids,
-            layer_input=run.layer_input,
-            layer_kwargs=run.layer_kwargs,
-            observed=self._observed,
-        )
-        selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
-        keep = build_keep_map(run.is_visual | run.is_filler, ctx.visual_index, selection.indices)
+        if run.origin is not None:  # a cache-free continuation: the prompt's own selection, extended
+            keep, embeddings, length = run.origin.applied[self.schedule.index(stage)]
+            keep = keep.extended(length, hidden.shape[1])
+        elif bool(run.is_visual.any()):
+            ctx = SelectionContext(
+                selector=self.selector,
+                stage=stage,
+                stage_index=self.schedule.index(stage),
+                info=self.info,
+                adapter=self.adapter,
+                hidden=hidden,
+                is_visual=run.is_visual,
+                token_valid=run.token_valid,
+                budget=budget,
+                grids=run.grids,
+                layer_input=run.layer_input,
+                layer_kwargs=run.layer_kwargs,
+                observed=self._observed,
+                original_visual=run.original_visual,
+            )
+            selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
+            visual_index = ctx.visual_index
+        else:  # no sample has a visual token (text-only prompts): nothing to choose, the selector is not asked
+            visual_index = positions_of(run.is_visual)[0]
+            selection = Selection(visual_index)
+        if run.origin is None:
+            keep = build_keep_map(run.is_visual | run.is_filler, visual_index, selection.indices)
+            embeddings = selection.embeddings
+            run.applied.append((keep, embeddings, hidden.shape[1]))
         new_hidden = gather_seq(hidden, keep.index)
-        if selection.embeddings is not None:
+        if embeddings is not None:
             from_sel = keep.source_col >= 0
-            replaced = gather_seq(selection.embeddings.to(new_hidden.dtype), keep.source_col.clamp(min=0))
+            replaced = gather_seq(embeddings.to(new_hidden.dtype), keep.source_col.clamp(min=0))
             new_hidden = torch.where(from_sel[..., None], replaced, new_hidden)
         run.is_visual = run.is_visual.gather(1, keep.index) & ~keep.filler
         run.is_filler = keep.filler
@@ -295,10 +375,9 @@ class PruningSession:
 
     def _budget(self, stage: Stage, run: _Run) -> torch.Tensor:
         now = run.is_visual.sum(dim=1)
-        if isinstance(stage.keep, float):
-            budget = (run.original_visual.double() * stage.keep).round().long().clamp(min=1)
-        else:
-            budget = torch.full_like(now, stage.keep)
+        images = torch.tensor([len(g) for g in run.grids], dtype=torch.long, device=now.device)
+        budget = torch.as_tensor(self.selector.keep_count(stage, now, run.original_visual, images),
+                                 dtype=torch.long, device=now.device)
         budget = torch.where(now > 0, budget, 0)
         over = (budget > now).nonzero().flatten().tolist()
         if over:
@@ -339,17 +418,17 @@ class PruningSession:
         mask = kwargs.get("attention_mask")
         key = ("mask", id(keep), id(mask))
         if key not in cache:
-            cache[key] = self._layer_mask(module, mask, keep, run)
+            cache[key] = self._layer_mask(module, mask, keep.ordered, run)
         kwargs["attention_mask"] = cache[key]
         pos = kwargs.get("position_ids")
         if run.in_prefill:
             pe = kwargs.get("position_embeddings")
             key = ("pe", id(keep), id(pe))
             if key not in cache:
-                cache[key] = self._layer_rotary(pe, pos, keep, run, kwargs)
-            kwargs["position_embeddings"] = cache[key]
+                cache[key] = self._layer_rotary(pe, pos, keep, run)
+            kwargs["position_embeddings"], ids = cache[key]
             if pos is not None:
-                kwargs["position_ids"] = gather_last(pos, keep.index)
+                kwargs["position_ids"] = ids
         elif self.positions == "compact":
             key = ("pe-decode", id(keep), run.steps)
             if key not in cache:
@@ -358,12 +437,13 @@ class PruningSession:
             kwargs["position_embeddings"] = cache[key]
         return kwargs
 
-    def _layer_rotary(self, pe, pos, keep: KeepMap, run: _Run, kwargs):
+    def _layer_rotary(self, pe, pos, keep: KeepMap, run: _Run):
+        """``(rotary tables, position ids)`` of the kept slots for this layer group's prefill."""
+        source = torch.arange(run.llm_input_len, device=keep.index.device)[None] if pos is None else pos
+        ids = self._kept_positions(source, keep, run.llm_input_len)
         if self.positions == "compact":
-            pos = torch.arange(run.llm_input_len, device=keep.index.device)[None] if pos is None else pos
-            kept = gather_last(pos, keep.index) - self._dropped_before(keep, run.llm_input_len)
-            return self.adapter.rotary_emb(pe[0], kept)
-        return tuple(gather_seq(t, keep.index) for t in pe)
+            return self.adapter.rotary_emb(pe[0], ids), ids
+        return tuple(gather_seq(t, keep.index) for t in pe), ids
 
     def _layer_mask(self, module, mask, keep: KeepMap, run: _Run):
         length = run.llm_input_len
@@ -402,6 +482,9 @@ class PruningSession:
     # -- trace -----------------------------------------------------------------------------
     def _finish_trace(self) -> None:
         run = self._run
+        if run.origin is not None:  # the prompt's trace holds; the new tokens are its decode steps
+            self.trace.decode_steps = run.prompt_len - run.origin.prompt_len
+            return
         num_layers = self.info.num_layers
         per_layer = []
         lengths = []
@@ -412,6 +495,7 @@ class PruningSession:
             lengths.append(run.llm_input_len if keep is None else keep.index.shape[1])
         counts = torch.stack(per_layer, dim=1).tolist()
         self.trace = Trace(
+            positions=self.positions,
             original_visual=run.original_visual.tolist(),
             llm_input_visual=run.visual_counts[0][1].tolist(),
             visual_per_layer=counts,
@@ -421,11 +505,14 @@ class PruningSession:
         )
 
 
-def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str = "original", **selector_kwargs: Any) -> PruningSession:
+def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str | None = None,
+          **selector_kwargs: Any) -> PruningSession:
     """Prune ``model``'s visual tokens with ``selector`` inside a ``with`` block.
 
     ``selector`` is a :class:`TokenSelector` instance, or a registered name plus keyword arguments
-    (``fvlm.prune(model, "random", keep=64, seed=0)``).
+    (``fvlm.prune(model, "random", keep=64, seed=0)``). ``positions``: ``"original"`` or
+    ``"compact"`` for every selector alike; ``None`` (default) uses the selector's own, its authors'
+    policy (``session.positions`` and ``session.trace.positions`` say which one ran).
     """
     if isinstance(selector, str):
         from fvlm.registry import create_selector

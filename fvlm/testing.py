@@ -320,3 +320,74 @@ def sized_llava_inputs(model, text_tokens: int = 64, batch: int = 1, seed: int =
     pixels = torch.randn(batch * images, 3, size, size, generator=gen).to(model.dtype)
     return {k: v.to(model.device) for k, v in dict(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels).items()}
+
+
+# -- LLaVA-1.5 prompt layout for faithfulness tests -----------------------------------------------
+LLAVA15_OFFSET = 35  # LLaVA-1.5's system prompt puts the 576 image tokens at positions 35..610
+
+
+def llava15_layout_model(num_layers: int = 17, attn_implementation: str = "sdpa", seed: int = 0, hidden: int = 128,
+                         heads: int = 16):
+    """A small random ``LlavaForConditionalGeneration`` with LLaVA-1.5's token layout: a 336 px / 14 px
+    CLIP (2 layers, 32 wide, CLS + 576 patches, features from layer -2) and a Llama LLM of
+    ``num_layers`` layers (17 fit SparseVLM's last stage after 16 layers), ``heads`` heads without
+    GQA (16 > SparseVLM+'s 14 priority heads), ``hidden`` wide. Weights depend only on ``seed``."""
+    text = LlamaConfig(**dict(_TEXT, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                              num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
+                              initializer_range=0.1))
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=336, patch_size=14, projection_dim=32, initializer_range=INIT_STD)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=576)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    model.eval()
+    model.lm_head.weight.data[:FIRST_TEXT_ID] = 0
+    gen = model.generation_config
+    gen.do_sample, gen.num_beams = False, 1
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = PAD_ID, BOS_ID, None
+    return model
+
+
+def llava15_layout_inputs(layouts=((LLAVA15_OFFSET, 40),), seed: int = 0) -> dict:
+    """A left-padded batch with one image per prompt: per sample ``(offset, text_after)`` = BOS and
+    ``offset - 1`` random text tokens, 576 image tokens, ``text_after`` random text tokens.
+    ``position_ids`` count from each sample's first real token, as ``generate`` numbers them (a
+    plain forward would start every row at 0, padding included)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for offset, after in layouts:
+        text = torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (offset - 1 + after,), generator=gen).tolist()
+        rows.append([BOS_ID, *text[: offset - 1], *([IMAGE_ID] * 576), *text[offset - 1:]])
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, row in enumerate(rows):
+        input_ids[b, width - len(row):] = torch.tensor(row)
+        attention_mask[b, width - len(row):] = 1
+    pixels = torch.randn(len(rows), 3, 336, 336, generator=gen)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "pixel_values": pixels}
+
+
+def sample_inputs(batch: dict, b: int) -> dict:
+    """Sample ``b`` of a padded :func:`llava15_layout_inputs` batch alone, without its padding."""
+    keep = batch["attention_mask"][b].bool()
+    single = {k: batch[k][b:b + 1, keep] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    single["pixel_values"] = batch["pixel_values"][b:b + 1]
+    return single
+
+
+def llm_input_embeddings(model, inputs: dict) -> torch.Tensor:
+    """``[B, S, D]``: the embeddings ``model``'s language model receives for ``inputs`` (no pruning)."""
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"]

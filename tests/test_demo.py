@@ -16,5 +16,15 @@ def test_demo_with_selector_options(capsys, monkeypatch):
 
 
 def test_demo_bad_option_is_a_clear_error(capsys):
-    assert main(["demo", "--selector", "random", "--set", "keep"]) == 1
+    assert main(["demo", "--selector", "random", "--set", "keep"]) == 2  # usage error
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_demo_checks_the_selector_before_building_a_model(capsys, monkeypatch):
+    import fvlm.testing
+
+    built = []
+    monkeypatch.setattr(fvlm.testing, "tiny_model", lambda *a, **k: built.append(a))
+    assert main(["demo", "--selector", "nosuch"]) == 2
+    assert main(["demo", "--selector", "random", "--set", "keep=-1"]) == 2
+    assert not built and "unknown selector 'nosuch'" in capsys.readouterr().err

@@ -51,8 +51,9 @@ def _prefill(model, selector, inputs):
 
 
 # ------------------------------------------------------------------ saliency vs. independent reference
-def _hand_loss(model, layer_index, x, k_last=4, labels=None):
-    """The spec's proxy loss written from scratch on an unpadded batch-1 LLaVA sequence."""
+def _hand_loss(model, layer_index, x, k_last=4, labels=None, head="lm_head"):
+    """The spec's proxy loss written from scratch on an unpadded batch-1 LLaVA sequence (``head``:
+    the LM head, or the input-embedding matrix as the authors' Qwen code uses it)."""
     lm = model.model.language_model
     length = x.shape[1]
     pos = torch.arange(length)[None]
@@ -60,7 +61,9 @@ def _hand_loss(model, layer_index, x, k_last=4, labels=None):
     mask = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)[None, None]
     y = lm.layers[layer_index](x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
     y = y[0] if isinstance(y, tuple) else y
-    logits = model.lm_head(lm.norm(y)).to(torch.promote_types(x.dtype, torch.float32))
+    normed = lm.norm(y)
+    logits = model.lm_head(normed) if head == "lm_head" else normed @ lm.embed_tokens.weight.T
+    logits = logits.to(torch.promote_types(x.dtype, torch.float32))
     rows = logits[0, length - 1 - k_last : length - 1]  # shifted: positions S-5..S-2 for K=4
     labels = rows.detach().argmax(-1) if labels is None else labels
     return F.cross_entropy(rows, labels), labels
@@ -79,19 +82,20 @@ def _layer_output(model, inputs, layer_index):
 
 
 @pytest.mark.parametrize("attn", IMPLS)
-@pytest.mark.parametrize("proxy_block", ["next", "current"])
-def test_saliency_equals_hand_written_proxy_gradient(model_cache, attn, proxy_block):
+@pytest.mark.parametrize("proxy_block,proxy_head", [("next", "lm_head"), ("current", "lm_head"), ("current", "embed")])
+def test_saliency_equals_hand_written_proxy_gradient(model_cache, attn, proxy_block, proxy_head):
     model = model_cache("llava", attn)
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight  # untied: heads differ
     inputs = tiny_inputs(model, images_per_prompt=(2,))
     stage = 2
     hidden = _layer_output(model, inputs, stage - 1)  # output of the first `stage` layers, unpruned
-    rec = Recorder(layers=[stage], keep=[10], proxy_block=proxy_block)
+    rec = Recorder(layers=[stage], keep=[10], proxy_block=proxy_block, proxy_head=proxy_head)
     _prefill(model, rec, inputs)
     torch.testing.assert_close(rec.records[0]["hidden"], hidden, atol=1e-5, rtol=1e-5)
 
     x = hidden.clone().requires_grad_(True)
     with torch.enable_grad():
-        loss, _ = _hand_loss(model, stage if proxy_block == "next" else stage - 1, x)
+        loss, _ = _hand_loss(model, stage if proxy_block == "next" else stage - 1, x, head=proxy_head)
         (grad,) = torch.autograd.grad(loss, x)
     visual = (inputs["input_ids"][0] == image_token_id(model)).nonzero().flatten()
     expected = grad[0, visual].norm(dim=-1)
@@ -345,31 +349,42 @@ def test_keep_and_keep_fraction_schedules():
     assert [(s.where, s.keep) for s in sel.stages(_info())] == [(2, 0.5), (8, 0.25)]
     assert sel.counts(_info(), 576) == [288, 144]
     assert PIOFVLM(layers=[2], keep_fraction=[1]).stages(_info())[0].keep == 1.0  # an int 1 still means all
+    # keep_ratio: of the count entering each stage, truncated (the authors' Qwen rule)
+    sel = PIOFVLM(layers=[2, 8], keep_ratio=[0.5, 0.333])
+    assert [(s.where, s.keep, s.rounding) for s in sel.stages(_info())] == [(2, 0.5, "floor"), (8, 0.333, "floor")]
+    assert sel.counts(_info(), 576) == [288, 95]  # int(0.333 * 288) = 95
+    stage = sel.stages(_info())[1]
+    assert sel.keep_count(stage, torch.tensor([216, 1, 0]), torch.tensor([1296] * 3), torch.tensor([1] * 3)).tolist() == [71, 1, 0]
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
+@pytest.mark.parametrize("kwargs,error,match", [  # every constructor check raises SelectorArgumentError
     (dict(keep=[200, 100, 50], average=64), ValueError, "only one of"),
     (dict(keep=[200, 100, 50], keep_fraction=[0.5, 0.2, 0.1]), ValueError, "only one of"),
-    (dict(keep=[200, 100]), fvlm.BudgetError, "2 entries for 3 stages"),
-    (dict(keep=[100, 200, 50]), fvlm.BudgetError, "must not increase"),
-    (dict(keep=[100, 50, 0]), fvlm.BudgetError, ">= 1"),
-    (dict(keep_fraction=[0.5, 0.6, 0.1]), fvlm.BudgetError, "must not increase"),
-    (dict(keep_fraction=[1.5, 0.6, 0.1]), fvlm.BudgetError, r"\(0, 1\]"),
+    (dict(keep=[200, 100]), fvlm.SelectorArgumentError, "2 entries for 3 stages"),
+    (dict(keep=[100, 200, 50]), fvlm.SelectorArgumentError, "must not increase"),
+    (dict(keep=[100, 50, 0]), fvlm.SelectorArgumentError, ">= 1"),
+    (dict(keep_fraction=[0.5, 0.6, 0.1]), fvlm.SelectorArgumentError, "must not increase"),
+    (dict(keep_fraction=[1.5, 0.6, 0.1]), fvlm.SelectorArgumentError, r"\(0, 1\]"),
     (dict(layers=[1, 10, 10]), ValueError, "strictly increasing"),
     (dict(layers=[0, 10, 15]), ValueError, ">= 1"),
     (dict(layers=[]), ValueError, "at least one"),
-    (dict(average=600), fvlm.BudgetError, "exceeds the assumed input"),
-    (dict(average=-1), fvlm.BudgetError, "> 0"),
+    (dict(average=600), fvlm.SelectorArgumentError, "exceeds the assumed input"),
+    (dict(average=-1), fvlm.SelectorArgumentError, "> 0"),
     (dict(k_last=0), ValueError, "k_last"),
     (dict(tau=1.5), ValueError, "tau"),
     (dict(proxy_block="previous"), ValueError, "proxy_block"),
     (dict(head_rows="some"), ValueError, "head_rows"),
+    (dict(proxy_head="lm"), ValueError, "proxy_head"),
+    (dict(keep_ratio=[0.5, 0.5]), fvlm.SelectorArgumentError, "2 entries for 3 stages"),
+    (dict(keep_ratio=[0.5, 1.5, 0.5]), fvlm.SelectorArgumentError, r"\(0, 1\]"),
+    (dict(keep=[200, 100, 50], keep_ratio=[0.5, 0.5, 0.5]), ValueError, "only one of"),
     (dict(keep="218"), TypeError, "must be a list"),
     (dict(average=True), TypeError, "finite number"),
 ])
 def test_bad_arguments_raise(kwargs, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as exc:
         PIOFVLM(**kwargs)
+    assert isinstance(exc.value, fvlm.SelectorArgumentError)
 
 
 def test_unreachable_average_raises_at_schedule_time():

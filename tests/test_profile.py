@@ -119,11 +119,18 @@ def test_profile_rows_analytic():
 
 def test_profile_errors(capsys):
     code, out = _profile(capsys, "--model", "llava-99b")
-    assert code == 1 and "unknown model 'llava-99b'" in out
+    assert code == 2 and "unknown model 'llava-99b'" in out  # usage errors exit 2
     code, out = _profile(capsys, "--budget", "64")
-    assert code == 1 and "--budget needs at least one --selector" in out
+    assert code == 2 and "--budget needs at least one --selector" in out
     code, out = _profile(capsys, "--schedule", "1:700")
-    assert code == 1 and "keeps 700 visual tokens but only 576 remain" in out
+    assert code == 2 and "keeps 700 visual tokens but only 576 remain" in out
+
+
+def test_profile_refuses_a_layer_average_out_of_a_selectors_reach(capsys):
+    code, out = _profile(capsys, "--selector", "fastv", "--budget", "10")  # layers 0-1 alone average 36
+    assert code == 2 and "cannot reach a layer average of 10 through 'keep': the nearest it gets is 36.9" in out
+    code, out = _profile(capsys, "--selector", "random", "--budget", "0")
+    assert code == 2 and "outside (0, 576]" in out
 
 
 def test_profile_plot(capsys, tmp_path):

@@ -165,3 +165,34 @@ def test_fvlm_command_line_dispatches_run(capsys):
 def test_default_output_folder():
     _, cfg, _, _ = run_cmd.parse(["-c", str(TINY / "llava-random.yaml")])
     assert run_cmd._default_output(cfg) == str(Path("outputs") / "llava-random" / "vqa")
+
+
+@pytest.mark.parametrize("selector,key", [
+    ("{name: random, args: {keep: -5}}", "`keep`"),
+    ("{name: random, args: {keep: 16.5}}", "`keep`"),
+    ("{name: random, args: {keep: 0.0}}", "`keep`"),
+    ("{name: random, args: {keep: 0}}", "`keep`"),  # would silently remove every visual token
+    ("{name: fastv, args: {keep: abc}}", "`keep`"),
+    ("{name: visionzip, args: {dominant: -4}}", "`dominant` must be an int >= 1; got -4"),  # it counts the CLS token
+    ("{class_path: fvlm.selectors.basic.RandomSelector, init_args: {keep: -5}}", "`keep`"),
+])
+def test_bad_selector_arguments_fail_when_the_recipe_is_parsed(selector, key, capsys):
+    """Exit 2 with one line naming the parameter and its allowed range, before anything loads."""
+    code, out, err = _main(["-c", str(TINY / "llava-reference.yaml"), "--model.selector", selector], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and key in err, err
+    if "keep" in key:
+        assert "an int count >= 1, or a float fraction in (0, 1]" in err
+
+
+def test_trust_remote_code_is_off_by_default(capsys):
+    code, out, err = _main(["-c", str(TINY / "llava-reference.yaml"), "--print_config"], capsys)
+    assert code == 0 and yaml.safe_load(out)["model"]["backbone"]["trust_remote_code"] is False and err == ""
+
+
+def test_keep_one_in_a_recipe_is_pointed_out(capsys):
+    base = ["-c", str(TINY / "llava-reference.yaml"), "--print_config"]
+    code, _, err = _main([*base, "--model.selector", "{name: random, args: {keep: 1}}"], capsys)
+    assert code == 0 and "keep: 1 keeps ONE visual token per sample" in " ".join(err.split())
+    code, out, err = _main([*base, "--model.selector", "{name: random, args: {keep: 1.0}}"], capsys)
+    assert code == 0 and err == "" and yaml.safe_load(out)["model"]["selector"]["args"]["keep"] == 1.0

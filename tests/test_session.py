@@ -156,6 +156,54 @@ def test_hooks_removed_on_exit_and_on_exception(model_cache):
     assert hook_count(model) == before
 
 
+class CountingRandom(fvlm.TokenSelector):
+    """Fresh random picks at every call, counting how often the session asks for them."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def stages(self, info):
+        return [fvlm.Stage(2, 4)]
+
+    def select(self, ctx):
+        self.calls += 1
+        return torch.stack([torch.randperm(int(n))[:4].sort().values for n in ctx.num_visual]).to(ctx.hidden.device)
+
+
+def test_only_a_cache_free_continuation_reuses_the_prompt_selection(model_cache):
+    """generate(use_cache=False) selects once; a new call, even one that extends the last prompt, selects again."""
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    selector = CountingRandom()
+    with fvlm.prune(model, selector) as session, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert selector.calls == 1 and session.trace.decode_steps == 3
+        longer = dict(inputs, input_ids=out, attention_mask=torch.ones_like(out))
+        longer["attention_mask"][:, : inputs["input_ids"].shape[1]] = inputs["attention_mask"]
+        model.generate(**longer, max_new_tokens=2, do_sample=False, use_cache=False)  # a new call: new images
+        assert selector.calls == 2
+        model.generate(**longer, max_new_tokens=2, do_sample=False)  # with a cache: a new prefill
+        assert selector.calls == 3
+
+
+def test_nested_sessions_on_one_model_are_refused_at_enter(model_cache):
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    with fvlm.prune(model, "random", keep=4, seed=1) as outer:
+        hooks = hook_count(model)
+        inner = fvlm.prune(model, "uniform", keep=2)
+        with pytest.raises(fvlm.FVLMError, match="already pruning .*RandomSelector.*use compose"):
+            inner.__enter__()
+        assert hook_count(model) == hooks  # the refused session attached nothing
+        alone = _generate(model, inputs)
+    assert outer.trace.llm_input_visual == [4, 4]
+    with fvlm.prune(model, "random", keep=4, seed=1):  # free again after the outer session ended
+        assert torch.equal(_generate(model, inputs), alone)
+    other = model_cache("qwen2_vl", "sdpa")
+    with fvlm.prune(model, "random", keep=4), fvlm.prune(other, "random", keep=4):  # two models: fine
+        pass
+
+
 @pytest.mark.parametrize("where", ["input", 2])
 def test_compact_positions_match_renumbered_reference(model_cache, where):
     """Compact policy: kept tokens get contiguous positions; decode continues from the new end."""
@@ -190,6 +238,54 @@ def test_compact_input_positions_are_contiguous(model_cache):
 def test_compact_positions_rejected_for_mrope(model_cache):
     with pytest.raises(fvlm.FVLMError, match="M-RoPE"):
         fvlm.prune(model_cache("qwen2_vl", "sdpa"), "random", keep=4, positions="compact")
+
+
+def test_position_policy_is_the_selectors_unless_given(model_cache):
+    llava, qwen = model_cache("llava", "sdpa"), model_cache("qwen2_vl", "sdpa")
+    assert fvlm.prune(llava, "fastv").positions == "original"  # FastV's authors keep original ids
+    assert fvlm.prune(llava, "divprune", keep=4).positions == "compact"  # DivPrune's renumber
+    assert fvlm.prune(llava, "divprune", keep=4, positions="original").positions == "original"
+    assert fvlm.prune(llava, "fastv", positions="compact").positions == "compact"
+    assert fvlm.prune(qwen, "divprune", keep=4).positions == "original"  # compact is not defined for M-RoPE
+    inputs = tiny_inputs(llava, images_per_prompt=(1, 1))
+    with fvlm.prune(llava, "divprune", keep=4) as session, torch.no_grad():
+        llava(**inputs)
+    assert session.trace.positions == "compact"
+    with pytest.raises(ValueError, match="positions"):
+        fvlm.prune(llava, "fastv", positions="relative")
+
+
+class Reordered(EveryOther):
+    """Keeps every other visual token but puts them in reverse order (selections may reorder)."""
+
+    def select(self, ctx):
+        picks = super().select(ctx)
+        return torch.where(picks >= 0, picks, -1).flip(1).sort(dim=1, descending=True).values
+
+
+@pytest.mark.parametrize("family,positions", [("llava", "compact"), ("llava", "original"), ("qwen2_vl", "original")])
+def test_reordered_selection_is_causal_in_sequence_order(model_cache, family, positions):
+    """Masks follow the sequence order of a reordered selection: a padded batch answers like each
+    prompt alone, and cached decoding equals recomputing (compact ids are not defined for M-RoPE)."""
+    model = model_cache(family, "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 1), padding_side="left")
+    selector = Reordered([(2, 6)])
+    with fvlm.prune(model, selector, positions=positions), torch.no_grad():
+        batch = model(**inputs).logits[:, -1]
+        cached = _generate(model, inputs, steps=4)
+        reference = greedy_without_cache(model, inputs, steps=4)
+        for b in range(2):
+            keep = inputs["attention_mask"][b].bool()
+            single = {k: v[b:b + 1, keep] if v.dim() == 2 and v.shape[1] == keep.shape[0] else v
+                      for k, v in inputs.items()}
+            if family == "llava":
+                single["pixel_values"] = inputs["pixel_values"][b:b + 1]
+            else:  # qwen: one image per sample, patches in batch order
+                split = inputs["image_grid_thw"].prod(dim=1).tolist()
+                single["pixel_values"] = inputs["pixel_values"].split(split)[b]
+                single["image_grid_thw"] = inputs["image_grid_thw"][b:b + 1]
+            torch.testing.assert_close(model(**single).logits[0, -1], batch[b], atol=1e-4, rtol=1e-4)
+    assert torch.equal(cached, reference)
 
 
 def test_bad_inputs_raise_clear_errors(model_cache):

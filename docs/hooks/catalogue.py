@@ -22,7 +22,7 @@ def _section(name: str) -> str:
     params = f"| parameter | type | default |\n|---|---|---|\n{rows}\n" if rows else "No parameters.\n"
     return (
         f"## `{name}`\n\n`{info.cls.__module__}.{info.cls.__qualname__}` from `{info.distribution}`; "
-        f"needs: {needs}\n\n{doc}\n\n{params}"
+        f"needs: {needs}; positions: {getattr(info.cls, 'positions', 'original')}\n\n{doc}\n\n{params}"
     )
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -33,11 +33,13 @@ class ModelInfo:
 class VisionProbe:
     """Per image (``[I, ...]``, in batch order): pre-projector features of the visual tokens, the
     CLS token's attention to them (summed over heads) and their keys (averaged over heads), all
-    from the vision layer whose output feeds the projector."""
+    from the vision layer whose output feeds the projector; ``cls_features`` ``[I, Dv]`` is that
+    layer's output at the CLS token (which the projector never sees in HF LLaVA)."""
 
     features: torch.Tensor
     cls_attention: torch.Tensor
     keys: torch.Tensor
+    cls_features: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,12 @@ class BackboneAdapter:
     # -- discovery -------------------------------------------------------------------------
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
+        return cls.matches_config(getattr(model, "config", None))
+
+    @classmethod
+    def matches_config(cls, config: Any) -> bool:
+        """Whether this adapter handles models of ``config`` (read before the weights are loaded)."""
+        return getattr(config, "model_type", None) in cls.model_types
 
     @property
     def top(self) -> nn.Module:
@@ -92,6 +99,10 @@ class BackboneAdapter:
     @property
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
+
+    @property
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
 
     @property
     def rotary_emb(self) -> nn.Module:
@@ -209,6 +220,18 @@ class BackboneAdapter:
             q, _ = rotary(q, q[:, :1], q_cos, q_sin)
         return Projections(q, keys, vals, normed)
 
+    def rotary_bias(self, layer_index: int, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, S]`` float32: all-ones queries (at ``rows``, ``[B, Q]``) and keys (every position),
+        rotated by layer ``layer_index``'s rotary function, dot product over ``sqrt(head_dim)``."""
+        attn = self.layers[layer_index].self_attn
+        cos, sin = (t.float() for t in position_embeddings)
+        rotary = self._rotary_fn(attn)
+        ones = torch.ones(rows.shape[0], 1, cos.shape[-2], attn.head_dim, device=cos.device)
+        _, keys = rotary(ones[:, :, :1], ones, cos, sin)
+        q = ones[:, :, : rows.shape[1]]
+        q, _ = rotary(q, q[:, :, :1], _gather_seq(cos, rows), _gather_seq(sin, rows))
+        return torch.matmul(q, keys.transpose(2, 3))[:, 0] / attn.head_dim**0.5
+
     def key_states(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings) -> torch.Tensor:
         """Post-rotary keys ``[B, H_kv, S, head_dim]`` that layer ``layer_index`` computes."""
         return self.project_qkv(layer_index, hidden_in, position_embeddings, queries=False).keys
@@ -319,6 +342,39 @@ def _gather_seq(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     shape = index.shape + t.shape[2:]
     idx = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(shape)
     return t.gather(1, idx)
+
+
+def images_per_row(image_tokens: Sequence[int], row_tokens: Sequence[int]) -> list[list[int]]:
+    """Which images each row of the LLM batch shows, as indices into the vision tower's batch.
+
+    ``image_tokens[i]``: visual tokens of image ``i`` (the prompts' images one after another, as the
+    vision tower saw them); ``row_tokens[b]``: visual tokens in row ``b`` of the LLM batch. ``generate``
+    encodes the images once and may then repeat every prompt ``e`` times in a row (beam search,
+    ``num_return_sequences``); the ``e`` copies show the same images. ``e`` is the ratio of the two
+    totals. Raises :class:`~fvlm.errors.UnsupportedModelError` when no such layout fits the counts.
+    """
+    rows, total = list(row_tokens), sum(image_tokens)
+    if sum(rows) == 0:
+        return [[] for _ in rows]
+    copies, rest = divmod(sum(rows), total) if total else (0, 1)
+    if rest or len(rows) % copies:
+        raise UnsupportedModelError(
+            f"cannot match the prompts' visual tokens per row {rows} to the {len(image_tokens)} images "
+            f"of {list(image_tokens)} tokens the vision tower encoded")
+    out, nxt = [], 0
+    for start in range(0, len(rows), copies):
+        group = rows[start:start + copies]
+        picked, need = [], group[0]
+        while need > 0 and nxt < len(image_tokens):
+            picked.append(nxt)
+            need -= image_tokens[nxt]
+            nxt += 1
+        if need != 0 or len(set(group)) != 1:
+            raise UnsupportedModelError(
+                f"rows {start}..{start + copies - 1} of the batch do not show whole images of the vision "
+                f"tower's batch (visual tokens per row {rows}, per image {list(image_tokens)})")
+        out += [picked] * copies
+    return out
 
 
 def _run_lengths(row: torch.Tensor) -> list[int]:

@@ -39,12 +39,16 @@ class LlavaAdapter(BackboneAdapter):
         def layer_input(module, args, kwargs):
             store["vision_layer_input"] = args[0] if args else kwargs["hidden_states"]
 
+        def layer_output(module, args, output):
+            store["vision_cls"] = (output[0] if isinstance(output, tuple) else output)[:, 0]
+
         def projector_input(module, args):
             store["projector_input"] = args[0]
 
         layer = self._feature_layer()
         return [
             layer.register_forward_pre_hook(layer_input, with_kwargs=True),
+            layer.register_forward_hook(layer_output),
             self.top.multi_modal_projector.register_forward_pre_hook(projector_input),
         ]
 
@@ -66,6 +70,7 @@ class LlavaAdapter(BackboneAdapter):
             features=features,
             cls_attention=probs[:, :, 0, 1:].sum(dim=1),
             keys=k[:, :, 1:].mean(dim=1),
+            cls_features=store.get("vision_cls"),
         )
 
     def project(self, features):

@@ -1,7 +1,7 @@
 """Adapter for Qwen2-VL and Qwen2.5-VL (3-D M-RoPE positions, 2x2 merged patches, no CLS token)."""
 from __future__ import annotations
 
-from fvlm.adapters.base import BackboneAdapter, ImageGrid
+from fvlm.adapters.base import BackboneAdapter, ImageGrid, images_per_row
 
 
 class Qwen2VLAdapter(BackboneAdapter):
@@ -27,12 +27,11 @@ class Qwen2VLAdapter(BackboneAdapter):
         thw = top_kwargs.get("image_grid_thw")
         merge = self.model.config.vision_config.spatial_merge_size
         sizes = [] if thw is None else [(int(t), int(h) // merge, int(w) // merge) for t, h, w in thw.tolist()]
-        images = iter(sizes)
+        rows = images_per_row([t * h * w for t, h, w in sizes], self.visual_mask(input_ids).sum(dim=1).tolist())
         grids = []
-        for row in self.visual_mask(input_ids).cpu():
-            spans, offset, total = [], 0, int(row.sum())
-            while offset < total:
-                t, h, w = next(images)
+        for images in rows:
+            spans, offset = [], 0
+            for t, h, w in (sizes[i] for i in images):
                 spans.append(ImageGrid(offset, t * h * w, h, w))
                 offset += t * h * w
             grids.append(spans)

@@ -57,7 +57,7 @@ SETTINGS: dict[str, Setting] = {s.label: s for s in [
     Setting("divprune", "divprune", lambda b, n: {"keep": b}),
     Setting("visionzip", "visionzip", _visionzip),
     Setting("fastv", "fastv", lambda b, n: {"k": 2, "keep": b}),
-    Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)]}),
+    Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)], "recycle": False}),
     Setting("dart", "dart", lambda b, n: {"layer": 2, "keep": b}),
     Setting("pio_fvlm", "pio_fvlm", lambda b, n: {"layers": [1], "keep": [b]}),
     Setting("pio_fvlm_3stage", "pio_fvlm", _pio_three),

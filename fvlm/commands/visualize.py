@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fvlm.errors import FVLMError
+from fvlm.commands.exit_codes import ExitCode
+from fvlm.errors import UsageError
 
 DEFAULT_SELECTORS = ("pio_fvlm", "fastv", "visionzip", "divprune")
 PANEL = 336  # px, the model's input size
@@ -163,20 +164,21 @@ def run(args: argparse.Namespace) -> int:
     reference = None
     if args.sample is not None:
         if args.split not in synthetic.SPLITS:
-            raise FVLMError(f"--split must be one of {', '.join(synthetic.SPLITS)}")
+            raise UsageError(f"--split must be one of {', '.join(synthetic.SPLITS)}")
         record = synthetic.sample(args.split, args.sample)
         image, question = record["image"], args.question or record["question"]
         reference = record["answer"] if args.question is None else None
     else:
         if not args.question:
-            raise FVLMError("--image needs --question")
+            raise UsageError("--image needs --question")
         try:
             image = Image.open(args.image)
         except OSError as exc:
-            raise FVLMError(f"cannot read image {args.image}: {exc}") from exc
+            raise UsageError(f"cannot read image {args.image}: {exc}") from exc
         question = args.question
     if not 1 <= args.keep <= 576:
-        raise FVLMError("--keep must be between 1 and 576")
+        raise UsageError("--keep must be between 1 and 576")
+    check_labels(args.selectors)
     model, processor = builtin.load(args.checkpoint)
     sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,4 +191,21 @@ def run(args: argparse.Namespace) -> int:
             "" if item["kept"] is None else f", {len(item['kept'])} patches kept")
         console.print(f"{item['label']}: {status}", markup=False)
     console.print(f"wrote {args.out}", markup=False)
-    return 0
+    failed = [item["label"] for item in info if item.get("error")]
+    if failed:
+        Console(stderr=True, highlight=False).print(
+            f"fvlm visualize: {len(failed)} of {len(info) - 1} selectors failed ({', '.join(failed)}): "
+            "their panels show the error", style="red", soft_wrap=True)
+        return ExitCode.INCOMPLETE
+    return ExitCode.OK
+
+
+def check_labels(labels: list[str]) -> None:
+    """Every label names a registered selector with a budget mapping (before the model is loaded)."""
+    from fvlm.builtin import budgets as B
+
+    for label in labels:
+        try:
+            B.setting(label)
+        except ValueError as exc:  # no budget mapping; unknown names raise UnknownSelectorError
+            raise UsageError(f"--selectors {label}: {exc}") from None

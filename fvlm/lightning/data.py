@@ -221,8 +221,11 @@ class VQADataModule(LightningDataModule):
                  short_answer_prompt: str = SHORT_ANSWER_PROMPT, choice_prompt: str = CHOICE_PROMPT,
                  system_prompt: Optional[str] = None):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for key, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                  ("limit", 1 if limit is None else limit, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"data.{key} must be an int >= {least}" + (" (or null: every record)" if key == "limit"
+                                 else "") + f", got {value!r}")
         self.path = os.fspath(path)
         self.image_root = None if image_root is None else os.fspath(image_root)
         self.batch_size = batch_size

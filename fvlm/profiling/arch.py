@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm.adapters.base import ModelInfo
-from fvlm.errors import FVLMError
+from fvlm.errors import FVLMError, UsageError
 from fvlm.metrics.flops import TextArch, VisionArch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -68,7 +68,7 @@ def _read(name_or_path: str) -> tuple[str, dict]:
     if not path.suffix == ".json" or not path.exists():
         path = CONFIG_DIR / f"{name_or_path}.json"
     if not path.exists():
-        raise FVLMError(
+        raise UsageError(
             f"unknown model {name_or_path!r}: not a shipped architecture ({', '.join(shipped_models())}) "
             "and not a path to a config .json"
         )

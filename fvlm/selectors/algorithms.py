@@ -26,6 +26,7 @@ __all__ = [
     "topk_indices",
     "nms_fill",
     "max_min_diversity",
+    "dart_pivots",
     "dart_select",
     "density_peak_merge",
     "cls_dominant_and_contextual",
@@ -208,22 +209,36 @@ def max_min_diversity(feats: torch.Tensor, valid: torch.Tensor, k: Budget) -> to
 
 
 # ------------------------------------------------------------------------------------------- DART
+def dart_pivots(vis_keys: torch.Tensor, valid: torch.Tensor, txt_keys: torch.Tensor, txt_valid: torch.Tensor,
+                n_visual: Budget, n_text: Budget) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DART's pivots: per sample the ``n_visual`` visual and ``n_text`` text tokens with the largest L1
+    norm of keys (fewer if a sample has fewer tokens), each ``[B, P]`` **in descending norm order**
+    (ties -> lower index), -1 padded; the widths are ``max(n_visual)`` and ``max(n_text)``."""
+    def pick(keys, mask, n):
+        n = _budget(n, mask.sum(1))
+        order = _order(keys.float().abs().sum(-1), mask)
+        width = _max(torch.as_tensor(n))
+        return torch.where(_arange(width, mask)[None, :] < n[:, None], order[:, :width], -1)
+
+    return pick(vis_keys, valid, n_visual), pick(txt_keys, txt_valid, n_text)
+
+
 def dart_select(vis_keys: torch.Tensor, vis_hidden: torch.Tensor, valid: torch.Tensor,
                 txt_keys: torch.Tensor, txt_hidden: torch.Tensor, txt_valid: torch.Tensor,
                 k: Budget, n_pivots_visual: int = 4, n_pivots_text: int = 4,
-                exact_budget: bool = False) -> torch.Tensor:
+                exact_budget: bool = False, visit: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DART (arXiv 2502.11494): duplication-aware selection around key-norm pivots.
 
     Inputs are already split: visual tokens ``vis_* [B, N, .]`` / ``valid``, and the text tokens after
     the image ``txt_* [B, T, .]`` / ``txt_valid``. ``*_keys``: the layer's post-rotary keys (heads
     concatenated); ``*_hidden``: its output hidden states after the final norm.
 
-    Pivots: the ``n_pivots_visual`` visual and ``n_pivots_text`` text tokens with the largest L1 norm of
-    keys (ties -> lower index; fewer if a sample has fewer tokens). Pivots are visited in sequence
-    order: visual pivots by ascending position, then text pivots by ascending position. Each pivot
-    moves its quota of visual tokens with the LOWEST cosine similarity (of the hidden states) to it out
-    of the pool (valid, unpicked, non-pivot visual tokens; ties -> lower index). Visual pivots are kept,
-    text pivots are not.
+    Pivots: :func:`dart_pivots`. Each pivot in turn moves its quota of visual tokens with the LOWEST
+    cosine similarity (of the hidden states) to it out of the pool (valid, unpicked, non-pivot visual
+    tokens; ties -> lower index). Visual pivots are kept, text pivots are not. Visiting order:
+    ``visit [B, Pv + Pt]`` lists pivot slots (``0..Pv-1``: visual pivots in norm order, ``Pv..``: text
+    pivots in norm order, ``Pv = n_pivots_visual``); default: visual pivots by ascending position,
+    then text pivots by ascending position. Slots without a pivot are skipped.
 
     Quotas: ``exact_budget=False`` reproduces the authors' count, ``k // P`` per pivot with P the
     number of pivots, so the result holds ``Pv + P * (k // P)`` tokens (132 for k=128, 4+4 pivots).
@@ -233,35 +248,42 @@ def dart_select(vis_keys: torch.Tensor, vis_hidden: torch.Tensor, valid: torch.T
     width is the largest per-sample count.
     """
     B, N = valid.shape
-    n_vis, n_txt = valid.sum(1), txt_valid.sum(1)
+    n_vis = valid.sum(1)
     k = _budget(k, n_vis)
     pv = torch.clamp(n_vis, max=n_pivots_visual)
-    pt = torch.clamp(n_txt, max=n_pivots_text)
     if exact_budget:
         pv = torch.minimum(pv, k)
-    n_piv = (pv + pt).clamp(min=1)
-
-    def pivots(keys, mask, n):  # mask of the n[b] tokens with the largest L1 norm of keys
-        return _take_first(_order(keys.float().abs().sum(-1), mask), mask, n)
-
-    vis_mask, txt_mask = pivots(vis_keys, valid, pv), pivots(txt_keys, txt_valid, pt)
-    vis_piv = _mask_to_indices(vis_mask, n_pivots_visual)
-    txt_piv = _mask_to_indices(txt_mask, n_pivots_text)
+    vis_piv, txt_piv = dart_pivots(vis_keys, valid, txt_keys, txt_valid, pv, n_pivots_text)
+    vis_piv = F.pad(vis_piv, (0, n_pivots_visual - vis_piv.shape[1]), value=-1)
+    txt_piv = F.pad(txt_piv, (0, n_pivots_text - txt_piv.shape[1]), value=-1)
+    slot_piv = torch.cat([vis_piv, txt_piv], dim=1)  # [B, Pv + Pt]
+    is_vis = _arange(slot_piv.shape[1], valid) < n_pivots_visual
+    if visit is None:  # by position within each kind, visual first
+        key = torch.where(is_vis, 0, 1)[None, :] * (N + txt_piv.shape[1] + 1) + torch.where(
+            slot_piv >= 0, slot_piv, N + txt_piv.shape[1])
+        visit = key.argsort(dim=1, stable=True)
+    n_piv = (slot_piv >= 0).sum(1).clamp(min=1)
     vh, th = _unit(vis_hidden), _unit(txt_hidden)
-    slots = [(vh, vis_piv[:, j], j) for j in range(n_pivots_visual)]
-    slots += [(th, txt_piv[:, j], pv + j) for j in range(n_pivots_text if th.shape[1] else 0)]
-
     rows = _arange(B, valid)
-    kept = vis_mask.clone()
+    kept = torch.zeros(B, N + 1, dtype=torch.bool, device=valid.device)
+    kept = kept.scatter(1, torch.where(vis_piv >= 0, vis_piv, N), True)[:, :N]
     pool = valid & ~kept
     rest = k - pv
-    for src, piv, visit in slots:
+    rank = torch.zeros_like(k)  # pivots visited so far
+    for j in range(slot_piv.shape[1]):
+        slot = visit[:, j]
+        piv = slot_piv[rows, slot]
+        present = piv >= 0
         if exact_budget:
-            quota = rest // n_piv + (visit < rest % n_piv).long()
+            quota = rest // n_piv + (rank < rest % n_piv).long()
         else:
             quota = k // n_piv
-        quota = torch.where(piv >= 0, quota, 0)
-        sim = torch.einsum("bd,bnd->bn", src[rows, piv.clamp(min=0)], vh)
+        quota = torch.where(present, quota, 0)
+        rank += present.long()
+        vis_src = vh[rows, piv.clamp(min=0).clamp(max=max(N - 1, 0))] if N else vh.new_zeros(B, vh.shape[-1])
+        txt_src = th[rows, piv.clamp(min=0).clamp(max=max(th.shape[1] - 1, 0))] if th.shape[1] else vis_src
+        src = torch.where(is_vis[slot][:, None], vis_src, txt_src)
+        sim = torch.einsum("bd,bnd->bn", src, vh)
         take = _take_first(_order(-sim, pool), pool, quota)
         kept |= take
         pool &= ~take
@@ -269,23 +291,27 @@ def dart_select(vis_keys: torch.Tensor, vis_hidden: torch.Tensor, valid: torch.T
 
 
 # ------------------------------------------------------------------ SparseVLM recycling clustering
-def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Budget, knn: int = 5
+def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Budget,
+                       density_noise: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SparseVLM (arXiv 2410.04417) token recycling: density-peak clustering (DPC-kNN) and averaging.
+    """SparseVLM (arXiv 2410.04417) token recycling: density-peak clustering (DPC-kNN) and averaging,
+    with the authors' rules.
 
-    - distance: Euclidean on float32 feats divided by sqrt(D) (RMS per channel).
-    - local density rho_i = exp(-mean of squared distances to the m nearest other valid tokens),
-      m = min(knn, n_valid - 1) (rho = 1 for a lone token).
-    - delta_i = distance to the nearest token of higher density, densities tied -> the lower index
-      counts as higher (deterministic, replacing the reference code's random jitter); the densest
-      token gets the sample's largest pairwise distance.
-    - centres: top ``n_clusters[b]`` by rho * delta (ties -> lower index; clamped to [1, n_valid]).
-    - assignment: every valid token joins its nearest centre (ties -> lower centre slot); a centre
-      always joins its own cluster.
+    - distance: Euclidean on float32 feats divided by sqrt(D).
+    - C = ``n_clusters[b]`` (clamped to [1, n_valid]); local density rho_i = exp(-mean of the squared
+      distances to the C nearest valid tokens, **itself included** (distance 0)).
+    - delta_i = distance to the nearest token of higher density (equal densities: the lower index
+      counts as higher, replacing the authors' random jitter); the densest token gets the sample's
+      largest pairwise distance.
+    - centres: the top C by rho * delta, **in that order** (descending; ties -> lower index).
+    - assignment: every valid token joins its nearest centre (ties -> the earlier centre); a centre
+      always joins its own cluster. A merged token is the mean of its cluster.
+    - ``density_noise`` ``[B, N]`` is added to the densities first (the authors add ``rand * 1e-6``;
+      fvlm passes none and breaks ties by index; the option exists to measure that difference).
 
-    Returns ``centres [B, C, D]`` (mean of member feats, in feats' dtype, zeros in padded slots),
-    ``centre_index [B, C]`` (ascending token indices, -1 padded) and ``assignment [B, N]`` (centre
-    slot in 0..C-1, -1 for invalid tokens).
+    Returns ``centres [B, C, D]`` (merged tokens in centre order, feats' dtype, zeros in padded
+    slots), ``centre_index [B, C]`` (token index of each centre, -1 padded) and ``assignment [B, N]``
+    (centre slot in 0..C-1, -1 for invalid tokens).
     """
     B, N, D = feats.shape
     x = feats.float()
@@ -294,24 +320,27 @@ def density_peak_merge(feats: torch.Tensor, valid: torch.Tensor, n_clusters: Bud
                       .clamp(min=1), n)
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(D)
     idx = _arange(N, valid)
-    pair = valid[:, :, None] & valid[:, None, :] & (idx[:, None] != idx[None, :])
-    m = (n - 1).clamp(min=0, max=knn)
-    near = torch.where(pair, dist, math.inf).sort(-1).values[..., :knn]
-    near_ok = _arange(near.shape[-1], valid) < m[:, None, None]
-    density = torch.exp(-torch.where(near_ok, near.square(), 0).sum(-1) / m.clamp(min=1)[:, None])
+    both = valid[:, :, None] & valid[:, None, :]
+    near = torch.where(both, dist, math.inf).sort(-1).values  # row i: itself (0) first
+    in_knn = _arange(N, valid)[None, None, :] < c[:, None, None]
+    density = torch.exp(-torch.where(in_knn, near.square(), 0).sum(-1) / c[:, None].clamp(min=1))
+    if density_noise is not None:
+        density = density + density_noise.to(density)
     higher = (density[:, None, :] > density[:, :, None]) | (
         (density[:, None, :] == density[:, :, None]) & (idx[None, :] < idx[:, None]))
-    higher &= pair
-    dmax = torch.where(pair, dist, 0).flatten(1).amax(1) if N else dist.new_zeros(B)
+    higher &= both
+    dmax = torch.where(both, dist, 0).flatten(1).amax(1) if N else dist.new_zeros(B)
     delta = torch.where(higher, dist, math.inf).amin(-1)
     delta = torch.where(torch.isinf(delta), dmax[:, None], delta)
-    is_centre = _take_first(_order(density * delta, valid), valid, c)
-    centre_index = _mask_to_indices(is_centre, _max(c))
-    C = centre_index.shape[1]
+    order = _order(density * delta, valid)
+    C = _max(c)
+    centre_index = torch.where(_arange(C, valid)[None, :] < c[:, None], order[:, :C], -1)
     to_centre = dist.gather(2, centre_index.clamp(min=0)[:, None, :].expand(B, N, C))
     to_centre = torch.where(centre_index[:, None, :] >= 0, to_centre, math.inf)
     assign = _first_argmax(-to_centre) if C else torch.zeros_like(idx).expand(B, N)
-    assign = torch.where(is_centre, is_centre.long().cumsum(1) - 1, assign)  # centres join themselves
+    slot = torch.full((B, N + 1), -1, dtype=torch.long, device=valid.device)
+    slot.scatter_(1, torch.where(centre_index >= 0, centre_index, N), _arange(C, valid).expand(B, C))
+    assign = torch.where(slot[:, :N] >= 0, slot[:, :N], assign)  # centres join themselves
     assign = torch.where(valid, assign, -1)
     a = assign.clamp(min=0)
     w = valid.float()[..., None]

@@ -28,6 +28,10 @@ class Need(str, enum.Enum):
 Where = Union[str, int]  # "vision", "input", or l >= 1: after l decoder layers
 
 
+ROUNDING = ("round", "floor")
+POSITION_POLICIES = ("original", "compact")
+
+
 @dataclass(frozen=True)
 class Stage:
     """One pruning point: where it fires and how many visual tokens survive it.
@@ -35,11 +39,13 @@ class Stage:
     ``where`` is ``"vision"`` (on the vision tower's output, applied as the LLM input is formed),
     ``"input"`` (on the LLM input embeddings) or an int ``l >= 1`` (on the output of the first ``l``
     decoder layers; layer ``l`` and later see the reduced sequence). ``keep`` is an absolute count
-    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float).
+    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float), turned into
+    a count by ``rounding`` (see :meth:`count`).
     """
 
     where: Where
     keep: Union[int, float]
+    rounding: str = "round"
 
     def __post_init__(self):
         if self.where not in ("vision", "input") and not (isinstance(self.where, int) and self.where >= 1):
@@ -50,6 +56,22 @@ class Stage:
             raise ValueError(f"Stage.keep must be >= 0, got {self.keep}")
         if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
             raise ValueError(f"a fractional Stage.keep must be in (0, 1], got {self.keep}")
+        if self.rounding not in ROUNDING:
+            raise ValueError(f"Stage.rounding must be one of {ROUNDING}, got {self.rounding!r}")
+
+    def count(self, original) -> torch.Tensor:
+        """Visual tokens kept per sample (``[B]`` long) for ``original`` visual tokens (int or ``[B]``).
+
+        An int ``keep`` is the count. A fraction ``f`` gives ``round(f * n)`` (half to even, like
+        Python's ``round``; ``rounding="round"``) or ``int(f * n)`` (truncation, ``rounding="floor"``,
+        e.g. FastV's lmms-eval drop-in), at least 1; a sample without visual tokens keeps 0.
+        """
+        original = torch.as_tensor(original, dtype=torch.long)
+        if isinstance(self.keep, int):
+            return torch.full_like(original, self.keep)
+        scaled = original.double() * self.keep
+        kept = (scaled.round() if self.rounding == "round" else scaled.floor()).long().clamp(min=1)
+        return torch.where(original > 0, kept, 0)
 
     @property
     def order(self) -> float:
@@ -82,6 +104,12 @@ class TokenSelector(abc.ABC):
     #: Keyword arguments that fit fvlm's tiny test backbones (4 layers, 8-88 visual tokens per image);
     #: the contract tests and docs create the selector with them.
     example_kwargs: ClassVar[dict] = {}
+    #: Position ids of the kept tokens in the method's authors' code: ``"original"`` (kept tokens keep
+    #: their ids, with gaps; the default for a selector that does not say) or ``"compact"`` (renumbered
+    #: contiguously in sequence order). A session uses it unless given ``positions=`` explicitly;
+    #: ``"compact"`` resolves to ``"original"`` on M-RoPE backbones (Qwen), where fvlm keeps ids. An
+    #: instance may set its own when the policy depends on an option (SparseVLM's ``version``).
+    positions: str = "original"
 
     @abc.abstractmethod
     def stages(self, info: "ModelInfo") -> Sequence[Stage]:
@@ -90,6 +118,16 @@ class TokenSelector(abc.ABC):
     @abc.abstractmethod
     def select(self, ctx: "SelectionContext") -> Selection | torch.Tensor:
         """Choose the visual tokens to keep at ``ctx.stage`` (``ctx.budget[b]`` per sample)."""
+
+    def keep_count(self, stage: Stage, current: torch.Tensor, original: torch.Tensor,
+                   images: torch.Tensor) -> torch.Tensor:
+        """``[B]`` visual tokens each sample keeps at ``stage`` (the session's ``ctx.budget``).
+
+        ``current``: visual tokens entering the stage, ``original``: before any stage, ``images``:
+        images in the prompt (all ``[B]`` long). Default :meth:`Stage.count` of ``original``; override
+        when the authors' count depends on more (SparseVLM's recycled clusters, VisionZip per image).
+        """
+        return stage.count(original)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

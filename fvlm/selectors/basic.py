@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fvlm.selectors.arguments import check_int, check_keep, check_where
 from fvlm.selectors.base import Need, ScoreSelector, Stage, TokenSelector
 
 
@@ -10,7 +11,7 @@ class KeepAll(TokenSelector):
     """Identity: keeps every visual token (the unpruned reference and test oracle)."""
 
     def __init__(self, layer: int | str = "input"):
-        self.layer = layer
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         return [Stage(self.layer, 1.0)]
@@ -20,19 +21,24 @@ class KeepAll(TokenSelector):
 
 
 class RandomSelector(ScoreSelector):
-    """Keeps a seeded uniformly random subset of the visual tokens (same seed, same picks)."""
+    """Keeps a seeded uniformly random subset of the visual tokens (same seed, same picks).
+
+    Every sample draws from the same seeded stream, so its picks do not depend on its place in the
+    batch (a prompt's beams, or the prompt run alone, keep the same tokens).
+    """
 
     def __init__(self, keep: int | float = 0.25, layer: int | str = "input", seed: int = 0):
-        self.keep = keep
-        self.layer = layer
-        self.seed = seed
+        self.keep = check_keep(self, keep)
+        self.layer = check_where(self, layer)
+        self.seed = check_int(self, seed, "seed")
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]
 
     def score(self, ctx):
         gen = torch.Generator().manual_seed(self.seed)
-        return torch.rand(ctx.visual_index.shape, generator=gen).to(ctx.hidden.device)
+        bsz, width = ctx.visual_index.shape
+        return torch.rand(width, generator=gen).expand(bsz, width).to(ctx.hidden.device)
 
 
 class UniformSelector(TokenSelector):
@@ -45,8 +51,8 @@ class UniformSelector(TokenSelector):
     needs = frozenset({Need.GRID})
 
     def __init__(self, keep: int | float = 0.25, layer: int | str = "input"):
-        self.keep = keep
-        self.layer = layer
+        self.keep = check_keep(self, keep)
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]

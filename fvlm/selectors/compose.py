@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fvlm.errors import FVLMError
+from fvlm.selectors.arguments import fail
 from fvlm.selectors.base import TokenSelector
 
 
@@ -10,7 +11,9 @@ class Compose(TokenSelector):
 
     ``selectors`` are instances, registered names, or ``{"name": ..., "args": {...}}`` mappings.
     PIO-FVLM's encoder-involved mode is ``Compose([VisionZip(...), PIOFVLM(...)])``. Needs are the
-    union of the parts' needs; every part is checked against its own.
+    union of the parts' needs; every part is checked against its own, and each stage's budget is
+    its part's :meth:`~fvlm.selectors.base.TokenSelector.keep_count`. Position policy: the parts'
+    common one, ``"original"`` when they differ (pass ``positions=`` to the session to choose).
     """
 
     example_kwargs = {"selectors": [{"name": "divprune", "args": {"keep": 10}}, {"name": "random", "args": {"keep": 4, "layer": 2}}]}
@@ -18,19 +21,22 @@ class Compose(TokenSelector):
     def __init__(self, selectors: list):
         from fvlm.registry import create_selector
 
+        rule = "a non-empty list of selectors, names or {name, args} mappings"
+        if not isinstance(selectors, (list, tuple)) or not selectors:
+            raise fail(self, "selectors", rule, selectors)
         parts = []
         for item in selectors:
             if isinstance(item, str):
                 item = create_selector(item)
-            elif isinstance(item, dict):
+            elif isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("args", {}), dict):
                 item = create_selector(item["name"], **item.get("args", {}))
             if not isinstance(item, TokenSelector):
-                raise TypeError(f"Compose parts must be selectors, names or {{name, args}} mappings, got {item!r}")
+                raise fail(self, "selectors", rule, item)
             parts.append(item)
-        if not parts:
-            raise FVLMError("Compose needs at least one selector")
         self.selectors = parts
         self.needs = frozenset().union(*(p.needs for p in parts))
+        policies = {p.positions for p in parts}
+        self.positions = policies.pop() if len(policies) == 1 else "original"
         self._owner: dict = {}
 
     def stages(self, info):
@@ -46,6 +52,9 @@ class Compose(TokenSelector):
                 stages.append(stage)
         self._owner = owner
         return stages
+
+    def keep_count(self, stage, current, original, images):
+        return self._owner[stage.where].keep_count(stage, current, original, images)
 
     def select(self, ctx):
         part = self._owner[ctx.stage.where]
