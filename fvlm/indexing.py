@@ -91,12 +91,22 @@ def gather_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(-1, index.expand(*t.shape[:-2], *index.shape))
 
 
-def gather_seq(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather ``[B or 1, L, ...]`` (hidden states, cos/sin tables) along dim 1."""
+def gather_seq(t: torch.Tensor, index: torch.Tensor, *, zero_invalid: bool = False) -> torch.Tensor:
+    """Gather ``t`` ``[B or 1, L, ...]`` (hidden states, cos/sin tables, per-token rows) along dim 1
+    with a per-sample ``index`` ``[B, K]``: ``out[b, k] = t[b, index[b, k]]``. ``-1`` entries read
+    position 0, or give zeros with ``zero_invalid``. fvlm's one gather helper."""
     if t.shape[0] != index.shape[0]:
         t = t.expand(index.shape[0], *t.shape[1:])
-    idx = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
-    return t.gather(1, idx)
+    idx = index.clamp(min=0).reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+    out = t.gather(1, idx)
+    if zero_invalid:
+        out = out * (index >= 0).reshape(*index.shape, *([1] * (t.dim() - 2))).to(out.dtype)
+    return out
+
+
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b, j]]`` for ``t`` ``[B, L, D]``; ``-1`` entries give zeros (:func:`gather_seq`)."""
+    return gather_seq(t, index, zero_invalid=True)
 
 
 def masked_value(mask: torch.Tensor):

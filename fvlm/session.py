@@ -4,26 +4,19 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from fvlm.adapters import adapter_for
-from fvlm.adapters.cache import cache_of, is_prefill_call
+from fvlm.adapters.base import BackboneAdapter, LayerInjections
 from fvlm.context import SelectionContext, positions_of
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
-from fvlm.indexing import (
-    KeepMap,
-    build_keep_map,
-    build_mask,
-    gather_last,
-    gather_mask_columns,
-    gather_seq,
-    gather_square_mask,
-)
-from fvlm.selectors.base import POSITION_POLICIES, Need, Selection, Stage, TokenSelector
+from fvlm.indexing import KeepMap, build_keep_map, gather_last, gather_mask_columns, gather_seq
+from fvlm.selectors.base import TokenSelector
 from fvlm.trace import StageRecord, Trace
+from fvlm.types import POSITION_POLICIES, Need, Selection, Stage, VisionObservation
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()  # model -> session
 
@@ -49,6 +42,8 @@ class _Run:
     encoder_outputs: Any = None  # the images generate encoded once for all its steps, if passed
     origin: "_Run | None" = None
     applied: list = field(default_factory=list)  # per stage: (keep map, replacing embeddings, source length)
+    visual_layout: list | None = None  # per sample VisualLayout (selectors that need the grid)
+    instructions: list[str] | None = None
     input_map: KeepMap | None = None
     llm_input_len: int = 0  # L0: length entering layer 0
     groups: list[tuple[int, KeepMap]] = field(default_factory=list)  # (first layer, map in L0 coords)
@@ -57,6 +52,7 @@ class _Run:
     layer_input: torch.Tensor | None = None
     layer_kwargs: dict | None = None
     visual_counts: list = field(default_factory=list)  # (first layer, [B] visual count)
+    injections: LayerInjections | None = None  # what the family adds after its first layers (DeepStack)
     stages: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)
 
@@ -78,10 +74,14 @@ class PruningSession:
     kept tokens contiguously in sequence order (1-D RoPE families only); ``None`` (default) uses the
     selector's declared policy (its authors'), see
     :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`. Sessions do not
-    nest: entering a second one on a model that has an active session raises.
+    nest: entering a second one on a model that has an active session raises. ``instructions``: the
+    instruction text of every prompt of the next calls (selectors that declare ``Need.INSTRUCTION``,
+    e.g. CDPruner); the attribute may be replaced between calls. The selector's auxiliary models are
+    loaded on ``__enter__`` (once per backbone, :mod:`fvlm.auxiliary`).
     """
 
-    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None):
+    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None,
+                 instructions: Sequence[str] | None = None):
         if not isinstance(selector, TokenSelector):
             raise TypeError(f"selector must be a TokenSelector instance, got {type(selector).__name__}")
         if positions is not None and positions not in POSITION_POLICIES:
@@ -90,14 +90,18 @@ class PruningSession:
         self.model = model
         self.selector = selector
         self.adapter = adapter_for(model)
+        self.adapter.check_supported()
         self.info = self.adapter.info()
         self.positions = self._resolved_positions(positions)
         self.schedule = self._validated_schedule(list(selector.stages(self.info)))
+        self.instructions = instructions
+        self.auxiliary: dict = {}  # loaded on __enter__ (once per backbone: fvlm.auxiliary)
         self.trace: Trace | None = None
         self._run: _Run | None = None
         self._handles: list = []
         self._top_kwargs: dict = {}
-        self._observed: dict = {}
+        self._observed = VisionObservation()
+        self._layer_index = {layer: i for i, layer in enumerate(self.adapter.layers)}
 
     def _resolved_positions(self, requested: str | None) -> str:
         if requested is None:
@@ -138,12 +142,18 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise FVLMError("this pruning session is already active")
+        if Need.INSTRUCTION in self.selector.needs and self.instructions is None:
+            raise FVLMError(
+                f"selector {type(self.selector).__name__} needs each sample's instruction text: "
+                "fvlm.prune(model, selector, instructions=[...]) with one string per prompt "
+                "(fvlm run passes every sample's question)")
         other = _ACTIVE.get(self.model)
         if other is not None:
             raise FVLMError(
                 f"this model is already pruning (a session with {type(other.selector).__name__} is active); "
                 "sessions do not nest: use compose to run several selectors in one session, e.g. "
                 "fvlm.prune(model, 'compose', selectors=[...])")
+        self.auxiliary = _load_auxiliary(self.selector, self.model)
         try:
             self._attach()
         except BaseException:
@@ -161,11 +171,17 @@ class PruningSession:
     def _attach(self) -> None:
         hooks = self._handles
         hooks.extend(self.adapter.observe(self._observed, self.selector.needs))
+        layers = self.selector.vision_layers(self.info)
+        if layers:
+            hooks.extend(self.adapter.observe_layers(self._observed, layers))
         hooks.append(self.adapter.top.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_hook(self._lm_hook, with_kwargs=True))
         first = min(self.layer_stages, default=None)
+        injects = type(self.adapter).take_injections is not BackboneAdapter.take_injections
         for i, layer in enumerate(self.adapter.layers):
+            if injects:  # before the stage hook on the same layer: a stage prunes the updated states
+                hooks.append(layer.register_forward_hook(self._inject_hook(i)))
             if first is not None and i >= first - 1:
                 hooks.append(layer.register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
             if i + 1 in self.layer_stages:
@@ -177,7 +193,7 @@ class PruningSession:
 
     # -- hooks -----------------------------------------------------------------------------
     def _top_pre_hook(self, module, args, kwargs):
-        self._top_kwargs = {**self._observed, **{k: v for k, v in kwargs.items() if v is not None}}
+        self._top_kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if args:
             self._top_kwargs.setdefault("input_ids", args[0])
 
@@ -185,8 +201,11 @@ class PruningSession:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise FVLMError("fvlm expects the language model to be called with inputs_embeds")
-        if is_prefill_call(kwargs):
-            return args, self._prefill(kwargs, embeds)
+        injections = self.adapter.take_injections(kwargs)
+        if self.adapter.is_prefill(kwargs):
+            kwargs = self._prefill(kwargs, embeds)
+            self._run.injections = injections
+            return args, kwargs
         return args, self._decode(kwargs, embeds.shape[1])
 
     def _lm_hook(self, module, args, kwargs, output):
@@ -206,24 +225,27 @@ class PruningSession:
         if input_ids is None or input_ids.shape[1] != embeds.shape[1]:
             raise FVLMError("fvlm locates visual tokens from input_ids: call the model with input_ids, not inputs_embeds")
         bsz, seq = input_ids.shape
-        is_visual = self.adapter.visual_mask(input_ids).to(embeds.device)
         mask = kwargs.get("attention_mask")
-        valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(is_visual)
-        is_visual = is_visual & valid
+        valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(input_ids, dtype=torch.bool)
         origin = self._continued(input_ids, valid, kwargs)
+        layout = self.adapter.layout(input_ids, self._top_kwargs, self._observed, grids=origin is None)
+        is_visual = layout.visual.to(embeds.device) & valid.to(embeds.device)
         run = self._run = _Run(
             prompt_len=seq,
             is_visual=is_visual,
             is_filler=torch.zeros_like(is_visual),
             token_valid=valid,
             original_visual=is_visual.sum(dim=1),
-            grids=origin.grids if origin is not None else self.adapter.image_grids(input_ids, self._top_kwargs),
+            grids=origin.grids if origin is not None else (layout.grids or []),
             dtype=embeds.dtype,
             input_ids=input_ids,
             prompt_valid=valid,
             encoder_outputs=self._top_kwargs.get("mm_encoder_outputs"),
             origin=origin,
+            instructions=self._instructions(input_ids, valid),
         )
+        if Need.GRID in self.selector.needs and origin is None:
+            run.visual_layout = self.adapter.visual_layout(input_ids, self._top_kwargs, embeds, self._observed)
         for stage in self.schedule:
             if isinstance(stage.where, str):
                 keep, embeds = self._apply_stage(stage, embeds)
@@ -237,6 +259,23 @@ class PruningSession:
             kwargs["position_ids"] = self._input_positions(kwargs.get("position_ids"), run, embeds.device)
         self._finish_trace()
         return kwargs
+
+    def _instructions(self, input_ids: torch.Tensor, valid: torch.Tensor) -> list[str] | None:
+        """The session's instructions, one per batch row. ``generate`` repeats each prompt
+        ``num_beams`` times (identical consecutive rows): each instruction then covers its repeats."""
+        texts = self.instructions
+        if texts is None:
+            return None
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise FVLMError("instructions must be a list of strings, one per prompt")
+        texts, bsz = list(texts), input_ids.shape[0]
+        repeat = bsz // len(texts) if texts and bsz % len(texts) == 0 else 0
+        rows = torch.where(valid, input_ids, -1)
+        if repeat > 1 and not torch.equal(rows, rows[::repeat].repeat_interleave(repeat, dim=0)):
+            repeat = 0
+        if not repeat:
+            raise FVLMError(f"{len(texts)} instructions for a batch of {bsz} prompts: give one instruction per prompt")
+        return [t for t in texts for _ in range(repeat)]
 
     def _continued(self, input_ids: torch.Tensor, valid: torch.Tensor, kwargs: dict) -> "_Run | None":
         """The finished prefill this cache-free call continues, or None (a new prompt: select anew).
@@ -253,7 +292,7 @@ class PruningSession:
         if use_cache is None:
             use_cache = getattr(self.adapter.text_config, "use_cache", True)
         length = origin.prompt_len
-        if cache_of(kwargs) is not None or use_cache or input_ids.shape[1] <= length \
+        if self.adapter.cache_of(kwargs) is not None or use_cache or input_ids.shape[1] <= length \
                 or input_ids.shape[0] != origin.input_ids.shape[0]:
             return None
         if self._top_kwargs.get("mm_encoder_outputs") is not origin.encoder_outputs:
@@ -307,6 +346,21 @@ class PruningSession:
 
         return hook
 
+    def _inject_hook(self, index: int):
+        def hook(module, args, output):
+            run = self._run
+            if run is None or not run.in_prefill or run.injections is None or index >= len(run.injections.rows):
+                return None
+            source = run.injections.source.to(run.is_visual.device)
+            for keep in (run.input_map, run.group_for(index)):
+                if keep is not None:
+                    source = source.gather(1, keep.index).masked_fill(keep.filler, -1)
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = self.adapter.inject(hidden, run.injections.rows[index], source)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
     def _layer_hook(self, index: int):
         def hook(module, args, kwargs, output):
             run = self._run
@@ -330,10 +384,12 @@ class PruningSession:
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
         start = time.perf_counter()
-        budget = self._budget(stage, run)
+        notes: list[str] = []
+        index = self.schedule.index(stage)
         if run.origin is not None:  # a cache-free continuation: the prompt's own selection, extended
-            keep, embeddings, length = run.origin.applied[self.schedule.index(stage)]
+            keep, embeddings, length = run.origin.applied[index]
             keep = keep.extended(length, hidden.shape[1])
+            budget = torch.tensor(run.origin.stages[index].budget, dtype=torch.long, device=hidden.device)
         elif bool(run.is_visual.any()):
             ctx = SelectionContext(
                 selector=self.selector,
@@ -344,16 +400,22 @@ class PruningSession:
                 hidden=hidden,
                 is_visual=run.is_visual,
                 token_valid=run.token_valid,
-                budget=budget,
+                budget=None,
                 grids=run.grids,
                 layer_input=run.layer_input,
                 layer_kwargs=run.layer_kwargs,
                 observed=self._observed,
                 original_visual=run.original_visual,
+                layout=run.visual_layout,
+                instructions=run.instructions,
+                auxiliary=self.auxiliary,
+                notes=notes,
             )
-            selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
+            budget = ctx.budget = self._budget(stage, run, self.selector.stage_budget(ctx))
+            selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual, stage.exact)
             visual_index = ctx.visual_index
         else:  # no sample has a visual token (text-only prompts): nothing to choose, the selector is not asked
+            budget = torch.zeros_like(run.original_visual)
             visual_index = positions_of(run.is_visual)[0]
             selection = Selection(visual_index)
         if run.origin is None:
@@ -370,14 +432,13 @@ class PruningSession:
         run.token_valid = run.token_valid.gather(1, keep.index) & ~keep.filler
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
-        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start))
+        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start, notes))
         return keep, new_hidden
 
-    def _budget(self, stage: Stage, run: _Run) -> torch.Tensor:
+    def _budget(self, stage: Stage, run: _Run, counts) -> torch.Tensor:
+        """The selector's per-sample ``counts`` for ``stage`` (:meth:`TokenSelector.stage_budget`), checked."""
         now = run.is_visual.sum(dim=1)
-        images = torch.tensor([len(g) for g in run.grids], dtype=torch.long, device=now.device)
-        budget = torch.as_tensor(self.selector.keep_count(stage, now, run.original_visual, images),
-                                 dtype=torch.long, device=now.device)
+        budget = torch.as_tensor(counts, dtype=torch.long, device=now.device)
         budget = torch.where(now > 0, budget, 0)
         over = (budget > now).nonzero().flatten().tolist()
         if over:
@@ -388,7 +449,7 @@ class PruningSession:
             )
         return budget
 
-    def _checked(self, selection, budget: torch.Tensor, num_visual: torch.Tensor) -> Selection:
+    def _checked(self, selection, budget: torch.Tensor, num_visual: torch.Tensor, exact: bool = True) -> Selection:
         name = type(self.selector).__name__
         if isinstance(selection, torch.Tensor):
             selection = Selection(selection)
@@ -398,12 +459,15 @@ class PruningSession:
         ok = idx >= 0
         srt = torch.where(ok, idx, -1 - torch.arange(idx.shape[1], device=idx.device)).sort(dim=1).values
         dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1)
-        wrong = (ok.sum(dim=1) != budget) | (ok & (idx >= num_visual[:, None])).any(dim=1) | dup
+        count = ok.sum(dim=1)
+        wrong_count = count != budget if exact else (count > budget) | ((count < 1) & (budget > 0))
+        wrong = wrong_count | (ok & (idx >= num_visual[:, None])).any(dim=1) | dup
         if bool(wrong.any()):
             b = int(wrong.nonzero()[0])
+            need = f"{int(budget[b])}" if exact else f"1 to {int(budget[b])}"
             raise SelectionError(
                 f"selector {name} returned an invalid selection for sample {b}: {idx[b].tolist()} "
-                f"(need {int(budget[b])} unique indices in [0, {int(num_visual[b])}))"
+                f"(need {need} unique indices in [0, {int(num_visual[b])}))"
             )
         order = (~ok).long().argsort(dim=1, stable=True)
         emb = selection.embeddings
@@ -418,7 +482,9 @@ class PruningSession:
         mask = kwargs.get("attention_mask")
         key = ("mask", id(keep), id(mask))
         if key not in cache:
-            cache[key] = self._layer_mask(module, mask, keep.ordered, run)
+            cache[key] = self.adapter.pruned_mask(
+                self._layer_index[module], mask, keep.ordered, prefill=run.in_prefill, steps=run.steps,
+                source_len=run.llm_input_len, dtype=run.dtype)
         kwargs["attention_mask"] = cache[key]
         pos = kwargs.get("position_ids")
         if run.in_prefill:
@@ -444,27 +510,6 @@ class PruningSession:
         if self.positions == "compact":
             return self.adapter.rotary_emb(pe[0], ids), ids
         return tuple(gather_seq(t, keep.index) for t in pe), ids
-
-    def _layer_mask(self, module, mask, keep: KeepMap, run: _Run):
-        length = run.llm_input_len
-        if mask is None:
-            if not bool(keep.filler.any()):
-                return None
-            impl = self._attn_impl(module)
-            query = keep.index.shape[1] if run.in_prefill else 1
-            extra = 0 if run.in_prefill else run.steps
-            if impl.startswith("flash"):
-                cols = (~keep.filler).long()
-                return torch.cat([cols, cols.new_ones(cols.shape[0], extra)], dim=1)
-            kind = "float" if impl == "eager" else "bool"
-            return build_mask(keep, query, extra, kind, run.dtype)
-        if mask.dim() == 4 and run.in_prefill:
-            return gather_square_mask(mask, keep)
-        return gather_mask_columns(mask, keep, length)
-
-    @staticmethod
-    def _attn_impl(module: nn.Module) -> str:
-        return getattr(module.self_attn.config, "_attn_implementation", None) or "eager"
 
     @staticmethod
     def _dropped_before(keep: KeepMap, source_len: int) -> torch.Tensor:
@@ -506,13 +551,15 @@ class PruningSession:
 
 
 def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str | None = None,
-          **selector_kwargs: Any) -> PruningSession:
+          instructions: Sequence[str] | None = None, **selector_kwargs: Any) -> PruningSession:
     """Prune ``model``'s visual tokens with ``selector`` inside a ``with`` block.
 
     ``selector`` is a :class:`TokenSelector` instance, or a registered name plus keyword arguments
     (``fvlm.prune(model, "random", keep=64, seed=0)``). ``positions``: ``"original"`` or
     ``"compact"`` for every selector alike; ``None`` (default) uses the selector's own, its authors'
     policy (``session.positions`` and ``session.trace.positions`` say which one ran).
+    ``instructions``: one instruction text per prompt, for instruction-conditioned selectors
+    (``fvlm.prune(model, "cdpruner", keep=64, instructions=["What is on the table?"])``).
     """
     if isinstance(selector, str):
         from fvlm.registry import create_selector
@@ -520,4 +567,15 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
         selector = create_selector(selector, **selector_kwargs)
     elif selector_kwargs:
         raise TypeError("selector keyword arguments are only accepted with a registered selector name")
-    return PruningSession(model, selector, positions=positions)
+    return PruningSession(model, selector, positions=positions, instructions=instructions)
+
+
+def _load_auxiliary(selector: TokenSelector, model: nn.Module) -> dict:
+    from fvlm.auxiliary import load_auxiliary
+
+    loaded = {}
+    for spec in selector.auxiliary_models():
+        if spec.name in loaded:
+            raise FVLMError(f"selector {type(selector).__name__} declares two auxiliary models named {spec.name!r}")
+        loaded[spec.name] = load_auxiliary(spec, model)
+    return loaded

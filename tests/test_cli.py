@@ -52,6 +52,20 @@ def write_data(folder: Path, n: int = 3, image: str = "img.png", make_image: boo
     return folder / "data.jsonl"
 
 
+# -- the supported families ---------------------------------------------------------------------
+def test_list_adapters_shows_every_supported_family():
+    from fvlm.registry import get_adapter_class, list_adapters
+
+    proc = fvlm("list", "--adapters")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for name in list_adapters():
+        about = get_adapter_class(name).about
+        row = next(line for line in lines if line.startswith(f"│ {name} "))
+        assert about["classes"][name] in row and about["checkpoints"][name][:30] in row and "ok" in row, row
+    assert len(list_adapters()) >= 10  # llava ... qwen3_vl, llava_onevision, internvl, mistral3, idefics3, smolvlm
+
+
 # -- 1: beams and several returns on Qwen (and every family) -------------------------------------
 def test_run_with_beams_and_several_returns_on_qwen(tmp_path):
     out = tmp_path / "run"
@@ -139,6 +153,19 @@ def test_unsupported_architecture_is_named_before_loading(tmp_path):
     message = one_line(proc.stderr)
     assert "no backbone adapter for LlamaConfig (model_type='llama')" in message and "llava" in message
     assert "Qwen2VLConfig" not in message and len(proc.stderr.strip().splitlines()) == 1
+    # a family fvlm cannot prune: the reason is named, still before any weight is read
+    from transformers import Gemma3Config
+
+    Gemma3Config(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=16, vocab_size=64, sliding_window=8),
+                 vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=32, patch_size=8)).save_pretrained(tmp_path / "gemma3")
+    proc = fvlm("run", "-c", TINY / "llava-reference.yaml", "--model.backbone.path", tmp_path / "gemma3",
+                "--output", tmp_path / "out", *QUIET)
+    message = one_line(proc.stderr)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no backbone adapter for Gemma3Config (model_type='gemma3')" in message
+    assert "could not be pruned anyway: sliding-window or chunked attention in decoder layers 0, 1" in message
 
 
 # -- 7: selector arguments are checked when the recipe is parsed -----------------------------------

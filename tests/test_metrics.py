@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fvlm
-from fvlm.adapters.cache import cache_of
+from fvlm.adapters.base import BackboneAdapter
 from fvlm.metrics import (
     MIB,
     TextArch,
@@ -46,7 +46,8 @@ from fvlm.profiling.arch import text_arch, vision_arch
 from fvlm.profiling.flop_counter import measure_flops
 from fvlm.profiling.timing import PeakMemory, StepClock, measure_generate, time_prefill
 from fvlm.selectors.base import Stage
-from fvlm.testing import _llava_next_count, tiny_inputs
+from fvlm.adapters.llava import CLIP_IMAGE, CLIP_PATCH, LLAVA_NEXT_PINPOINTS, anyres_count
+from fvlm.testing import tiny_inputs
 
 
 # A small architecture whose numbers are easy to check by hand.
@@ -186,7 +187,8 @@ def test_full_flops_llava_next_tiles(model_cache):
     model = model_cache("llava_next")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2))
     measured, _ = _measured(model, inputs)
-    images = [{"tiles": _llava_next_count(*size)[1]} for size in inputs["image_sizes"].tolist()]
+    images = [{"tiles": anyres_count(*size, LLAVA_NEXT_PINPOINTS, CLIP_IMAGE // CLIP_PATCH, CLIP_IMAGE)[2]}
+              for size in inputs["image_sizes"].tolist()]
     assert measured.total == _analytic(model, inputs, images=images)
 
 
@@ -240,7 +242,7 @@ def test_kv_bytes_equal_the_real_cache(model_cache, family):
     inputs = tiny_inputs(model, images_per_prompt=(1, 2))
     with torch.no_grad(), fvlm.prune(model, "random", keep=5, layer=2, seed=0) as session:
         out = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True)
-    cache = cache_of(out)
+    cache = BackboneAdapter.cache_of(out)
     by_hand = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                   for layer in cache.layers)
     assert kv_cache_bytes(cache) == by_hand

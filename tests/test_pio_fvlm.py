@@ -16,7 +16,8 @@ import fvlm
 from fvlm.adapters.base import ModelInfo
 from fvlm.selectors.pio_fvlm import AUTHORS_SCHEDULES, PIOFVLM
 from fvlm.selectors.schedules import layer_average
-from fvlm.testing import FAMILIES, image_token_id, tiny_inputs, tiny_model
+from fvlm.adapters.tiny import family_of, spec_for
+from fvlm.testing import FAMILIES, image_token_id, tiny_batch, tiny_inputs, tiny_model
 
 IMPLS = ("eager", "sdpa")
 
@@ -212,23 +213,15 @@ def test_loss_rows_are_the_k_valid_tokens_before_the_last():
 
 
 # --------------------------------------------------------- batch with padding == each sample alone
-def _sample(model, family, inputs, images_per_prompt, b):
-    """Sample ``b`` of a ``tiny_inputs`` batch, unpadded, as its own batch of one."""
+def _sample(model, inputs, prompts, b):
+    """Sample ``b`` of a ``tiny_batch`` batch, unpadded, as its own batch of one (its images collated
+    by the family's tiny spec)."""
+    spec = spec_for(family_of(model))
     keep = inputs["attention_mask"][b].bool()
-    out = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long)}
-    first, count = sum(images_per_prompt[:b]), images_per_prompt[b]
-    if family == "llava":
-        out["pixel_values"] = inputs["pixel_values"][first : first + count]
-    elif family == "llava_next":
-        out["pixel_values"] = inputs["pixel_values"][first : first + count]
-        out["image_sizes"] = inputs["image_sizes"][first : first + count]
-    else:
-        grid = inputs["image_grid_thw"]
-        patches = grid.prod(dim=1).cumsum(0).tolist()
-        start = ([0] + patches)[first]
-        out["pixel_values"] = inputs["pixel_values"][start : patches[first + count - 1]]
-        out["image_grid_thw"] = grid[first : first + count]
-        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][b : b + 1, keep]
+    ids = inputs["input_ids"][b : b + 1, keep]
+    out = {"input_ids": ids, "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long), **spec.extra_inputs(ids)}
+    if prompts[b]:
+        out.update(spec.collate([prompts[b]], model.dtype))
     return out
 
 
@@ -239,13 +232,13 @@ def _sample(model, family, inputs, images_per_prompt, b):
 ])
 def test_batched_saliency_equals_each_sample_alone(model_cache, family, attn, images):
     model = model_cache(family, attn)
-    inputs = tiny_inputs(model, images_per_prompt=images, padding_side="left")
+    inputs, prompts = tiny_batch(model, images_per_prompt=images, padding_side="left")
     assert not bool(inputs["attention_mask"].all())  # someone is padded
     batched = Recorder(layers=[1, 2], keep_fraction=[0.5, 0.25])
     _prefill(model, batched, inputs)
     for b in range(len(images)):
         alone = Recorder(layers=[1, 2], keep_fraction=[0.5, 0.25])
-        _prefill(model, alone, _sample(model, family, inputs, images, b))
+        _prefill(model, alone, _sample(model, inputs, prompts, b))
         for rb, ra in zip(batched.records, alone.records, strict=True):
             n = int(ra["visual_valid"][0].sum())
             assert int(rb["visual_valid"][b].sum()) == n

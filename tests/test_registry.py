@@ -101,7 +101,7 @@ def test_glob_patterns(fake):
     assert registry.list_selectors("uni_*") == ["uni_a", "uni_b"]
     assert "other" not in registry.list_selectors("*_?")
     assert registry.list_selectors("nothing*") == []
-    assert registry.list_adapters("llava*") == ["llava", "llava_next"]
+    assert registry.list_adapters("llava*") == ["llava", "llava_next", "llava_onevision"]
 
 
 def test_listing_imports_nothing(fake):

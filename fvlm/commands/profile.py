@@ -59,7 +59,7 @@ def _params(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm.cli import _console
+    from fvlm.console import console as _console
     from fvlm.profiling import analytic, report
     from fvlm.profiling.arch import load_architecture, shipped_models
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 from lightning.pytorch import Callback
 
-from fvlm.adapters.cache import is_prefill_call
+from fvlm.adapters.base import BackboneAdapter
 from fvlm.metrics.scoring import read_jsonl, summarize_efficiency
 
 PREDICTIONS = "predictions.jsonl"
@@ -239,7 +239,7 @@ class _GenerateTimer:
     def _pre(self, module, args, kwargs):
         if not self._active():
             return
-        self._prefill = is_prefill_call(kwargs)
+        self._prefill = BackboneAdapter.is_prefill(kwargs)
         self._sync()
         self._start = time.perf_counter()
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from fvlm.selectors.base import Stage
+from fvlm.types import Stage
 
 
 def stage_count(keep: int | float, original: int) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from fvlm.adapters.base import ModelInfo
 from fvlm.errors import FVLMError, UsageError
 from fvlm.metrics.flops import (
     FlopsBreakdown,
@@ -22,7 +21,7 @@ from fvlm.metrics.flops import (
 from fvlm.metrics.kv import dtype_bytes, kv_bytes
 from fvlm.metrics.tokens import VisualCounts, stage_count, visual_counts
 from fvlm.profiling.arch import Architecture, model_info
-from fvlm.selectors.base import Stage
+from fvlm.types import ModelInfo, Stage
 
 # Parameters a layer-average budget sets, in this order of preference. AVERAGE_PARAMETERS take the
 # target itself (the selector maps it to its own stage counts); COUNT_PARAMETERS are a kept-token
@@ -186,8 +185,15 @@ def _visionzip_split(average: float) -> dict:
     return {"dominant": dominant, "contextual": total - dominant}
 
 
+def _vscan_split(average: float) -> dict:
+    """VScan's two stages from a layer average: the authors' LLaVA-1.5 schedule (96 from the encoder,
+    32 after layer 16 of 32: average 64) scaled, encoder 1.5x and LLM stage 0.5x the average (the spec's
+    labelled guess beyond 64; exact on 32 layers with the stage after layer 16)."""
+    return {"encoder_keep": int(round(1.5 * average)), "layer": 16, "keep": int(round(0.5 * average))}
+
+
 # Selectors whose budget is not one parameter: name -> (layer average -> kwargs).
-BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split}
+BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split, "vscan": _vscan_split}
 
 
 def budget_parameter(name: str) -> str | None:
