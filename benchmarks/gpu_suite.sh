@@ -11,7 +11,7 @@
 #
 # SETUP=1 first installs fvlm[plot], offline, into the environment of $PYTHON (default python3),
 # for a machine without network whose python already has a CUDA torch: pip keeps every installed
-# package that is in fvlm's ranges (torch >= 2.11, transformers >= 5.19, ...) and takes what is
+# package that is in fvlm's ranges (torch >= 2.11, transformers >= 5.17, ...) and takes what is
 # missing from the wheels in .whl/ (which to carry: docs/benchmarks-performance.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."

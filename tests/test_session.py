@@ -9,7 +9,9 @@ import torch
 from transformers import DynamicCache
 
 import fvlm
+from fvlm.adapters import versions
 from fvlm.adapters.base import BackboneAdapter
+from fvlm.errors import UnsupportedModelError
 from fvlm.testing import tiny_inputs
 from helpers import EveryOther, FixedSelector, GradientNorm, greedy_without_cache, hook_count
 
@@ -99,6 +101,11 @@ def test_only_a_cache_free_continuation_reuses_the_prompt_selection(model_cache)
     model = model_cache("llava", "sdpa")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
     selector = CountingRandom()
+    if versions.TRANSFORMERS < versions.FIXED_IN:  # 5.17 passes the same images at every step
+        with fvlm.prune(model, selector), torch.no_grad(), pytest.raises(UnsupportedModelError, match=">= 5.19"):
+            model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert selector.calls == 0  # refused before anything ran
+        return
     with fvlm.prune(model, selector) as session, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
         assert selector.calls == 1 and session.trace.decode_steps == 3

@@ -2,16 +2,19 @@
 
 A small ``TorchDispatchMode`` applies ``torch.utils.flop_counter``'s formula registry (the one
 ``FlopCounterMode`` uses: 2 FLOPs per multiply-add of mm / bmm / addmm / convolution / SDPA, forward
-and backward) to every aten op that runs. Two differences from ``FlopCounterMode``:
+and backward) to every aten op that runs. Three differences from ``FlopCounterMode``:
 
 * no module tracker: ``FlopCounterMode`` puts backward hooks on every module, which breaks
   ``torch.autograd.grad`` called inside a forward (what a gradient-based selector such as PIO-FVLM
   does: "A leaf node was passed to _will_engine_execute_node"). Per-module totals here come from
   forward pre/post hooks instead (``root=``), attributing an op to every module on the forward stack;
+* rotary tables are left out (ops inside a ``*RotaryEmbedding`` module under ``root``), as in the
+  analytic convention: transformers up to 5.18 builds cos / sin from a position x frequency matmul,
+  later releases element-wise, and the count must not depend on the release;
 * SDPA counts come from fvlm's own registration for every SDPA kernel, forward and backward, with
   torch's formulas applied to key / value shapes broadcast to the query's heads: torch before 2.13
-  rejects grouped-query attention (fewer key / value heads) in its formulas, and torch 2.11 to 2.14
-  have no formula for the CPU flash-attention kernel SDPA uses on CPU
+  rejects grouped-query attention (fewer key / value heads) in its formulas, and no torch release
+  has a formula for the CPU flash-attention kernel SDPA uses on CPU
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), whose attention products
   would silently count 0.
 
@@ -64,12 +67,13 @@ class _Counter(TorchDispatchMode):
         self.by_op: dict[str, int] = {}
         self.stack: list[str] = []
         self.by_module: dict[str, int] = {}
+        self.excluded: set[str] = set()  # module paths whose ops are not counted (rotary tables)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = self.registry.get(func._overloadpacket)
-        if formula is not None:
+        if formula is not None and not self.excluded.intersection(self.stack):
             flops = int(formula(*args, **kwargs, out_val=out))
             self.total += flops
             name = str(func._overloadpacket)
@@ -106,6 +110,8 @@ def measure_flops(fn: Callable[..., Any], *args, root: nn.Module | None = None, 
     if root is not None:
         for name, module in root.named_modules():
             path = name or type(root).__name__
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                counter.excluded.add(path)
 
             def pre(mod, inputs, path=path):
                 counter.stack.append(path)
