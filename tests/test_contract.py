@@ -5,6 +5,7 @@ import contextlib
 
 import pytest
 import torch
+from transformers.generation.utils import GenerationMixin
 
 import fvlm
 from fvlm import testing
@@ -56,7 +57,7 @@ def _run_or_skip(model, name, family, inputs, **generate):
 def _misfed_copies(model, inputs) -> bool:
     """Whether this transformers gives generate's copies of these prompts the wrong images (5.17 with
     per-image vision inputs and the generic expansion: fvlm.adapters.versions refuses that)."""
-    generic = type(model)._expand_inputs_for_generation is versions.GenerationMixin._expand_inputs_for_generation
+    generic = type(model)._expand_inputs_for_generation is GenerationMixin._expand_inputs_for_generation
     return versions.TRANSFORMERS < versions.FIXED_IN and generic \
         and inputs["pixel_values"].shape[0] != inputs["input_ids"].shape[0]
 
