@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from fvlm import registry
+
 #: Selector names that are combinators, not methods (left out of the benchmark by default).
 SKIP = frozenset({"compose"})
 
@@ -97,9 +99,7 @@ def setting(label: str) -> Setting:
     """The :class:`Setting` for ``label``; a registered selector without one gets ``keep=b`` if it takes ``keep``."""
     if label in SETTINGS:
         return SETTINGS[label]
-    from fvlm import registry
-
-    params = registry.SELECTORS.info(label).parameters
+    params = registry.selector_info(label).parameters
     if "keep" not in params:
         raise ValueError(f"no budget mapping for selector {label!r} (it has no `keep` parameter)")
     return Setting(label, label, lambda b, n: {"keep": b})
@@ -107,9 +107,7 @@ def setting(label: str) -> Setting:
 
 def default_labels() -> list[str]:
     """Every registered selector except combinators, plus the extra rows of :data:`SETTINGS`, in table order."""
-    import fvlm
-
-    installed = fvlm.list_selectors()
+    installed = registry.list_selectors()
     ordered = [label for label, s in SETTINGS.items() if s.selector in installed]
     return ordered + [n for n in installed if n not in SETTINGS and n not in SKIP]
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
+from fvlm.selectors.algorithms import topk_indices
 from fvlm.types import (  # noqa: F401  (the selector API's types)
     POSITION_POLICIES,
     ROUNDING,
@@ -87,6 +88,4 @@ class ScoreSelector(TokenSelector):
         """Scores ``[B, N]`` for the visual tokens (higher is kept first)."""
 
     def select(self, ctx: "SelectionContext") -> torch.Tensor:
-        from fvlm.selectors.algorithms import topk_indices
-
         return topk_indices(self.score(ctx), ctx.visual_valid, ctx.budget)

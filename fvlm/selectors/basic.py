@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from fvlm.errors import FVLMError
+from fvlm.selectors.algorithms import block_pool, uniform_indices
 from fvlm.selectors.arguments import check_int, check_keep, check_where
 from fvlm.selectors.base import Need, ScoreSelector, Selection, Stage, TokenSelector
 
@@ -59,8 +60,6 @@ class UniformSelector(TokenSelector):
         return [Stage(self.layer, self.keep)]
 
     def select(self, ctx):
-        from fvlm.selectors.algorithms import uniform_indices
-
         grids = ctx.grids
         rows = []
         for b in range(ctx.hidden.shape[0]):
@@ -80,8 +79,6 @@ class UniformSelector(TokenSelector):
 
 def _grid_picks(grids, k: int) -> list[int]:
     """Split ``k`` across images by size (largest remainder), then stride evenly on each grid."""
-    from fvlm.selectors.algorithms import uniform_indices
-
     total = sum(g.length for g in grids)
     shares = [k * g.length / total for g in grids]
     counts = [int(s) for s in shares]
@@ -149,8 +146,6 @@ class Pool(TokenSelector):
         return torch.tensor(counts, dtype=torch.long, device=ctx.hidden.device)
 
     def select(self, ctx):
-        from fvlm.selectors.algorithms import block_pool
-
         rows = []
         for b, layout in enumerate(ctx.layout):
             x = ctx.visual_hidden[b]

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fvlm.errors import BudgetError, FVLMError, SelectorArgumentError
+from fvlm.selectors.algorithms import nms_fill
 from fvlm.selectors.base import Need, Stage, TokenSelector
 from fvlm.selectors.head_loss import self_argmax_cross_entropy
 
@@ -310,8 +311,6 @@ class PIOFVLM(TokenSelector):
 
     # -- selection -------------------------------------------------------------------------
     def select(self, ctx: "SelectionContext") -> torch.Tensor:
-        from fvlm.selectors.algorithms import nms_fill
-
         return nms_fill(self.saliency(ctx), ctx.visual_hidden, ctx.visual_valid, ctx.budget, self.tau, self.nms)
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from fvlm.errors import UnsupportedModelError
+from fvlm.metrics.flops import attention_rows_flops, cls_rows_flops, merge_flops, received_attention_flops
 from fvlm.selectors.algorithms import merge_into_kept, topk_indices, window_cap_scan, window_quota_scan
 from fvlm.selectors.arguments import check_int, check_keep, check_number, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
@@ -141,8 +142,6 @@ class VScanEncoder(TokenSelector):
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
         """Per view: the two vision-layer scores recomputed from their inputs (CLS rows; Qwen: the
         attention every patch receives) and the merge's similarities."""
-        from fvlm.metrics.flops import cls_rows_flops, merge_flops, received_attention_flops
-
         qwen = self._qwen(info)
         views = 1 if qwen or not info.view_tokens else max(1, n_visual // info.view_tokens)
         n = n_visual / views
@@ -246,8 +245,6 @@ class VScan(TokenSelector):
 
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
         """The encoder stage's (see :class:`VScanEncoder`), then one recomputed last-token attention row."""
-        from fvlm.metrics.flops import attention_rows_flops
-
         if stage.where == "vision":
             return self.encoder.overhead_flops(info, stage, seq_len, n_visual)
         return attention_rows_flops(seq_len, info)
