@@ -26,7 +26,7 @@ from fvlm.context import SelectionContext
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 from fvlm.selectors.dart import DART
 from fvlm.selectors.fastv import FastV
-from fvlm.selectors.schedules import layer_average
+from fvlm.budget import schedule_average as layer_average
 from fvlm.selectors.sparsevlm import SparseVLM, recycled_clusters
 from fvlm.testing import FAMILIES, image_token_id, tiny_inputs
 from helpers import greedy_without_cache

@@ -19,7 +19,7 @@ from fvlm.metrics.flops import (
     selector_overhead_flops,
 )
 from fvlm.metrics.kv import dtype_bytes, kv_bytes
-from fvlm.metrics.tokens import VisualCounts, stage_count, visual_counts
+from fvlm.budget import VisualCounts, stage_count, visual_counts
 from fvlm.profiling.arch import Architecture, model_info
 from fvlm.types import ModelInfo, Stage
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from fvlm.budget import counts_for_average
 from fvlm.errors import BudgetError, FVLMError, SelectorArgumentError
 from fvlm.selectors.algorithms import nms_fill
 from fvlm.selectors.base import Need, Stage, TokenSelector
@@ -78,7 +79,7 @@ class PIOFVLM(TokenSelector):
       (``int(ratio * current)``, at least 1), as the authors' Qwen code applies its ratio lists;
     - ``average``: a target *layer average* of the visual-token count (PyramidDrop convention, the
       paper's "64 / 128 / 192 tokens") for an input of ``n_visual`` visual tokens. Per-stage counts
-      are derived for the model's depth with :func:`~fvlm.selectors.schedules.counts_for_average`
+      are derived for the model's depth with :func:`~fvlm.budget.counts_for_average`
       (3 stages: the authors' relative shape 218 : 128 : 54; otherwise halving per stage) and applied
       as fractions ``count / n_visual`` of each sample's original count. An input of exactly
       ``n_visual`` tokens gets exactly the derived counts; another input size gets the same
@@ -213,8 +214,6 @@ class PIOFVLM(TokenSelector):
         return [int(Stage(1, f).count(n)) for f in self._fractions(info)]
 
     def _derived_counts(self, info: "ModelInfo") -> list[int]:
-        from fvlm.selectors.schedules import counts_for_average
-
         shape = AUTHORS_SHAPE if len(self.layers) == 3 else None
         try:
             counts = counts_for_average(self.layers, self.average, info.num_layers, self.n_visual, shape=shape)

@@ -1,24 +1,90 @@
-"""Stage schedules and budget accounting (input count vs. layer average).
+"""The visual-token budget: how a keep is spelled, how stages become per-layer counts, the layer average.
 
-A schedule is a list of ``(layer, keep)`` pairs: after ``layer`` decoder layers, ``keep`` visual
-tokens remain. Layers before the first stage see all ``n_input`` tokens (PyramidDrop convention:
-"64 tokens" means the average over all LLM layers, not the final count).
+Spelling: an ``int`` keep is a count of visual tokens, a ``float`` a fraction in (0, 1] of each
+sample's original visual tokens (``keep: 1`` keeps one token, ``keep: 1.0`` keeps all); a stage
+turns it into a count with :meth:`Stage.count <fvlm.types.Stage.count>` (its ``rounding``), or
+with the selector's :meth:`~fvlm.selectors.base.TokenSelector.keep_count` where the authors'
+count follows another rule.
+
+Per-layer counts follow the rules of :class:`fvlm.PruningSession`: a ``"vision"`` / ``"input"``
+stage sets the count that enters the LLM; a stage at ``l`` (after ``l`` decoder layers) sets the
+count of layers ``l`` and later. The *layer average* is the mean of the per-layer counts over all
+decoder layers (the PyramidDrop convention the papers' budgets use: "64 tokens" is that average,
+not the final count). A selector maps a target layer average to its own arguments with
+:meth:`TokenSelector.for_average <fvlm.selectors.base.TokenSelector.for_average>`.
 """
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 
-def layer_average(schedule: Sequence[tuple[int, int]], num_layers: int, n_input: int) -> float:
-    """Visual tokens averaged over ``num_layers`` decoder layers for an in-LLM ``schedule``."""
-    total, count, start = 0, n_input, 0
-    for layer, keep in sorted(schedule):
-        total += (layer - start) * count
-        start, count = layer, keep
-    total += (num_layers - start) * count
-    return total / num_layers
+from fvlm.types import Stage
+
+KEEP_RULE = "an int count >= 1, or a float fraction in (0, 1] of each sample's visual tokens (1.0 keeps all)"
+
+
+def stage_count(keep: int | float, original: int) -> int:
+    """Visual tokens a stage keeps: an int count, or a float fraction of ``original`` (:meth:`Stage.count`)."""
+    return int(Stage("input", keep).count(original))
+
+
+@dataclass(frozen=True)
+class VisualCounts:
+    """Visual tokens of one sample: ``original`` (before any stage), ``llm_input`` (entering layer 0)
+    and ``per_layer[i]`` (entering decoder layer ``i``)."""
+
+    original: int
+    llm_input: int
+    per_layer: tuple[int, ...]
+
+    @property
+    def layer_average(self) -> float:
+        """Average over all decoder layers (the PyramidDrop convention the papers' budgets use)."""
+        return layer_average(self.per_layer)
+
+
+def visual_counts(stages: Sequence[Stage], num_layers: int, original: int, selector=None,
+                  images: int = 1) -> VisualCounts:
+    """Expand a stage schedule into per-layer visual-token counts for ``original`` visual tokens in
+    ``images`` images (a ``selector`` gives each stage's count with its ``keep_count``)."""
+    count = llm_input = original
+    changes: dict[int, int] = {}
+    for stage in sorted(stages, key=lambda s: s.order):
+        if selector is None:
+            keep = int(stage.count(original))
+        else:
+            keep = int(selector.keep_count(stage, torch.tensor([count]), torch.tensor([original]),
+                                           torch.tensor([images]))[0])
+        if keep > count:
+            raise ValueError(f"stage at {stage.where!r} keeps {keep} visual tokens but only {count} remain")
+        if isinstance(stage.where, int):
+            if stage.where >= num_layers:
+                raise ValueError(f"stage after layer {stage.where} is out of range for {num_layers} decoder layers")
+            changes[stage.where] = keep
+        else:
+            llm_input = keep
+        count = keep
+    per_layer, current = [], llm_input
+    for i in range(num_layers):
+        current = changes.get(i, current)
+        per_layer.append(current)
+    return VisualCounts(original, llm_input, tuple(per_layer))
+
+
+def layer_average(per_layer: Sequence[float]) -> float:
+    """Mean of a per-layer count (e.g. ``Trace.visual_per_layer[b]``)."""
+    if not per_layer:
+        raise ValueError("need at least one layer")
+    return sum(per_layer) / len(per_layer)
+
+
+def schedule_average(schedule: Sequence[tuple[int, int]], num_layers: int, n_input: int) -> float:
+    """The layer average of an in-LLM ``schedule`` of ``(layer, keep)`` pairs for ``n_input`` tokens."""
+    return visual_counts([Stage(layer, keep) for layer, keep in schedule], num_layers, n_input).layer_average
 
 
 def counts_for_average(
