@@ -15,6 +15,7 @@ not the final count). A selector maps a target layer average to its own argument
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -22,9 +23,16 @@ from typing import Sequence
 
 import torch
 
+from fvlm.errors import BudgetError, FVLMError
 from fvlm.types import Stage
 
 KEEP_RULE = "an int count >= 1, or a float fraction in (0, 1] of each sample's visual tokens (1.0 keeps all)"
+#: Parameters a layer-average budget sets, in this order of preference. AVERAGE_PARAMETERS take the
+#: target itself (the selector maps it to its own stage counts); COUNT_PARAMETERS are a kept-token
+#: count, searched until the schedule's layer average is nearest the target.
+AVERAGE_PARAMETERS = ("average", "target_average", "budget")
+COUNT_PARAMETERS = ("keep", "num_tokens", "tokens")
+BUDGET_PARAMETERS = AVERAGE_PARAMETERS + COUNT_PARAMETERS
 
 
 def stage_count(keep: int | float, original: int) -> int:
@@ -163,3 +171,83 @@ def fractions_of_current_to_original(ratios: Sequence[float]) -> list[float]:
         acc *= r
         out.append(acc)
     return out
+
+
+def check_average(target: float, original: int) -> None:
+    """Raise :class:`BudgetError` unless ``0 < target <= original`` (a reachable layer average)."""
+    if not 0 < target <= original:
+        raise BudgetError(f"a layer-average budget of {target:g} visual tokens is outside (0, {original}]: "
+                          f"the model has {original} visual tokens per sample")
+
+
+def budget_parameter(selector_class: type) -> str | None:
+    """The first of :data:`BUDGET_PARAMETERS` that ``selector_class`` takes, or None."""
+    params = inspect.signature(selector_class.__init__).parameters
+    return next((p for p in BUDGET_PARAMETERS if p in params), None)
+
+
+def with_input_size(selector_class: type, params: dict, original: int) -> dict:
+    """``params`` with ``n_visual=original`` for a selector that derives its stage counts for an input
+    size (PIO-FVLM's ``average``), unless given."""
+    if "n_visual" in inspect.signature(selector_class.__init__).parameters and "n_visual" not in params:
+        return {**params, "n_visual": original}
+    return params
+
+
+def arguments_for_average(selector_class: type, target: float, info, original: int, params: dict) -> dict:
+    """``params`` plus the value of the selector's budget parameter whose schedule averages ``target``
+    visual tokens (of ``original``) over the decoder layers of ``info`` (a :class:`~fvlm.types.ModelInfo`).
+
+    An average parameter (``average``, ...) gets ``target`` as is (the selector's own mapping to stage
+    counts is authoritative); a count parameter (``keep``, ...) is searched over ``1..original`` for the
+    schedule whose layer average is nearest ``target`` (FastV keeping R after K layers:
+    R = (L * target - K * N) / (L - K), rounded). A selector with an ``n_visual`` parameter gets
+    ``original`` unless given. The default of ``TokenSelector.for_average``.
+    """
+    name = selector_class.__name__
+    check_average(target, original)
+    params = with_input_size(selector_class, params, original)
+    param = budget_parameter(selector_class)
+    if param is None:
+        raise BudgetError(f"{name} has none of the budget parameters {', '.join(BUDGET_PARAMETERS)}; "
+                          "give its own parameters instead of a layer-average budget")
+
+    def average(value) -> float:
+        selector = selector_class(**{**params, param: value})
+        return visual_counts(list(selector.stages(info)), info.num_layers, original, selector).layer_average
+
+    if param in AVERAGE_PARAMETERS:
+        value = int(target) if float(target).is_integer() else target
+        try:
+            average(value)
+        except (ValueError, TypeError) as exc:
+            raise BudgetError(f"{name} with {param}={value}: {exc}") from None
+        return {**params, param: value}
+
+    def safe(value: int) -> float | None:
+        try:
+            return average(value)
+        except (ValueError, TypeError, FVLMError):
+            return None
+
+    lo, hi = 1, original  # the smallest count whose layer average reaches the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        avg = safe(mid)
+        if avg is not None and avg >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = None
+    for value in sorted({max(1, lo - 1), lo}):
+        avg = safe(value)
+        if avg is not None and (best is None or abs(avg - target) < best[0]):
+            best = (abs(avg - target), value)
+    if best is None:
+        raise BudgetError(f"{name}: no value of {param!r} gives a valid schedule")
+    ends = [safe(1), safe(original)]
+    step = abs(ends[1] - ends[0]) / (original - 1) if None not in ends and original > 1 else 1.0
+    if best[0] > max(1.0, step):  # more than a rounding gap: the target is out of this selector's reach
+        raise BudgetError(f"{name} cannot reach a layer average of {target:g} through {param!r}: "
+                          f"the nearest it gets is {average(best[1]):.1f} ({param}={best[1]})")
+    return {**params, param: best[1]}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from fvlm import registry
+from fvlm.selectors.diversity import VisionZip
 
 #: Selector names that are combinators, not methods (left out of the benchmark by default).
 SKIP = frozenset({"compose"})
@@ -71,18 +72,13 @@ def _pio_ve(b: int, _: int) -> dict:
                           {"name": "pio_fvlm", "args": {"layers": [2], "keep": [keep]}}]}
 
 
-def _visionzip(b: int, _: int) -> dict:
-    dominant = max(1, round(b * 5 / 6))  # the authors' 54 + 10 split, about 5 : 1
-    return {"dominant": dominant, "contextual": b - dominant}
-
-
 SETTINGS: dict[str, Setting] = {s.label: s for s in [
     Setting("keep_all", "keep_all", lambda b, n: {}, budgeted=False),
     Setting("random", "random", lambda b, n: {"keep": b, "seed": 0}),
     Setting("uniform", "uniform", lambda b, n: {"keep": b}),
     Setting("pool", "pool", _stride),
     Setting("divprune", "divprune", lambda b, n: {"keep": b}),
-    Setting("visionzip", "visionzip", _visionzip),
+    Setting("visionzip", "visionzip", lambda b, n: VisionZip.split(b)),
     Setting("cdpruner", "cdpruner", lambda b, n: {"keep": b, "relevance_source": "llm_embed"}),
     Setting("vscan_encoder", "vscan_encoder", lambda b, n: {"keep": b, "local_layer": 0}),
     Setting("vscan", "vscan", lambda b, n: dict(zip(("encoder_keep", "keep"), _two_stage(b)), layer=2, local_layer=0)),

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
+from fvlm import budget
 from fvlm.selectors.algorithms import topk_indices
 from fvlm.types import (  # noqa: F401  (the selector API's types)
     POSITION_POLICIES,
@@ -47,6 +48,22 @@ class TokenSelector(abc.ABC):
     @abc.abstractmethod
     def select(self, ctx: "SelectionContext") -> Selection | torch.Tensor:
         """Choose the visual tokens to keep at ``ctx.stage`` (``ctx.budget[b]`` per sample)."""
+
+    @classmethod
+    def for_average(cls, average: float, info: "ModelInfo", original: int, **params) -> dict:
+        """Keyword arguments (``params`` plus the budget's) whose schedule averages ``average`` visual
+        tokens over the decoder layers of ``info``, for ``original`` visual tokens per sample: the one
+        mapping from a layer-average budget to this selector's arguments (``fvlm profile --budget``,
+        the benchmarks). Default: :func:`fvlm.budget.arguments_for_average` on the selector's budget
+        parameter; override when the budget is split over several (VisionZip, VScan). Raises
+        :class:`~fvlm.errors.BudgetError` when the average is out of reach."""
+        return budget.arguments_for_average(cls, average, info, original, params)
+
+    @classmethod
+    def budget_parameter(cls) -> str | None:
+        """What :meth:`for_average` sets: a parameter name, several joined by ``" + "``, or None when
+        the selector takes no layer-average budget."""
+        return budget.budget_parameter(cls)
 
     def keep_count(self, stage: Stage, current: torch.Tensor, original: torch.Tensor,
                    images: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fvlm import budget
 from fvlm.errors import UnsupportedModelError
 from fvlm.selectors.algorithms import cls_dominant_and_contextual, max_min_diversity
 from fvlm.selectors.arguments import check_int, check_keep, check_where, fail
@@ -59,6 +60,23 @@ class VisionZip(TokenSelector):
     def __init__(self, dominant: int = 54, contextual: int = 10):
         self.dominant = check_int(self, dominant, "dominant", minimum=1)  # counts the CLS token
         self.contextual = check_int(self, contextual, "contextual", minimum=0)
+
+    @staticmethod
+    def split(total: int) -> dict:
+        """``dominant`` and ``contextual`` for ``total`` tokens per image at the authors' ratio 54 : 10
+        (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30)."""
+        dominant = max(1, int(round(total * 54 / 64)))
+        return {"dominant": dominant, "contextual": total - dominant}
+
+    @classmethod
+    def for_average(cls, average, info, original, **params):
+        """VisionZip prunes before the LLM, so its layer average is its count: :meth:`split` of it."""
+        budget.check_average(average, original)
+        return {**params, **cls.split(int(round(average)))}
+
+    @classmethod
+    def budget_parameter(cls):
+        return "dominant + contextual"
 
     def stages(self, info):
         if info.family != "llava":

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from fvlm import budget
 from fvlm.errors import UnsupportedModelError
 from fvlm.metrics.flops import attention_rows_flops, cls_rows_flops, merge_flops, received_attention_flops
 from fvlm.selectors.algorithms import merge_into_kept, topk_indices, window_cap_scan, window_quota_scan
@@ -221,6 +222,18 @@ class VScan(TokenSelector):
         self.local_layer, self.global_layer = local_layer, global_layer
         self.local_ratio, self.window, self.fill_to_budget = local_ratio, window, fill_to_budget
         self.needs = self.encoder.needs | {Need.ATTENTION}
+
+    @classmethod
+    def for_average(cls, average, info, original, **params):
+        """The authors' LLaVA-1.5 schedule (96 from the encoder, 32 after layer 16 of 32: average 64)
+        scaled: encoder 1.5x and LLM stage 0.5x the average (the spec's labelled guess beyond 64; exact
+        on 32 layers with the stage after layer 16)."""
+        budget.check_average(average, original)
+        return {**params, "encoder_keep": int(round(1.5 * average)), "layer": 16, "keep": int(round(0.5 * average))}
+
+    @classmethod
+    def budget_parameter(cls):
+        return "encoder_keep + keep"
 
     def vision_layers(self, info):
         return self.encoder.vision_layers(info)
