@@ -82,7 +82,7 @@ SETTINGS: dict[str, Setting] = {s.label: s for s in [
     Setting("cdpruner", "cdpruner", lambda b, n: {"keep": b, "relevance_source": "llm_embed"}),
     Setting("vscan_encoder", "vscan_encoder", lambda b, n: {"keep": b, "local_layer": 0}),
     Setting("vscan", "vscan", lambda b, n: dict(zip(("encoder_keep", "keep"), _two_stage(b)), layer=2, local_layer=0)),
-    Setting("fastv", "fastv", lambda b, n: {"k": 2, "keep": b}),
+    Setting("fastv", "fastv", lambda b, n: {"layer": 2, "keep": b}),
     Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)], "recycle": False}),
     Setting("dart", "dart", lambda b, n: {"layer": 2, "keep": b}),
     Setting("pio_fvlm", "pio_fvlm", lambda b, n: {"layers": [1], "keep": [b]}),

@@ -6,11 +6,11 @@ import torch
 from fvlm import budget
 from fvlm.errors import UnsupportedModelError
 from fvlm.selectors.algorithms import cls_dominant_and_contextual, max_min_diversity
-from fvlm.selectors.arguments import check_int, check_keep, check_where, fail
-from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
+from fvlm.selectors.arguments import check_int, fail
+from fvlm.selectors.base import Need, Selection, SingleStageSelector, Stage, TokenSelector
 
 
-class DivPrune(TokenSelector):
+class DivPrune(SingleStageSelector):
     """DivPrune (CVPR'25, arXiv 2503.02175): greedy max-min diversity on cosine distance.
 
     Runs on the LLM input embeddings by default (any stage works). The first pick is the token whose
@@ -24,11 +24,7 @@ class DivPrune(TokenSelector):
     positions = "compact"
 
     def __init__(self, keep: int | float = 0.098, layer: int | str = "input"):
-        self.keep = check_keep(self, keep)
-        self.layer = check_where(self, layer)
-
-    def stages(self, info):
-        return [Stage(self.layer, self.keep)]
+        super().__init__(keep, layer)
 
     def select(self, ctx):
         return max_min_diversity(ctx.visual_hidden, ctx.visual_valid, ctx.budget)
