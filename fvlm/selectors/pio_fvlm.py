@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from fvlm.budget import counts_for_average
 from fvlm.errors import BudgetError, FVLMError, SelectorArgumentError
 from fvlm.selectors.algorithms import nms_fill
+from fvlm.selectors.arguments import check_choice, check_number
 from fvlm.selectors.base import Need, Stage, TokenSelector
 from fvlm.selectors.head_loss import self_argmax_cross_entropy
 
@@ -165,29 +166,20 @@ class PIOFVLM(TokenSelector):
         self.k_last = _int("k_last", k_last)
         if self.k_last < 1:
             raise SelectorArgumentError(f"PIOFVLM: `k_last` must be >= 1, got {self.k_last}")
-        self.tau = _float("tau", tau)
-        if not -1.0 <= self.tau <= 1.0:
-            raise SelectorArgumentError(f"PIOFVLM: `tau` is a cosine threshold in [-1, 1], got {self.tau}")
+        self.tau = check_number(self, tau, "tau", -1.0, 1.0)  # a cosine threshold
         if not isinstance(nms, bool):
             raise SelectorArgumentError(f"PIOFVLM: `nms` must be a bool, got {nms!r}")
         self.nms = nms
-        if proxy_block not in PROXY_BLOCKS:
-            raise SelectorArgumentError(f"PIOFVLM: `proxy_block` must be one of {PROXY_BLOCKS}, got {proxy_block!r}")
-        self.proxy_block = proxy_block
-        if head_rows not in HEAD_ROWS:
-            raise SelectorArgumentError(f"PIOFVLM: `head_rows` must be one of {HEAD_ROWS}, got {head_rows!r}")
-        self.head_rows = head_rows
-        if proxy not in PROXIES:
-            raise SelectorArgumentError(f"PIOFVLM: `proxy` must be one of {PROXIES}, got {proxy!r}")
+        self.proxy_block = check_choice(self, proxy_block, "proxy_block", PROXY_BLOCKS)
+        self.head_rows = check_choice(self, head_rows, "head_rows", HEAD_ROWS)
+        check_choice(self, proxy, "proxy", PROXIES)
         if proxy == "rows" and head_rows == "all":
             raise SelectorArgumentError(
                 "PIOFVLM: head_rows='all' applies the LM head to every block output row, which proxy='rows' "
                 "does not compute; use proxy='block' with head_rows='all'"
             )
         self.proxy = proxy
-        if proxy_head not in PROXY_HEADS:
-            raise SelectorArgumentError(f"PIOFVLM: `proxy_head` must be one of {PROXY_HEADS}, got {proxy_head!r}")
-        self.proxy_head = proxy_head
+        self.proxy_head = check_choice(self, proxy_head, "proxy_head", PROXY_HEADS)
 
     def _check_budgets(self, name: str, values: list) -> None:
         if len(values) != len(self.layers):
