@@ -12,9 +12,11 @@ from torch import nn
 from fvlm.adapters import adapter_for
 from fvlm.adapters.base import BackboneAdapter, LayerInjections
 from fvlm.adapters.versions import check_generate_call
+from fvlm.auxiliary import load_auxiliary
 from fvlm.context import SelectionContext, positions_of
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
 from fvlm.indexing import KeepMap, build_keep_map, gather_last, gather_mask_columns, gather_seq
+from fvlm.registry import create_selector
 from fvlm.selectors.base import TokenSelector
 from fvlm.trace import StageRecord, Trace
 from fvlm.types import POSITION_POLICIES, Need, Selection, Stage, VisionObservation
@@ -570,8 +572,6 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
     (``fvlm.prune(model, "cdpruner", keep=64, instructions=["What is on the table?"])``).
     """
     if isinstance(selector, str):
-        from fvlm.registry import create_selector
-
         selector = create_selector(selector, **selector_kwargs)
     elif selector_kwargs:
         raise TypeError("selector keyword arguments are only accepted with a registered selector name")
@@ -579,8 +579,6 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
 
 
 def _load_auxiliary(selector: TokenSelector, model: nn.Module) -> dict:
-    from fvlm.auxiliary import load_auxiliary
-
     loaded = {}
     for spec in selector.auxiliary_models():
         if spec.name in loaded:

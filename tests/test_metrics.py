@@ -194,7 +194,7 @@ def test_full_flops_llava_next_tiles(model_cache):
 
 @pytest.mark.parametrize("selector, kwargs", [
     ("random", dict(keep=6, layer=2, seed=0)),
-    ("fastv", dict(k=2, keep=6)),
+    ("fastv", dict(layer=2, keep=6)),
     ("pio_fvlm", dict(layers=[1, 3], keep=[8, 4])),
     ("pio_fvlm", dict(layers=[1, 3], keep=[5, 2])),  # NMS on 2k < N best-ranked tokens
     ("pio_fvlm", dict(layers=[1, 3], keep=[8, 4], proxy="block")),
