@@ -158,7 +158,7 @@ def batching(model, seed):
     """A left-padded batch of two vs each prompt alone: picks and last-position logits."""
     batch = llava15_layout_inputs(((LLAVA15_OFFSET, 40), (30, 28)), seed=seed)
     out = {}
-    for name, make in (("fastv", lambda: FastV(k=2, keep=128)), ("sparsevlm", lambda: SparseVLM(budget=128)),
+    for name, make in (("fastv", lambda: FastV(layer=2, keep=128)), ("sparsevlm", lambda: SparseVLM(budget=128)),
                        ("dart", lambda: DART(keep=128, exact_budget=False)), ("divprune", lambda: DivPrune(keep=128)),
                        ("visionzip", lambda: VisionZip(108, 20)),
                        ("pio_fvlm", lambda: PIOFVLM(layers=[1, 10, 15], keep=PIO_COUNTS[128]))):
@@ -182,7 +182,7 @@ def fastv_kv_duplication(eager, prompts, tokens):
     k, changes, delta = 3, 0, 0.0
 
     def scores(inputs):
-        with fvlm.prune(eager, FastV(k=k, keep=288)), torch.no_grad():
+        with fvlm.prune(eager, FastV(layer=k, keep=288)), torch.no_grad():
             out = eager.generate(**inputs, max_new_tokens=tokens, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
         return out.sequences[0].tolist(), torch.stack(out.scores)
@@ -259,7 +259,7 @@ def float32_scoring(bf16, prompts, budgets):
         for inputs in prompts:
             inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
             # FastV: the last row of layer 1's eager attention (probabilities in bf16) -> topk
-            ours = selections(bf16, FastV(k=2, keep=budget), inputs)[0][0]
+            ours = selections(bf16, FastV(layer=2, keep=budget), inputs)[0][0]
             with torch.no_grad():
                 probs = bf16(**inputs, output_attentions=True).attentions[1][0, :, -1]
             vis = (inputs["input_ids"][0] == 3).nonzero().flatten()

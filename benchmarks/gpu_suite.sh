@@ -9,19 +9,15 @@
 #
 #   DEVICE=cpu HIDDEN=128 HEADS=2 VOCAB=1000 REPEATS=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh
 #
-# SETUP=1 first installs, offline, the wheels in .whl/ and fvlm itself (without its dependencies)
-# into /tmp/site: for a machine whose python3 already has a CUDA torch and the other dependencies
-# but no network (carry the transformers wheel fvlm pins in .whl/; see docs/benchmarks-performance.md).
+# SETUP=1 first installs fvlm[plot], offline, into the environment of $PYTHON (default python3),
+# for a machine without network whose python already has a CUDA torch: pip keeps every installed
+# package that is in fvlm's ranges (torch >= 2.11, transformers >= 5.17, ...) and takes what is
+# missing from the wheels in .whl/ (which to carry: docs/benchmarks-performance.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ "${SETUP:-0}" = 1 ]; then
-    site=/tmp/site
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-    fi
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$site" .
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    "$PY" -m pip install -q --no-index --find-links .whl --no-build-isolation --no-compile ".[plot]"
 fi
 OUT=${OUT:-gpu-results}
 HIDDEN=${HIDDEN:-4096}

@@ -219,7 +219,7 @@ def throughput(args, console: Console) -> list[dict]:
     keep = [k / 576 for k in AUTHORS_SHAPE]
     selectors = {
         "keep_all": None,
-        "fastv": ("fastv", dict(k=2, keep=0.25)),
+        "fastv": ("fastv", dict(layer=2, keep=0.25)),
         "pio_fvlm": ("pio_fvlm", dict(layers=[1, 2, 3], keep_fraction=keep)),
     }
     out = []

@@ -74,19 +74,19 @@ class RandomAtStages(TokenSelector):
 
 
 class FastVAttentionMap(ScoreSelector):
-    """FastV scored from the attention map the eager kernel materialised in layer ``k-1`` (``[B, H, L, L]``,
+    """FastV scored from the attention map the eager kernel materialised in layer ``layer-1`` (``[B, H, L, L]``,
     captured by a forward hook on its ``self_attn``): the official code's ``output_attentions`` route."""
 
-    def __init__(self, k: int, keep: int | float):
-        self.k, self.keep = k, keep
+    def __init__(self, layer: int, keep: int | float):
+        self.layer, self.keep = layer, keep
         self.captured: torch.Tensor | None = None
 
     def stages(self, info):
-        return [Stage(self.k, self.keep)]
+        return [Stage(self.layer, self.keep)]
 
     @contextlib.contextmanager
     def capture(self, model):
-        attn = model.model.language_model.layers[self.k - 1].self_attn
+        attn = model.model.language_model.layers[self.layer - 1].self_attn
 
         def hook(module, args, output):
             if output[1] is None:
@@ -152,13 +152,13 @@ def build_configs(args, info, console) -> tuple[list[Config], list[Config]]:
         budget = min(args.budgets)
         if "fastv" in fvlm.list_selectors():
             kwargs = selector_kwargs_for_average("fastv", budget, info, args.visual_total)
-            k, keep = kwargs.get("k", 2), kwargs["keep"]
+            k, keep = kwargs.get("layer", 2), kwargs["keep"]
             fastv = [
-                Config(f"fastv k={k} keep={keep}: SDPA model, rows recomputed", "fastv-sdpa", budget,
+                Config(f"fastv layer={k} keep={keep}: SDPA model, rows recomputed", "fastv-sdpa", budget,
                        _selector_factory("fastv", kwargs)),
-                Config(f"fastv k={k} keep={keep}: eager model, rows recomputed", "fastv-eager-rows", budget,
+                Config(f"fastv layer={k} keep={keep}: eager model, rows recomputed", "fastv-eager-rows", budget,
                        _selector_factory("fastv", kwargs), attn="eager"),
-                Config(f"fastv k={k} keep={keep}: eager model, attention map of layer {k - 1}", "fastv-eager-map",
+                Config(f"fastv layer={k} keep={keep}: eager model, attention map of layer {k - 1}", "fastv-eager-map",
                        budget, lambda k=k, keep=keep: FastVAttentionMap(k, keep), attn="eager",
                        extra=lambda sel, model: sel.capture(model)),
             ]

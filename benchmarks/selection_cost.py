@@ -28,7 +28,7 @@ CASES = {
     "uniform": dict(keep=KEEP),
     "divprune": dict(keep=KEEP),
     "visionzip": dict(dominant=54, contextual=10),
-    "fastv": dict(k=2, keep=KEEP),
+    "fastv": dict(layer=2, keep=KEEP),
     "sparsevlm": dict(schedule=[(2, KEEP)], recycle=False),
     "dart": dict(layer=2, keep=KEEP),
     "pio_fvlm (rows proxy)": dict(layers=[2], keep=[KEEP]),

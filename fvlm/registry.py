@@ -196,8 +196,9 @@ class EntryPointRegistry:
         where = f"{self.kind} {name!r} ({cls.__name__})"
         valid = f"valid parameters: {', '.join(named) or '(none)'}"
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            renamed = getattr(cls, "renamed_parameters", {})
             for key in kwargs:
-                if key not in named:
+                if key not in named and key not in renamed:  # the class names a renamed one itself
                     close = difflib.get_close_matches(key, named, n=1)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
                     raise InvalidParameterError(f"{where} got an unexpected parameter {key!r}{hint}; {valid}")

@@ -10,9 +10,12 @@ from torch import nn
 
 from fvlm.adapters import adapter_for
 from fvlm.adapters.base import BackboneAdapter, LayerInjections
+from fvlm.adapters.versions import check_generate_call
+from fvlm.auxiliary import load_auxiliary
 from fvlm.context import SelectionContext, positions_of
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
 from fvlm.indexing import KeepMap, build_keep_map, gather_last, gather_mask_columns, gather_seq
+from fvlm.registry import create_selector
 from fvlm.selectors.base import TokenSelector
 from fvlm.trace import StageRecord, Trace
 from fvlm.types import POSITION_POLICIES, Need, Selection, Stage, VisionObservation
@@ -197,6 +200,7 @@ class PruningSession:
         layers = self.selector.vision_layers(self.info)
         if layers:
             hooks.extend(self.adapter.observe_layers(self._observed, layers))
+        hooks.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.top.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_hook(self._lm_hook, with_kwargs=True))
@@ -215,6 +219,11 @@ class PruningSession:
             self._handles.pop().remove()
 
     # -- hooks -----------------------------------------------------------------------------
+    def _model_pre_hook(self, module, args, kwargs):
+        """Refuse, before anything runs, a generate call the installed transformers gets wrong."""
+        if self.adapter.is_prefill(kwargs):
+            check_generate_call(module, dict(kwargs, input_ids=args[0]) if args else kwargs, self._uses_cache(kwargs))
+
     def _top_pre_hook(self, module, args, kwargs):
         self._top_kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if args:
@@ -296,6 +305,10 @@ class PruningSession:
             raise FVLMError(f"{len(texts)} instructions for a batch of {bsz} prompts: give one instruction per prompt")
         return [t for t in texts for _ in range(repeat)]
 
+    def _uses_cache(self, kwargs: dict) -> bool:
+        use_cache = kwargs.get("use_cache")
+        return getattr(self.adapter.text_config, "use_cache", True) if use_cache is None else bool(use_cache)
+
     def _continued(self, input_ids: torch.Tensor, valid: torch.Tensor, kwargs: dict) -> "_Run | None":
         """The finished prefill this cache-free call continues, or None (a new prompt: select anew).
 
@@ -307,11 +320,8 @@ class PruningSession:
         if last is None or last.in_prefill:
             return None
         origin = last.origin or last
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(self.adapter.text_config, "use_cache", True)
         length = origin.prompt_len
-        if self.adapter.cache_of(kwargs) is not None or use_cache or input_ids.shape[1] <= length \
+        if self.adapter.cache_of(kwargs) is not None or self._uses_cache(kwargs) or input_ids.shape[1] <= length \
                 or input_ids.shape[0] != origin.input_ids.shape[0]:
             return None
         if self._top_kwargs.get("mm_encoder_outputs") is not origin.encoder_outputs:
@@ -583,8 +593,6 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
     ``listeners``: see :class:`PruningSession`.
     """
     if isinstance(selector, str):
-        from fvlm.registry import create_selector
-
         selector = create_selector(selector, **selector_kwargs)
     elif selector_kwargs:
         raise TypeError("selector keyword arguments are only accepted with a registered selector name")
@@ -593,8 +601,6 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
 
 
 def _load_auxiliary(selector: TokenSelector, model: nn.Module) -> dict:
-    from fvlm.auxiliary import load_auxiliary
-
     loaded = {}
     for spec in selector.auxiliary_models():
         if spec.name in loaded:

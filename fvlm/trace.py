@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from fvlm.budget import layer_average
+
 
 @dataclass
 class StageRecord:
@@ -43,7 +45,7 @@ class Trace:
     @property
     def layer_average(self) -> list[float]:
         """Per sample: visual tokens averaged over all decoder layers (PyramidDrop convention)."""
-        return [sum(row) / len(row) for row in self.visual_per_layer]
+        return [layer_average(row) for row in self.visual_per_layer]
 
     @property
     def layer_average_outputs(self) -> list[float]:

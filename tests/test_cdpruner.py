@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fvlm
 from fvlm.selectors.algorithms import dpp_greedy_map
-from fvlm.tiny_backbones import tiny_clip
+from fvlm.adapters.tiny import tiny_clip
 from helpers import record
 from layouts import (
     IMAGE,

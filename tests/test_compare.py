@@ -37,7 +37,7 @@ def fvlm(*argv, cwd=None):
 def test_summary_records_the_method(runs):
     fastv = json.loads((runs / "fastv-64" / "summary.json").read_text())
     assert fastv["selector"] == "fastv" and fastv["positions"] == "original"
-    assert fastv["selector_args"] == {"k": 2, "keep": 64, "rounding": "round"}  # every argument, defaults too
+    assert fastv["selector_args"] == {"layer": 2, "keep": 64, "rounding": "round"}  # every argument, defaults too
     assert fastv["layer_average"] == fastv["efficiency"]["layer_average"] == (2 * 576 + 2 * 64) / 4
     reference = json.loads((runs / "reference" / "summary.json").read_text())
     assert reference["selector"] == "none" and reference["selector_args"] == {} and reference["positions"] is None
@@ -72,7 +72,7 @@ def test_compare_table_csv_markdown_and_plot(runs, tmp_path):
     assert float(table[0]["speedup"]) == 1.0 and float(table[2]["layer_average"]) == 64.0
     md = (out / "table.md").read_text().splitlines()
     assert md[0].startswith("| run | selector | args") and len(md) == 2 + len(dirs)
-    assert '`{"k":2,"keep":64,"rounding":"round"}`' in md[3]
+    assert '`{"layer":2,"keep":64,"rounding":"round"}`' in md[3]
     if "--plot" in argv:
         assert (out / "plot.png").stat().st_size > 1000
 

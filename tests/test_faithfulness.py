@@ -83,7 +83,7 @@ def check_single(setup, make, batch_stages):
 # ------------------------------------------------------------------------------ the methods
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_fastv(setup, budget):
-    stages, session = run(setup["sdpa"], FastV(k=2, keep=budget), setup["batch"])
+    stages, session = run(setup["sdpa"], FastV(layer=2, keep=budget), setup["batch"])
     assert session.positions == "original"
     for b, s in enumerate(setup["samples"]):
         assert [picks(stages[0], b)] == ref.fastv(setup["eager"], s["embeds"], s["vis"], 2, budget)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fvlm
+from fvlm.adapters.base import BackboneAdapter
 from fvlm.metrics import (
     MIB,
     TextArch,
@@ -193,7 +194,7 @@ def test_full_flops_llava_next_tiles(model_cache):
 
 @pytest.mark.parametrize("selector, kwargs", [
     ("random", dict(keep=6, layer=2, seed=0)),
-    ("fastv", dict(k=2, keep=6)),
+    ("fastv", dict(layer=2, keep=6)),
     ("pio_fvlm", dict(layers=[1, 3], keep=[8, 4])),
     ("pio_fvlm", dict(layers=[1, 3], keep=[5, 2])),  # NMS on 2k < N best-ranked tokens
     ("pio_fvlm", dict(layers=[1, 3], keep=[8, 4], proxy="block")),
@@ -241,7 +242,7 @@ def test_kv_bytes_equal_the_real_cache(model_cache, family):
     inputs = tiny_inputs(model, images_per_prompt=(1, 2))
     with torch.no_grad(), fvlm.prune(model, "random", keep=5, layer=2, seed=0) as session:
         out = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = BackboneAdapter.cache_of(out)
     by_hand = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                   for layer in cache.layers)
     assert kv_cache_bytes(cache) == by_hand

@@ -15,7 +15,7 @@ from helpers import reference_nms_picks
 import fvlm
 from fvlm.adapters.base import ModelInfo
 from fvlm.selectors.pio_fvlm import AUTHORS_SCHEDULES, PIOFVLM
-from fvlm.selectors.schedules import layer_average
+from fvlm.budget import schedule_average as layer_average
 from fvlm.adapters.tiny import family_of, spec_for
 from fvlm.testing import FAMILIES, image_token_id, tiny_batch, tiny_inputs, tiny_model
 
@@ -320,7 +320,7 @@ def test_average_64_derives_the_authors_schedule():
 def test_counts_for_average_is_as_close_as_any_schedule(layers):
     """Against every non-increasing schedule of a small model (brute force): no schedule gets
     closer to the target layer average."""
-    from fvlm.selectors.schedules import counts_for_average
+    from fvlm.budget import counts_for_average
 
     n, depth = 24, 12
     schedules = [c for c in itertools.product(range(n + 1), repeat=len(layers)) if list(c) == sorted(c, reverse=True)]

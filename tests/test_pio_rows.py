@@ -15,6 +15,7 @@ import torch
 
 import fvlm
 from fvlm.adapters import adapter_for
+from fvlm.adapters.base import BackboneAdapter
 from fvlm.selectors.pio_fvlm import PIOFVLM
 from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
 
@@ -118,7 +119,7 @@ def test_projected_keys_and_values_equal_the_real_kv_cache(model_cache, family):
     adapter = adapter_for(model)
     inputs = tiny_inputs(model, images_per_prompt=(2, 1), padding_side="left")
     calls, out = _layer_calls(model, inputs, use_cache=True)
-    cache = out.past_key_values
+    cache = BackboneAdapter.cache_of(out)
     for index, (hidden, kwargs) in enumerate(calls):
         with torch.no_grad():
             proj = adapter.project_qkv(index, hidden, kwargs["position_embeddings"], values=True, queries=False)

@@ -135,6 +135,13 @@ def test_bad_values_name_the_key(override, key, capsys):
     assert key in " ".join(err.split()), err
 
 
+def test_a_renamed_selector_parameter_names_its_new_name(capsys):
+    code, out, err = _main(["-c", str(TINY / "llava-reference.yaml"), "--model.selector",
+                            "{name: fastv, args: {k: 2, keep: 4}}", "--print_config"], capsys)
+    assert code == 2 and out == ""
+    assert "model.selector.args.k (fastv): FastV: `k` was renamed to `layer`; write layer=2" in " ".join(err.split()), err
+
+
 def test_unknown_key_in_a_recipe_file(tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"backbone": {"path": "tiny:llava", "attn": "sdpa"}},

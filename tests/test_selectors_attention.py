@@ -26,7 +26,7 @@ from fvlm.context import SelectionContext
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 from fvlm.selectors.dart import DART
 from fvlm.selectors.fastv import FastV
-from fvlm.selectors.schedules import layer_average
+from fvlm.budget import schedule_average as layer_average
 from fvlm.selectors.sparsevlm import SparseVLM, recycled_clusters
 from fvlm.testing import FAMILIES, image_token_id, tiny_inputs
 from helpers import greedy_without_cache
@@ -84,7 +84,7 @@ def test_fastv_keeps_top_of_last_token_row_averaged_over_heads():
     attn[1, 0, 7, 3:6] = torch.tensor([0.5, 0.1, 0.2])
     attn[1, 1, 7, 3:6] = torch.tensor([0.1, 0.1, 0.6])
     adapter = StubAdapter(attn)
-    fastv = FastV(k=2, keep=2)
+    fastv = FastV(layer=2, keep=2)
     ctx = make_ctx(fastv, fastv.stages(INFO)[0], layout, adapter=adapter)
     # top-2: sample 0 -> 3 (0.25) and the 0.2 tie resolved to the lower index 0; sample 1 -> 2, 0
     assert as_indices(fastv.select(ctx)) == [[0, 3], [0, 2]]
@@ -94,10 +94,33 @@ def test_fastv_keeps_top_of_last_token_row_averaged_over_heads():
 
 def test_fastv_configuration():
     assert FastV().stages(INFO) == [Stage(2, 0.5)]  # paper: after layer K-1 = 1, i.e. 2 layers; drop 50%
-    assert FastV(k=3, keep=64).stages(INFO) == [Stage(3, 64)]
-    for bad in (dict(k=0), dict(keep=1.5), dict(keep=-1), dict(k=True)):
+    assert FastV(layer=3, keep=64).stages(INFO) == [Stage(3, 64)]
+    for bad in (dict(layer=0), dict(keep=1.5), dict(keep=-1), dict(layer=True)):
         with pytest.raises((ValueError, TypeError)):
             FastV(**bad)
+
+
+def test_fastv_refuses_its_old_parameter_name():
+    """``k`` became ``layer`` (the pruning point's name on every selector): the old name is refused
+    with a message naming the new one, from Python, the registry and a recipe, never accepted."""
+    from fvlm.errors import SelectorArgumentError
+
+    for make in (lambda: FastV(k=2, keep=8), lambda: fvlm.create_selector("fastv", k=2, keep=8),
+                 lambda: fvlm.prune(torch.nn.Linear(1, 1), "fastv", k=2)):
+        with pytest.raises(SelectorArgumentError, match=r"FastV: `k` was renamed to `layer`; write layer=2") as info:
+            make()
+        assert info.value.parameter == "k"
+    assert list(fvlm.selector_info("fastv").parameters) == ["layer", "keep", "rounding"]  # the schema is unchanged
+
+
+def test_single_stage_selectors_share_one_stage_rule():
+    from fvlm.selectors.base import SingleStageSelector
+
+    for name, kwargs in [("fastv", dict(layer=3, keep=5, rounding="floor")), ("random", dict(keep=0.5, layer=2)),
+                         ("uniform", dict(keep=7)), ("divprune", dict(keep=0.25, layer="vision"))]:
+        selector = fvlm.create_selector(name, **kwargs)
+        assert isinstance(selector, SingleStageSelector)
+        assert selector.stages(INFO) == [Stage(kwargs.get("layer", "input"), kwargs["keep"], kwargs.get("rounding", "round"))]
 
 
 def _sparsevlm_input_ctx(sel):
@@ -233,7 +256,7 @@ def test_dart_configuration():
 
 
 def test_registered_names():
-    assert isinstance(fvlm.create_selector("fastv", k=3, keep=8), FastV)
+    assert isinstance(fvlm.create_selector("fastv", layer=3, keep=8), FastV)
     assert isinstance(fvlm.create_selector("sparsevlm", budget=64), SparseVLM)
     assert isinstance(fvlm.create_selector("dart", keep=16), DART)
 
@@ -298,7 +321,7 @@ def test_fastv_on_sdpa_equals_eager_attention_maps(model_cache, family, k):
         vis, _, last = layout(eager, inputs, b)
         row = attentions[k - 1][b, :, last, vis].mean(0)  # layer k-1, last prompt token, head mean
         expected.append(top_k(row.tolist(), 6))
-    fastv = FastV(k=k, keep=6)
+    fastv = FastV(layer=k, keep=6)
     picks = record(fastv)
     model = model_cache(family, "sdpa")
     with fvlm.prune(model, fastv), torch.no_grad():
@@ -330,8 +353,8 @@ def test_sparsevlm_on_sdpa_equals_eager_attention_maps(model_cache, family):
 
 # ------------------------------------------------------------------------------ end to end
 CONFIGS = {
-    "fastv": lambda: FastV(k=2, keep=6),
-    "fastv_frac": lambda: FastV(k=1, keep=0.25),
+    "fastv": lambda: FastV(layer=2, keep=6),
+    "fastv_frac": lambda: FastV(layer=1, keep=0.25),
     "sparsevlm": lambda: SparseVLM(schedule=[(1, 12), (2, 8), (3, 4)], recycle=False),
     "sparsevlm_recycle": lambda: SparseVLM(schedule=[(1, 12), (2, 7)], recycle=True),
     "dart": lambda: DART(layer=2, keep=8),

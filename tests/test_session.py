@@ -2,10 +2,16 @@
 sliced inputs, cached == recomputed decoding) are in test_family_matrix.py."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from transformers import DynamicCache
 
 import fvlm
+from fvlm.adapters import versions
+from fvlm.adapters.base import BackboneAdapter
+from fvlm.errors import UnsupportedModelError
 from fvlm.testing import tiny_inputs
 from helpers import EveryOther, FixedSelector, GradientNorm, greedy_without_cache, hook_count
 
@@ -22,6 +28,18 @@ SCHEDULES = {
 }
 
 
+def test_cache_is_read_under_either_transformers_name():
+    cache_of, is_prefill = BackboneAdapter.cache_of, BackboneAdapter.is_prefill
+    cache = DynamicCache()
+    for name in ("cache", "past_key_values"):  # transformers >= 5.24, and before
+        assert cache_of({name: cache, "use_cache": True}) is cache
+        assert cache_of(SimpleNamespace(**{name: cache})) is cache
+        assert is_prefill({name: cache}) and is_prefill({name: None})
+    assert cache_of({"use_cache": True}) is None and cache_of(SimpleNamespace()) is None
+    cache.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), layer_idx=0)
+    assert not is_prefill({"cache": cache}) and not is_prefill({"past_key_values": cache})
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_trace_matches_real_cache_and_schedule(model_cache, family):
     model = model_cache(family, "eager")
@@ -29,7 +47,7 @@ def test_trace_matches_real_cache_and_schedule(model_cache, family):
     with fvlm.prune(model, EveryOther(SCHEDULES["multi"])) as session:
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     trace = session.trace
-    cache = out.past_key_values
+    cache = BackboneAdapter.cache_of(out)
     assert trace.kv_length == [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
     assert trace.visual_per_layer == [[10, 6, 3, 3], [10, 6, 3, 3]]
     assert trace.layer_average == [5.5, 5.5]
@@ -83,6 +101,11 @@ def test_only_a_cache_free_continuation_reuses_the_prompt_selection(model_cache)
     model = model_cache("llava", "sdpa")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
     selector = CountingRandom()
+    if versions.TRANSFORMERS < versions.FIXED_IN:  # 5.17 passes the same images at every step
+        with fvlm.prune(model, selector), torch.no_grad(), pytest.raises(UnsupportedModelError, match=">= 5.19"):
+            model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert selector.calls == 0  # refused before anything ran
+        return
     with fvlm.prune(model, selector) as session, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
         assert selector.calls == 1 and session.trace.decode_steps == 3

@@ -5,14 +5,14 @@ from typing import Any
 
 from torch import nn
 
+from fvlm.adapters import layer_math
 from fvlm.adapters.base import BackboneAdapter, ImageGrid, ModelInfo, unsupported_message
 from fvlm.errors import UnsupportedModelError
+from fvlm.registry import get_adapter_class, list_adapters
 
 
 def adapter_for(model: nn.Module) -> BackboneAdapter:
     """The registered adapter that recognises ``model`` (a ``*ForConditionalGeneration``)."""
-    from fvlm.registry import get_adapter_class, list_adapters
-
     for name in list_adapters():
         cls = get_adapter_class(name)
         if cls.matches(model):
@@ -26,10 +26,6 @@ def adapter_for(model: nn.Module) -> BackboneAdapter:
 def adapter_class_for_config(config: Any) -> type[BackboneAdapter]:
     """The registered adapter class for a model of ``config`` (a transformers config), before the
     model is loaded: a checkpoint fvlm cannot prune fails before its weights are read."""
-    from fvlm.registry import get_adapter_class, list_adapters
-
-    from fvlm.adapters import layer_math
-
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     problems = layer_math.architecture_problems(None, text)
     for name in list_adapters():
@@ -48,8 +44,6 @@ def adapter_class_for_config(config: Any) -> type[BackboneAdapter]:
 def _problems(model: nn.Module) -> list[str]:
     """Why a model no adapter handles could not be pruned anyway, read through the common layout
     (``model.model.language_model.layers``); empty when that layout is not there."""
-    from fvlm.adapters import layer_math
-
     try:
         probe = BackboneAdapter(model)
         return layer_math.architecture_problems(probe.layers, probe.text_config)
@@ -58,8 +52,6 @@ def _problems(model: nn.Module) -> list[str]:
 
 
 def _no_adapter(what: str, config: Any) -> UnsupportedModelError:
-    from fvlm.registry import list_adapters
-
     return UnsupportedModelError(
         f"fvlm has no backbone adapter for {what} (model_type={getattr(config, 'model_type', None)!r}); "
         f"supported families: {', '.join(list_adapters())}. See docs on adding a backbone family."

@@ -215,8 +215,9 @@ class BackboneAdapter:
     # -- forward-call mechanics ------------------------------------------------------------
     @staticmethod
     def cache_of(kwargs_or_output: Any) -> Any:
-        """The KV cache of a forward call's keyword arguments or of a ``generate`` / forward output
-        (``past_key_values``; transformers >= 5.24 names generate's output field ``cache``)."""
+        """The KV cache of a forward call's keyword arguments or of a ``generate`` / forward output,
+        under either transformers name (``past_key_values``; ``cache`` since 5.24). The one place fvlm
+        reads it."""
         get = kwargs_or_output.get if isinstance(kwargs_or_output, dict) else (
             lambda name: getattr(kwargs_or_output, name, None))
         cache = get("past_key_values")

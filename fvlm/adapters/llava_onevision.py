@@ -13,6 +13,7 @@ from fvlm.adapters.llava import (
     TinyLlavaNext,
     clip_processing,
 )
+from fvlm.processors import image_only_class
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -60,8 +61,6 @@ class TinyLlavaOnevision(TinyLlavaNext):
 
     def processor(self, tokenizer):
         from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
-
-        from fvlm.processors import image_only_class
 
         image = LlavaOnevisionImageProcessorPil(**clip_processing(), image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
         return image_only_class(LlavaOnevisionProcessor)(

@@ -16,6 +16,7 @@ from fvlm.adapters.base import (
     images_per_row,
 )
 from fvlm.errors import UnsupportedModelError
+from fvlm.processors import image_only_class
 from fvlm.types import Need
 
 _ROW_CHUNK = 2**24  # attention entries per chunk when summing the columns of a vision attention map
@@ -172,8 +173,6 @@ class TinyQwen2VL(tiny.TinySpec):
 
     @staticmethod
     def _processor(cls, image_cls, tokenizer):
-        from fvlm.processors import image_only_class
-
         factor = QWEN_PATCH * 2
         image = image_cls(patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL_PATCH, merge_size=2,
                           size={"shortest_edge": 4 * factor * factor, "longest_edge": 12 * factor * factor})

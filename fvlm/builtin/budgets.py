@@ -21,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from fvlm import registry
+from fvlm.selectors.diversity import VisionZip
+
 #: Selector names that are combinators, not methods (left out of the benchmark by default).
 SKIP = frozenset({"compose"})
 
@@ -69,22 +72,17 @@ def _pio_ve(b: int, _: int) -> dict:
                           {"name": "pio_fvlm", "args": {"layers": [2], "keep": [keep]}}]}
 
 
-def _visionzip(b: int, _: int) -> dict:
-    dominant = max(1, round(b * 5 / 6))  # the authors' 54 + 10 split, about 5 : 1
-    return {"dominant": dominant, "contextual": b - dominant}
-
-
 SETTINGS: dict[str, Setting] = {s.label: s for s in [
     Setting("keep_all", "keep_all", lambda b, n: {}, budgeted=False),
     Setting("random", "random", lambda b, n: {"keep": b, "seed": 0}),
     Setting("uniform", "uniform", lambda b, n: {"keep": b}),
     Setting("pool", "pool", _stride),
     Setting("divprune", "divprune", lambda b, n: {"keep": b}),
-    Setting("visionzip", "visionzip", _visionzip),
+    Setting("visionzip", "visionzip", lambda b, n: VisionZip.split(b)),
     Setting("cdpruner", "cdpruner", lambda b, n: {"keep": b, "relevance_source": "llm_embed"}),
     Setting("vscan_encoder", "vscan_encoder", lambda b, n: {"keep": b, "local_layer": 0}),
     Setting("vscan", "vscan", lambda b, n: dict(zip(("encoder_keep", "keep"), _two_stage(b)), layer=2, local_layer=0)),
-    Setting("fastv", "fastv", lambda b, n: {"k": 2, "keep": b}),
+    Setting("fastv", "fastv", lambda b, n: {"layer": 2, "keep": b}),
     Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)], "recycle": False}),
     Setting("dart", "dart", lambda b, n: {"layer": 2, "keep": b}),
     Setting("pio_fvlm", "pio_fvlm", lambda b, n: {"layers": [1], "keep": [b]}),
@@ -97,9 +95,7 @@ def setting(label: str) -> Setting:
     """The :class:`Setting` for ``label``; a registered selector without one gets ``keep=b`` if it takes ``keep``."""
     if label in SETTINGS:
         return SETTINGS[label]
-    from fvlm import registry
-
-    params = registry.SELECTORS.info(label).parameters
+    params = registry.selector_info(label).parameters
     if "keep" not in params:
         raise ValueError(f"no budget mapping for selector {label!r} (it has no `keep` parameter)")
     return Setting(label, label, lambda b, n: {"keep": b})
@@ -107,9 +103,7 @@ def setting(label: str) -> Setting:
 
 def default_labels() -> list[str]:
     """Every registered selector except combinators, plus the extra rows of :data:`SETTINGS`, in table order."""
-    import fvlm
-
-    installed = fvlm.list_selectors()
+    installed = registry.list_selectors()
     ordered = [label for label, s in SETTINGS.items() if s.selector in installed]
     return ordered + [n for n in installed if n not in SETTINGS and n not in SKIP]
 

@@ -1,5 +1,5 @@
 """Efficiency metrics as pure functions: analytic FLOPs (paper and full conventions), KV-cache
-bytes (real cache and analytic), visual-token accounting. See :mod:`fvlm.metrics.flops`."""
+bytes (real cache and analytic), and the visual-token accounting of :mod:`fvlm.budget`. See :mod:`fvlm.metrics.flops`."""
 from fvlm.metrics.flops import (
     FlopsBreakdown,
     TextArch,
@@ -16,7 +16,7 @@ from fvlm.metrics.flops import (
     vision_flops,
 )
 from fvlm.metrics.kv import MIB, dtype_bytes, kv_bytes, kv_bytes_per_token, kv_cache_bytes
-from fvlm.metrics.tokens import VisualCounts, layer_average, stage_count, visual_counts
+from fvlm.budget import VisualCounts, layer_average, stage_count, visual_counts
 
 __all__ = [
     "MIB",

@@ -7,9 +7,10 @@ conventions, KV-cache bytes after prefill (+ decode tokens), and one decode step
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-from fvlm.errors import FVLMError, UsageError
+from fvlm.budget import BUDGET_PARAMETERS, VisualCounts, stage_count, visual_counts, with_input_size  # noqa: F401
+from fvlm.errors import UsageError
 from fvlm.metrics.flops import (
     FlopsBreakdown,
     TextArch,
@@ -19,17 +20,9 @@ from fvlm.metrics.flops import (
     selector_overhead_flops,
 )
 from fvlm.metrics.kv import dtype_bytes, kv_bytes
-from fvlm.metrics.tokens import VisualCounts, stage_count, visual_counts
 from fvlm.profiling.arch import Architecture, model_info
+from fvlm.registry import create_selector, get_selector_class
 from fvlm.types import ModelInfo, Stage
-
-# Parameters a layer-average budget sets, in this order of preference. AVERAGE_PARAMETERS take the
-# target itself (the selector maps it to its own stage counts); COUNT_PARAMETERS are a kept-token
-# count, searched until the schedule's layer average is nearest the target.
-AVERAGE_PARAMETERS = ("average", "target_average", "budget")
-COUNT_PARAMETERS = ("keep", "num_tokens", "tokens")
-BUDGET_PARAMETERS = AVERAGE_PARAMETERS + COUNT_PARAMETERS
-
 
 @dataclass
 class ProfileRow:
@@ -177,121 +170,24 @@ def keep_all_row(arch: Architecture, **kwargs) -> ProfileRow:
     return profile_stages(arch, [Stage("input", 1.0)], label="keep_all", kind="keep_all", **kwargs)
 
 
-def _visionzip_split(average: float) -> dict:
-    """VisionZip's dominant + contextual split at the community ratio 54 : 10 (64 = 54 + 10,
-    128 = 108 + 20, 192 = 162 + 30)."""
-    total = int(round(average))
-    dominant = int(round(total * 54 / 64))
-    return {"dominant": dominant, "contextual": total - dominant}
-
-
-def _vscan_split(average: float) -> dict:
-    """VScan's two stages from a layer average: the authors' LLaVA-1.5 schedule (96 from the encoder,
-    32 after layer 16 of 32: average 64) scaled, encoder 1.5x and LLM stage 0.5x the average (the spec's
-    labelled guess beyond 64; exact on 32 layers with the stage after layer 16)."""
-    return {"encoder_keep": int(round(1.5 * average)), "layer": 16, "keep": int(round(0.5 * average))}
-
-
-# Selectors whose budget is not one parameter: name -> (layer average -> kwargs).
-BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split, "vscan": _vscan_split}
-
-
 def budget_parameter(name: str) -> str | None:
-    """The parameter of selector ``name`` that a layer-average budget sets (see BUDGET_PARAMETERS),
-    ``"*"`` when :data:`BUDGET_MAPS` knows how to split it, else None."""
-    from fvlm.registry import selector_info
-
-    if name in BUDGET_MAPS:
-        return "*"
-    params = selector_info(name).parameters
-    return next((p for p in BUDGET_PARAMETERS if p in params), None)
-
-
-def _with_input_size(name: str, params: dict, original: int) -> dict:
-    """Selectors that derive stage counts for an input size take it as ``n_visual``: set it to the
-    profiled count unless given."""
-    from fvlm.registry import selector_info
-
-    if "n_visual" in selector_info(name).parameters and "n_visual" not in params:
-        return {**params, "n_visual": original}
-    return params
+    """What a layer-average budget sets on selector ``name``
+    (:meth:`~fvlm.selectors.base.TokenSelector.budget_parameter`), or None."""
+    return get_selector_class(name).budget_parameter()
 
 
 def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, original: int,
                                 params: dict | None = None) -> dict:
-    """Keyword arguments for selector ``name`` so that its schedule has a layer average of ``target``
-    visual tokens (of ``original``) on a model described by ``info``.
-
-    The parameter set is the first of :data:`BUDGET_PARAMETERS` the selector accepts: an average
-    parameter (``average``, ``budget``, ...) gets ``target`` as is (the selector's own mapping to stage
-    counts is authoritative; the real average is reported); a count parameter (``keep``, ...) is
-    searched over 1..original for the schedule whose layer average is nearest ``target`` (FastV
-    keeping R after K layers: R = (L * target - K * N) / (L - K), rounded). :data:`BUDGET_MAPS`
-    covers selectors with a split budget (VisionZip). Selectors with an ``n_visual`` parameter get
-    ``original``.
-    """
-    from fvlm.registry import create_selector
-
-    if not 0 < target <= original:
-        raise UsageError(f"a layer-average budget of {target:g} visual tokens is outside (0, {original}]: "
-                         f"the model has {original} visual tokens per sample")
-    params = _with_input_size(name, dict(params or {}), original)
-    param = budget_parameter(name)
-    if param is None:
-        raise UsageError(
-            f"selector {name!r} has none of the budget parameters {', '.join(BUDGET_PARAMETERS)}; "
-            "give its own parameters with --set instead of --budget"
-        )
-    if param == "*":
-        return {**params, **BUDGET_MAPS[name](target)}
-
-    def average(value) -> float:
-        selector = create_selector(name, **{**params, param: value})
-        return visual_counts(list(selector.stages(info)), info.num_layers, original, selector).layer_average
-
-    if param in AVERAGE_PARAMETERS:
-        value = int(target) if float(target).is_integer() else target
-        try:
-            average(value)
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"selector {name!r} with {param}={value}: {exc}") from None
-        return {**params, param: value}
-
-    def safe(value: int) -> float | None:
-        try:
-            return average(value)
-        except (ValueError, TypeError, FVLMError):
-            return None
-
-    lo, hi = 1, original  # the smallest count whose layer average reaches the target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        avg = safe(mid)
-        if avg is not None and avg >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = None
-    for value in sorted({max(1, lo - 1), lo}):
-        avg = safe(value)
-        if avg is not None and (best is None or abs(avg - target) < best[0]):
-            best = (abs(avg - target), value)
-    if best is None:
-        raise UsageError(f"selector {name!r}: no value of {param!r} gives a valid schedule")
-    ends = [safe(1), safe(original)]
-    step = abs(ends[1] - ends[0]) / (original - 1) if None not in ends and original > 1 else 1.0
-    if best[0] > max(1.0, step):  # more than a rounding gap: the target is out of this selector's reach
-        raise UsageError(f"selector {name!r} cannot reach a layer average of {target:g} through {param!r}: "
-                         f"the nearest it gets is {average(best[1]):.1f} ({param}={best[1]})")
-    return {**params, param: best[1]}
+    """Keyword arguments for registered selector ``name`` whose schedule has a layer average of
+    ``target`` visual tokens (of ``original``) on a model described by ``info``: the class's
+    :meth:`~fvlm.selectors.base.TokenSelector.for_average`."""
+    return get_selector_class(name).for_average(target, info, original, **dict(params or {}))
 
 
 def selector_for_average(name: str, target: float, arch: Architecture, params: dict | None = None,
                          visual_tokens: int | None = None):
     """:func:`selector_kwargs_for_average` on an :class:`Architecture`; returns
     ``(selector, kwargs, stages)``."""
-    from fvlm.registry import create_selector
-
     original = arch.visual_tokens if visual_tokens is None else int(visual_tokens)
     kwargs = selector_kwargs_for_average(name, target, model_info(arch), original, params)
     selector = create_selector(name, **kwargs)
@@ -301,14 +197,12 @@ def selector_for_average(name: str, target: float, arch: Architecture, params: d
 def profile_selector(arch: Architecture, name: str, *, budget: float | None = None, params: dict | None = None,
                      **kwargs) -> ProfileRow:
     """Profile a registered selector, at a layer-average ``budget`` or with explicit ``params``."""
-    from fvlm.registry import create_selector
-
     if budget is not None:
         selector, used, stages = selector_for_average(name, budget, arch, params, kwargs.get("visual_tokens"))
         label = f"{name} @{budget:g}"
     else:
         original = arch.visual_tokens if kwargs.get("visual_tokens") is None else kwargs["visual_tokens"]
-        used = _with_input_size(name, dict(params or {}), original)
+        used = with_input_size(get_selector_class(name), dict(params or {}), original)
         selector = create_selector(name, **used)
         stages = list(selector.stages(model_info(arch)))
         given = dict(params or {})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fvlm.adapters import adapter_for
 from fvlm.errors import FVLMError, UsageError
 from fvlm.metrics.flops import TextArch, VisionArch
 from fvlm.types import ModelInfo
@@ -184,7 +185,5 @@ def model_info(arch: Architecture) -> ModelInfo:
     """ModelInfo for ``arch`` exactly as at run time: the registered adapter's ``info()`` on the
     meta-device model (built once per :class:`Architecture`, well under a second for 7B)."""
     if arch._info is None:
-        from fvlm.adapters import adapter_for
-
         arch._info = adapter_for(build_meta_model(arch)).info()
     return arch._info

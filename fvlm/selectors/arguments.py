@@ -5,18 +5,18 @@ from Python, and in ``fvlm run`` while the recipe is parsed, before any model is
 check raises :class:`~fvlm.errors.SelectorArgumentError` naming the selector, the parameter, what it
 allows and the value given.
 
-Budgets follow one rule: an ``int`` is a count of visual tokens (>= 1), a ``float`` a fraction in
-(0, 1] of each sample's original visual tokens. So ``keep: 1`` keeps one token and ``keep: 1.0``
-keeps every token (``fvlm run`` points out a recipe's ``keep: 1``, an easy slip).
+Budgets follow the spelling of :mod:`fvlm.budget`: an ``int`` is a count of visual tokens (>= 1),
+a ``float`` a fraction in (0, 1] of each sample's original visual tokens. So ``keep: 1`` keeps one
+token and ``keep: 1.0`` keeps every token (``fvlm run`` points out a recipe's ``keep: 1``, an easy slip).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Sequence
 
+from fvlm.budget import KEEP_RULE
 from fvlm.errors import SelectorArgumentError
 
-KEEP_RULE = "an int count >= 1, or a float fraction in (0, 1] of each sample's visual tokens (1.0 keeps all)"
 WHERE_RULE = "'vision', 'input' or an int >= 1 (the number of decoder layers that run before pruning)"
 
 

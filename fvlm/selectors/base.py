@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import abc
+import functools
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
+from fvlm import budget
+from fvlm.errors import SelectorArgumentError
+from fvlm.selectors.algorithms import topk_indices
+from fvlm.selectors.arguments import check_keep, check_where
 from fvlm.types import (  # noqa: F401  (the selector API's types)
     POSITION_POLICIES,
     ROUNDING,
@@ -38,6 +43,14 @@ class TokenSelector(abc.ABC):
     #: ``"compact"`` resolves to ``"original"`` on M-RoPE backbones (Qwen), where fvlm keeps ids. An
     #: instance may set its own when the policy depends on an option (SparseVLM's ``version``).
     positions: str = "original"
+    #: Parameters the selector renamed, old name -> new name: passing an old name raises a
+    #: :class:`~fvlm.errors.SelectorArgumentError` that names the new one (never accepted silently).
+    renamed_parameters: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("renamed_parameters") and "__init__" in cls.__dict__:
+            cls.__init__ = _rejecting_renamed(cls.__init__, cls.renamed_parameters)
 
     @abc.abstractmethod
     def stages(self, info: "ModelInfo") -> Sequence[Stage]:
@@ -46,6 +59,22 @@ class TokenSelector(abc.ABC):
     @abc.abstractmethod
     def select(self, ctx: "SelectionContext") -> Selection | torch.Tensor:
         """Choose the visual tokens to keep at ``ctx.stage`` (``ctx.budget[b]`` per sample)."""
+
+    @classmethod
+    def for_average(cls, average: float, info: "ModelInfo", original: int, **params) -> dict:
+        """Keyword arguments (``params`` plus the budget's) whose schedule averages ``average`` visual
+        tokens over the decoder layers of ``info``, for ``original`` visual tokens per sample: the one
+        mapping from a layer-average budget to this selector's arguments (``fvlm profile --budget``,
+        the benchmarks). Default: :func:`fvlm.budget.arguments_for_average` on the selector's budget
+        parameter; override when the budget is split over several (VisionZip, VScan). Raises
+        :class:`~fvlm.errors.BudgetError` when the average is out of reach."""
+        return budget.arguments_for_average(cls, average, info, original, params)
+
+    @classmethod
+    def budget_parameter(cls) -> str | None:
+        """What :meth:`for_average` sets: a parameter name, several joined by ``" + "``, or None when
+        the selector takes no layer-average budget."""
+        return budget.budget_parameter(cls)
 
     def keep_count(self, stage: Stage, current: torch.Tensor, original: torch.Tensor,
                    images: torch.Tensor) -> torch.Tensor:
@@ -87,6 +116,39 @@ class ScoreSelector(TokenSelector):
         """Scores ``[B, N]`` for the visual tokens (higher is kept first)."""
 
     def select(self, ctx: "SelectionContext") -> torch.Tensor:
-        from fvlm.selectors.algorithms import topk_indices
-
         return topk_indices(self.score(ctx), ctx.visual_valid, ctx.budget)
+
+
+class SingleStageSelector(TokenSelector):
+    """A selector with one pruning point: ``keep`` visual tokens survive at ``layer``.
+
+    ``keep`` is an int count or a float fraction (:data:`fvlm.budget.KEEP_RULE`), turned into a count
+    by ``rounding``; ``layer`` is ``"vision"``, ``"input"`` or the number of decoder layers that run
+    before pruning. A subclass gives its own defaults in a typed ``__init__`` (the recipe schema)
+    that calls ``super().__init__(keep, layer)``, and keeps only its scoring or selection.
+    """
+
+    rounding: str = "round"
+
+    def __init__(self, keep: int | float = 0.25, layer: int | str = "input"):
+        self.keep = check_keep(self, keep)
+        self.layer = check_where(self, layer)
+
+    def stages(self, info):
+        return [Stage(self.layer, self.keep, self.rounding)]
+
+
+def _rejecting_renamed(init, renamed: dict[str, str]):
+    """``init`` refusing the old names in ``renamed`` with a message naming the new ones."""
+
+    @functools.wraps(init)  # keeps the signature: it is the recipe schema
+    def checked(self, *args, **kwargs):
+        for old in sorted(kwargs.keys() & renamed.keys()):
+            error = SelectorArgumentError(
+                f"{type(self).__name__}: `{old}` was renamed to `{renamed[old]}`; write "
+                f"{renamed[old]}={kwargs[old]!r}")
+            error.parameter = old
+            raise error
+        init(self, *args, **kwargs)
+
+    return checked

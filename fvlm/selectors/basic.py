@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from fvlm.errors import FVLMError
-from fvlm.selectors.arguments import check_int, check_keep, check_where
-from fvlm.selectors.base import Need, ScoreSelector, Selection, Stage, TokenSelector
+from fvlm.selectors.algorithms import block_pool, uniform_indices
+from fvlm.selectors.arguments import check_int, check_where
+from fvlm.selectors.base import Need, ScoreSelector, Selection, SingleStageSelector, Stage, TokenSelector
 
 
 class KeepAll(TokenSelector):
@@ -21,7 +22,7 @@ class KeepAll(TokenSelector):
         return torch.where(ctx.visual_valid, torch.arange(ctx.visual_index.shape[1], device=ctx.hidden.device), -1)
 
 
-class RandomSelector(ScoreSelector):
+class RandomSelector(SingleStageSelector, ScoreSelector):
     """Keeps a seeded uniformly random subset of the visual tokens (same seed, same picks).
 
     Every sample draws from the same seeded stream, so its picks do not depend on its place in the
@@ -29,12 +30,8 @@ class RandomSelector(ScoreSelector):
     """
 
     def __init__(self, keep: int | float = 0.25, layer: int | str = "input", seed: int = 0):
-        self.keep = check_keep(self, keep)
-        self.layer = check_where(self, layer)
+        super().__init__(keep, layer)
         self.seed = check_int(self, seed, "seed")
-
-    def stages(self, info):
-        return [Stage(self.layer, self.keep)]
 
     def score(self, ctx):
         gen = torch.Generator().manual_seed(self.seed)
@@ -42,7 +39,7 @@ class RandomSelector(ScoreSelector):
         return torch.rand(width, generator=gen).expand(bsz, width).to(ctx.hidden.device)
 
 
-class UniformSelector(TokenSelector):
+class UniformSelector(SingleStageSelector):
     """Keeps visual tokens at an even spatial stride over each image's patch grid.
 
     Budgets are split across a sample's images in proportion to their token counts; within an
@@ -51,16 +48,7 @@ class UniformSelector(TokenSelector):
 
     needs = frozenset({Need.GRID})
 
-    def __init__(self, keep: int | float = 0.25, layer: int | str = "input"):
-        self.keep = check_keep(self, keep)
-        self.layer = check_where(self, layer)
-
-    def stages(self, info):
-        return [Stage(self.layer, self.keep)]
-
     def select(self, ctx):
-        from fvlm.selectors.algorithms import uniform_indices
-
         grids = ctx.grids
         rows = []
         for b in range(ctx.hidden.shape[0]):
@@ -80,8 +68,6 @@ class UniformSelector(TokenSelector):
 
 def _grid_picks(grids, k: int) -> list[int]:
     """Split ``k`` across images by size (largest remainder), then stride evenly on each grid."""
-    from fvlm.selectors.algorithms import uniform_indices
-
     total = sum(g.length for g in grids)
     shares = [k * g.length / total for g in grids]
     counts = [int(s) for s in shares]
@@ -149,8 +135,6 @@ class Pool(TokenSelector):
         return torch.tensor(counts, dtype=torch.long, device=ctx.hidden.device)
 
     def select(self, ctx):
-        from fvlm.selectors.algorithms import block_pool
-
         rows = []
         for b, layout in enumerate(ctx.layout):
             x = ctx.visual_hidden[b]

@@ -44,8 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fvlm.adapters.tiny import tiny_clip
 from fvlm.auxiliary import DTYPES, AuxiliarySpec
 from fvlm.errors import AuxiliaryModelError, UnsupportedModelError
+from fvlm.metrics.flops import clip_text_flops, dpp_map_flops
+from fvlm.selectors.algorithms import dpp_greedy_map
 from fvlm.selectors.arguments import check_choice, check_int, check_number, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
@@ -98,8 +101,6 @@ def load_clip_relevance(source: str, backbone: nn.Module) -> ClipRelevanceTower:
     vision = getattr(backbone.config, "vision_config", None)
     width = getattr(vision, "hidden_size", None)
     if source.startswith("tiny:"):
-        from fvlm.tiny_backbones import tiny_clip
-
         if source != "tiny:clip":
             raise AuxiliaryModelError(f"unknown tiny auxiliary model {source!r}; expected 'tiny:clip'")
         clip, tokenizer = tiny_clip(width)
@@ -196,8 +197,6 @@ class CDPruner(TokenSelector):
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
         """The kernel and greedy MAP per view, plus one 77-token row of a ViT-L/14 CLIP text tower
         for ``clip_text`` (longer instructions add a row each)."""
-        from fvlm.metrics.flops import clip_text_flops, dpp_map_flops
-
         views = max(1, n_visual // info.view_tokens) if info.view_tokens else 1
         per_view = n_visual / views
         text = clip_text_flops(1) if self._resolve(info) == "clip_text" else 0.0
@@ -217,8 +216,6 @@ class CDPruner(TokenSelector):
         return F.normalize(x, dim=-1).float() if self.normalize_in_input_dtype else F.normalize(x.float(), dim=-1)
 
     def select(self, ctx):
-        from fvlm.selectors.algorithms import dpp_greedy_map
-
         source = self._source
         texts = ctx.auxiliary("text_tower").embed_texts(ctx.instructions) if source == "clip_text" else None
         jobs = []  # (sample, view, unit features, quality)

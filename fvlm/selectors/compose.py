@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fvlm.errors import FVLMError
+from fvlm.registry import create_selector
 from fvlm.selectors.arguments import fail
 from fvlm.selectors.base import TokenSelector
 
@@ -20,8 +21,6 @@ class Compose(TokenSelector):
     example_kwargs = {"selectors": [{"name": "divprune", "args": {"keep": 10}}, {"name": "random", "args": {"keep": 4, "layer": 2}}]}
 
     def __init__(self, selectors: list):
-        from fvlm.registry import create_selector
-
         rule = "a non-empty list of selectors, names or {name, args} mappings"
         if not isinstance(selectors, (list, tuple)) or not selectors:
             raise fail(self, "selectors", rule, selectors)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from fvlm import budget
 from fvlm.errors import UnsupportedModelError
 from fvlm.selectors.algorithms import cls_dominant_and_contextual, max_min_diversity
-from fvlm.selectors.arguments import check_int, check_keep, check_where, fail
-from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
+from fvlm.selectors.arguments import check_int, fail
+from fvlm.selectors.base import Need, Selection, SingleStageSelector, Stage, TokenSelector
 
 
-class DivPrune(TokenSelector):
+class DivPrune(SingleStageSelector):
     """DivPrune (CVPR'25, arXiv 2503.02175): greedy max-min diversity on cosine distance.
 
     Runs on the LLM input embeddings by default (any stage works). The first pick is the token whose
@@ -23,11 +24,7 @@ class DivPrune(TokenSelector):
     positions = "compact"
 
     def __init__(self, keep: int | float = 0.098, layer: int | str = "input"):
-        self.keep = check_keep(self, keep)
-        self.layer = check_where(self, layer)
-
-    def stages(self, info):
-        return [Stage(self.layer, self.keep)]
+        super().__init__(keep, layer)
 
     def select(self, ctx):
         return max_min_diversity(ctx.visual_hidden, ctx.visual_valid, ctx.budget)
@@ -59,6 +56,23 @@ class VisionZip(TokenSelector):
     def __init__(self, dominant: int = 54, contextual: int = 10):
         self.dominant = check_int(self, dominant, "dominant", minimum=1)  # counts the CLS token
         self.contextual = check_int(self, contextual, "contextual", minimum=0)
+
+    @staticmethod
+    def split(total: int) -> dict:
+        """``dominant`` and ``contextual`` for ``total`` tokens per image at the authors' ratio 54 : 10
+        (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30)."""
+        dominant = max(1, int(round(total * 54 / 64)))
+        return {"dominant": dominant, "contextual": total - dominant}
+
+    @classmethod
+    def for_average(cls, average, info, original, **params):
+        """VisionZip prunes before the LLM, so its layer average is its count: :meth:`split` of it."""
+        budget.check_average(average, original)
+        return {**params, **cls.split(int(round(average)))}
+
+    @classmethod
+    def budget_parameter(cls):
+        return "dominant + contextual"
 
     def stages(self, info):
         if info.family != "llava":

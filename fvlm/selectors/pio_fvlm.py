@@ -39,7 +39,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from fvlm.budget import counts_for_average
 from fvlm.errors import BudgetError, FVLMError, SelectorArgumentError
+from fvlm.selectors.algorithms import nms_fill
+from fvlm.selectors.arguments import check_choice, check_number
 from fvlm.selectors.base import Need, Stage, TokenSelector
 from fvlm.selectors.head_loss import self_argmax_cross_entropy
 
@@ -77,7 +80,7 @@ class PIOFVLM(TokenSelector):
       (``int(ratio * current)``, at least 1), as the authors' Qwen code applies its ratio lists;
     - ``average``: a target *layer average* of the visual-token count (PyramidDrop convention, the
       paper's "64 / 128 / 192 tokens") for an input of ``n_visual`` visual tokens. Per-stage counts
-      are derived for the model's depth with :func:`~fvlm.selectors.schedules.counts_for_average`
+      are derived for the model's depth with :func:`~fvlm.budget.counts_for_average`
       (3 stages: the authors' relative shape 218 : 128 : 54; otherwise halving per stage) and applied
       as fractions ``count / n_visual`` of each sample's original count. An input of exactly
       ``n_visual`` tokens gets exactly the derived counts; another input size gets the same
@@ -163,29 +166,20 @@ class PIOFVLM(TokenSelector):
         self.k_last = _int("k_last", k_last)
         if self.k_last < 1:
             raise SelectorArgumentError(f"PIOFVLM: `k_last` must be >= 1, got {self.k_last}")
-        self.tau = _float("tau", tau)
-        if not -1.0 <= self.tau <= 1.0:
-            raise SelectorArgumentError(f"PIOFVLM: `tau` is a cosine threshold in [-1, 1], got {self.tau}")
+        self.tau = check_number(self, tau, "tau", -1.0, 1.0)  # a cosine threshold
         if not isinstance(nms, bool):
             raise SelectorArgumentError(f"PIOFVLM: `nms` must be a bool, got {nms!r}")
         self.nms = nms
-        if proxy_block not in PROXY_BLOCKS:
-            raise SelectorArgumentError(f"PIOFVLM: `proxy_block` must be one of {PROXY_BLOCKS}, got {proxy_block!r}")
-        self.proxy_block = proxy_block
-        if head_rows not in HEAD_ROWS:
-            raise SelectorArgumentError(f"PIOFVLM: `head_rows` must be one of {HEAD_ROWS}, got {head_rows!r}")
-        self.head_rows = head_rows
-        if proxy not in PROXIES:
-            raise SelectorArgumentError(f"PIOFVLM: `proxy` must be one of {PROXIES}, got {proxy!r}")
+        self.proxy_block = check_choice(self, proxy_block, "proxy_block", PROXY_BLOCKS)
+        self.head_rows = check_choice(self, head_rows, "head_rows", HEAD_ROWS)
+        check_choice(self, proxy, "proxy", PROXIES)
         if proxy == "rows" and head_rows == "all":
             raise SelectorArgumentError(
                 "PIOFVLM: head_rows='all' applies the LM head to every block output row, which proxy='rows' "
                 "does not compute; use proxy='block' with head_rows='all'"
             )
         self.proxy = proxy
-        if proxy_head not in PROXY_HEADS:
-            raise SelectorArgumentError(f"PIOFVLM: `proxy_head` must be one of {PROXY_HEADS}, got {proxy_head!r}")
-        self.proxy_head = proxy_head
+        self.proxy_head = check_choice(self, proxy_head, "proxy_head", PROXY_HEADS)
 
     def _check_budgets(self, name: str, values: list) -> None:
         if len(values) != len(self.layers):
@@ -212,8 +206,6 @@ class PIOFVLM(TokenSelector):
         return [int(Stage(1, f).count(n)) for f in self._fractions(info)]
 
     def _derived_counts(self, info: "ModelInfo") -> list[int]:
-        from fvlm.selectors.schedules import counts_for_average
-
         shape = AUTHORS_SHAPE if len(self.layers) == 3 else None
         try:
             counts = counts_for_average(self.layers, self.average, info.num_layers, self.n_visual, shape=shape)
@@ -310,8 +302,6 @@ class PIOFVLM(TokenSelector):
 
     # -- selection -------------------------------------------------------------------------
     def select(self, ctx: "SelectionContext") -> torch.Tensor:
-        from fvlm.selectors.algorithms import nms_fill
-
         return nms_fill(self.saliency(ctx), ctx.visual_hidden, ctx.visual_valid, ctx.budget, self.tau, self.nms)
 
 

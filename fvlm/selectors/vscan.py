@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import torch
 
+from fvlm import budget
 from fvlm.errors import UnsupportedModelError
+from fvlm.metrics.flops import attention_rows_flops, cls_rows_flops, merge_flops, received_attention_flops
 from fvlm.selectors.algorithms import merge_into_kept, topk_indices, window_cap_scan, window_quota_scan
 from fvlm.selectors.arguments import check_int, check_keep, check_number, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
@@ -141,8 +143,6 @@ class VScanEncoder(TokenSelector):
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
         """Per view: the two vision-layer scores recomputed from their inputs (CLS rows; Qwen: the
         attention every patch receives) and the merge's similarities."""
-        from fvlm.metrics.flops import cls_rows_flops, merge_flops, received_attention_flops
-
         qwen = self._qwen(info)
         views = 1 if qwen or not info.view_tokens else max(1, n_visual // info.view_tokens)
         n = n_visual / views
@@ -223,6 +223,18 @@ class VScan(TokenSelector):
         self.local_ratio, self.window, self.fill_to_budget = local_ratio, window, fill_to_budget
         self.needs = self.encoder.needs | {Need.ATTENTION}
 
+    @classmethod
+    def for_average(cls, average, info, original, **params):
+        """The authors' LLaVA-1.5 schedule (96 from the encoder, 32 after layer 16 of 32: average 64)
+        scaled: encoder 1.5x and LLM stage 0.5x the average (the spec's labelled guess beyond 64; exact
+        on 32 layers with the stage after layer 16)."""
+        budget.check_average(average, original)
+        return {**params, "encoder_keep": int(round(1.5 * average)), "layer": 16, "keep": int(round(0.5 * average))}
+
+    @classmethod
+    def budget_parameter(cls):
+        return "encoder_keep + keep"
+
     def vision_layers(self, info):
         return self.encoder.vision_layers(info)
 
@@ -246,8 +258,6 @@ class VScan(TokenSelector):
 
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
         """The encoder stage's (see :class:`VScanEncoder`), then one recomputed last-token attention row."""
-        from fvlm.metrics.flops import attention_rows_flops
-
         if stage.where == "vision":
             return self.encoder.overhead_flops(info, stage, seq_len, n_visual)
         return attention_rows_flops(seq_len, info)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from fvlm.selectors.arguments import check_keep, check_where
-from fvlm.selectors.base import ScoreSelector, Stage
+from fvlm.selectors.base import ScoreSelector, SingleStageSelector
 
 __all__ = ["NormSelector"]
 
 
-class NormSelector(ScoreSelector):
+class NormSelector(SingleStageSelector, ScoreSelector):
     """Keep the visual tokens whose hidden states have the largest L2 norm.
 
     ``keep`` is a count (int) or a fraction of the visual tokens (float); ``layer`` is where it
@@ -17,11 +16,7 @@ class NormSelector(ScoreSelector):
     """
 
     def __init__(self, keep: int | float = 0.25, layer: int | str = "input"):
-        self.keep = check_keep(self, keep)  # a bad value fails here, when a recipe is parsed
-        self.layer = check_where(self, layer)
-
-    def stages(self, info):
-        return [Stage(self.layer, self.keep)]
+        super().__init__(keep, layer)  # checks both: a bad value fails here, when a recipe is parsed
 
     def score(self, ctx) -> torch.Tensor:
         return ctx.visual_hidden.float().norm(dim=-1)  # [B, N, D] -> [B, N]
