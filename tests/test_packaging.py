@@ -2,6 +2,7 @@
 installs (constraints/ci-min.txt), and the "latest" leg (constraints/ci-latest.txt) is in range."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,20 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _requirements() -> list[Requirement]:
+def _legs() -> dict[str, list[str]]:
+    """Each CI leg's fvlm extras, as .ci/run's LEGS array lists them."""
+    text = (ROOT / ".ci" / "run").read_text()
+    block = re.search(r"^LEGS=\((.*?)^\)", text, re.S | re.M).group(1)
+    return {name: extras.split(",") for name, extras in re.findall(r'^\s*"(\S+)\s+([^\s"]+)', block, re.M)}
+
+
+def _requirements(leg: str | None = None) -> list[Requirement]:
+    """What a leg installs from pyproject.toml (its extras); every extra when ``leg`` is None."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"])
-    for extra in project["optional-dependencies"].values():
-        declared += extra
+    extras = project["optional-dependencies"]
+    for extra in (_legs()[leg] if leg else extras):
+        declared += extras[extra]
     return [Requirement(r) for r in declared]
 
 
@@ -34,18 +44,25 @@ def _pins(leg: str) -> dict[str, Version]:
 
 
 def test_every_dependency_has_a_lower_bound_the_min_leg_installs():
-    pins = _pins("min")
+    """The lmms extra's bounds are what its own leg installs (lmms-eval needs torchvision: not in min)."""
+    pins, lmms = _pins("min"), _pins("lmms")
+    main = {canonicalize_name(r.name) for r in _requirements("min")}
     for req in _requirements():
         floors = [Version(s.version) for s in req.specifier if s.operator == ">="]
         assert len(floors) == 1, f"{req}: declare one lower bound (>=) that CI tests"
-        installed = pins.get(canonicalize_name(req.name))
-        assert installed == floors[0], f"{req}: the min leg installs {installed}, not the lower bound {floors[0]}"
+        leg, installed = ("min", pins) if canonicalize_name(req.name) in main else ("lmms", lmms)
+        installed = installed.get(canonicalize_name(req.name))
+        assert installed == floors[0], f"{req}: the {leg} leg installs {installed}, not the lower bound {floors[0]}"
 
 
-@pytest.mark.parametrize("leg", ["min", "latest"])
+def test_the_legs_are_the_ones_ci_runs():
+    assert _legs() == {"min": ["test", "docs", "plot"], "latest": ["test", "docs", "plot"], "lmms": ["test", "lmms"]}
+
+
+@pytest.mark.parametrize("leg", ["min", "latest", "lmms"])
 def test_each_leg_is_in_the_declared_ranges(leg):
     pins = _pins(leg)
-    for req in _requirements():
+    for req in _requirements(leg):
         version = pins.get(canonicalize_name(req.name))
         assert version is not None, f"constraints/ci-{leg}.txt does not pin {req.name}"
         assert req.specifier.contains(version, prereleases=True), f"ci-{leg}.txt: {req.name} {version} not in {req}"
