@@ -30,6 +30,15 @@ from fvlm.errors import (
 REQUIRED = inspect.Parameter.empty  # the "default" of a parameter that has none
 
 
+def close_names(name: str, names: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``names`` that ``name`` probably meant: those it begins or is part of
+    (``pio`` -> ``pio_fvlm``), then the closest spellings (``fastvv`` -> ``fastv``)."""
+    key = name.lower().replace("-", "_")
+    parts = [c for c in names if c.lower().startswith(key)] + [c for c in names if key in c.lower()]
+    close = parts + difflib.get_close_matches(key, names, n=n, cutoff=0.6)
+    return list(dict.fromkeys(close))[:n] if key else []
+
+
 @dataclass(frozen=True)
 class Registration:
     """One entry point as declared in a distribution's metadata (nothing imported)."""
@@ -116,7 +125,7 @@ class EntryPointRegistry:
         """Every distribution's claim on ``name`` (more than one means a conflict). Imports nothing."""
         regs = self._discover().get(name)
         if not regs:
-            close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
+            close = close_names(name, self.names())
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise self.unknown_error(f"unknown {self.kind} {name!r} (entry-point group {self.group!r}).{hint}"
                                      f" Available: {', '.join(self.names()) or '(none)'}")

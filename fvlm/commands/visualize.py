@@ -179,13 +179,14 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.keep <= 576:
         raise UsageError("--keep must be between 1 and 576")
     check_labels(args.selectors)
-    model, processor = builtin.load(args.checkpoint)
-    sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
+    from fvlm.console import console as _console, quiet_libraries
+
+    with quiet_libraries():  # no "Loading weights" bar
+        model, processor = builtin.load(args.checkpoint)
+        sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)
-    from rich.console import Console
-
-    console = Console(highlight=False)
+    console = _console()
     for item in info:
         status = item.get("error") or f"answer {item['answer']!r}" + (
             "" if item["kept"] is None else f", {len(item['kept'])} patches kept")
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"wrote {args.out}", markup=False)
     failed = [item["label"] for item in info if item.get("error")]
     if failed:
-        Console(stderr=True, highlight=False).print(
+        _console(stderr=True).print(
             f"fvlm visualize: {len(failed)} of {len(info) - 1} selectors failed ({', '.join(failed)}): "
             "their panels show the error", style="red", soft_wrap=True)
         return ExitCode.INCOMPLETE
