@@ -7,6 +7,7 @@ from pathlib import Path
 MARKER = "<!-- selector-catalogue -->"
 RECIPES = "<!-- recipe-list -->"
 MODELS = "<!-- supported-models -->"
+FAMILIES = "<!-- supported-families -->"
 ORACLES = "keep-all = unpruned, cached = recomputed, sliced inputs, attention rows = eager, rows proxy = block, grids"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +63,17 @@ def _models() -> str:
     return head + "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
+def _families() -> str:
+    """The registered model families by name, in registry order, each once (the home page's list)."""
+    from fvlm.registry import get_adapter_class, list_adapters
+
+    names = [(get_adapter_class(n).about or {}).get("name", get_adapter_class(n).family) for n in list_adapters()]
+    return ", ".join(dict.fromkeys(names))
+
+
 def on_page_markdown(markdown, page, config, files, **kwargs):
+    if FAMILIES in markdown:
+        markdown = markdown.replace(FAMILIES, _families())
     if MODELS in markdown:
         markdown = markdown.replace(MODELS, _models())
     if RECIPES in markdown:
