@@ -38,8 +38,11 @@ from fvlm.builtin import budgets as B  # noqa: E402
 from fvlm.builtin import synthetic  # noqa: E402
 
 
-def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2) -> dict:
-    """Answers for every record (in record order), mean layer-average visual tokens, seconds."""
+def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2, questions=None,
+        positions: str | None = "original") -> dict:
+    """Answers for every record (in record order), mean layer-average visual tokens, seconds.
+    ``questions`` (per record) are each sample's instruction for instruction-conditioned selectors;
+    ``positions`` the session's position policy (``None``: each selector's own)."""
     answers: list[str | None] = [None] * n
     layer_avg: list[float] = []
     start = time.perf_counter()
@@ -49,7 +52,8 @@ def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             layer_avg += [float(model.config.image_seq_length)] * len(chunk)
         else:
-            with fvlm.prune(model, selector) as session, torch.no_grad():
+            texts = None if questions is None else [questions[i] for i in chunk]
+            with fvlm.prune(model, selector, positions=positions, instructions=texts) as session, torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             layer_avg += session.trace.layer_average
         texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -107,7 +111,8 @@ def benchmark(args) -> dict:
                 kwargs = setting.make_kwargs(budget or 0, num_layers)
                 cell["kwargs"] = B.describe(kwargs)
                 selector = fvlm.create_selector(setting.selector, **kwargs)
-                out = run(model, processor, batches, len(records), selector, args.max_new_tokens)
+                out = run(model, processor, batches, len(records), selector, args.max_new_tokens,
+                          [r["question"] for r in records], _positions(args))
             except Exception as exc:
                 cell["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 print(f"{label} @ {key}: failed ({cell['error']})", flush=True)
@@ -119,7 +124,7 @@ def benchmark(args) -> dict:
     results["rows"] = rows
     results["meta"] = {
         "n": len(records), "split": args.split, "seed": args.seed, "budgets": args.budgets,
-        "batch_size": args.batch_size, "num_layers": num_layers,
+        "batch_size": args.batch_size, "num_layers": num_layers, "positions": args.positions,
         "visual_tokens": int(model.config.image_seq_length), "seconds": time.perf_counter() - started,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "command": "python benchmarks/accuracy.py " + " ".join(args.argv),
@@ -158,10 +163,16 @@ def markdown(results: dict) -> str:
         f"**Unpruned accuracy: {_pct(base['accuracy'])} %** ({meta['n']} records). "
         "*Accuracy* is exact match with the reference answer, *fidelity* exact match with the unpruned "
         f"model's answer. A budget `b` keeps `b` of the {v} visual tokens from the selector's first pruning "
-        "point on: before the language model for `random`, `uniform`, `divprune`, `visionzip`; after "
-        "decoder layer 2 (`fastv`, `sparsevlm`, `dart`) or 1 (`pio_fvlm`) for the in-LLM methods, whose "
-        "earlier layers still see all tokens (compare the layer averages below). Settings per selector: "
-        "`fvlm/builtin/budgets.py`.",
+        "point on: before the language model for `random`, `uniform`, `divprune`, `visionzip`, `cdpruner`, "
+        "`vscan_encoder` (and the encoder stage of `vscan` and `pio_fvlm_ve`, which keep a third of it after "
+        "layer 2); after decoder layer 2 (`fastv`, `sparsevlm`, `dart`) or 1 (`pio_fvlm`) for the in-LLM "
+        "methods, whose earlier layers still see all tokens (compare the layer averages below). Kept tokens "
+        f"keep {positions_text(meta.get('positions', 'original'))} position ids in every row (`--positions`; the "
+        "built-in model was trained with the original ids, and renumbering them costs it accuracy whatever the "
+        "selector), so rows differ only in the tokens they keep. `pool` "
+        "averages s x s blocks (s = round(sqrt(576 / b)): 144, 144, 64, 36 tokens). `cdpruner` takes its "
+        "relevance from the LLM embeddings of the question (the built-in model has no CLIP text tower). "
+        "Settings per selector: `fvlm/builtin/budgets.py`.",
         "",
         "## Accuracy (%)",
         "",
@@ -272,10 +283,18 @@ def picture(args, labels: list[str]) -> dict:
     model, processor = builtin.load(args.checkpoint)
     record = synthetic.sample(args.split, args.visualize_sample, seed=args.seed)
     sheet, _ = render(model, processor, record["image"], record["question"], labels, args.visualize_keep,
-                      record["answer"])
+                      record["answer"], positions=_positions(args))
     args.visualize.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.visualize)
     return {"sample": args.visualize_sample, "keep": args.visualize_keep, "labels": labels}
+
+
+def positions_text(policy: str) -> str:
+    return {"original": "their original", "compact": "compact (renumbered)", "own": "each selector's own"}[policy]
+
+
+def _positions(args) -> str | None:
+    return None if args.positions == "own" else args.positions
 
 
 def parse_args(argv):
@@ -290,6 +309,9 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=2)
     p.add_argument("--checkpoint", default=None, help="model folder (default: the shipped one)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--positions", choices=["original", "compact", "own"], default="original",
+                   help="position ids of the kept tokens for every row: original (default: the model was trained "
+                        "with them, so rows differ only in the tokens kept), compact, or each selector's own policy")
     p.add_argument("--out", type=Path, default=None, help="Markdown report")
     p.add_argument("--plot", type=Path, default=None, help="PNG plot of accuracy vs budget (needs matplotlib)")
     p.add_argument("--json", type=Path, default=None, help="raw results")
@@ -315,7 +337,7 @@ def main(argv=None) -> int:
         if args.out:
             results["plot"] = os.path.relpath(args.plot, args.out.parent)
     if args.visualize:
-        wanted = [n for n in ("pio_fvlm", "fastv", "sparsevlm", "visionzip", "divprune") if n in fvlm.list_selectors()]
+        wanted = [n for n in ("pio_fvlm", "fastv", "visionzip", "vscan", "cdpruner", "pool") if n in fvlm.list_selectors()]
         results["picture"] = picture(args, wanted)
         if args.out:
             results["picture"]["path"] = os.path.relpath(args.visualize, args.out.parent)

@@ -187,8 +187,9 @@ def _demo(args: argparse.Namespace) -> int:
     for column in ("selector", "visual tokens", "LLM input", "layer avg", "KV length / layer", "same tokens", "time"):
         table.add_column(column)
     table.add_row("(unpruned)", str(inputs["input_ids"].eq(image_token_id(model)).sum(1).tolist()), "-", "-", "-", "-", f"{base_time * 1e3:.0f} ms")
+    questions = ["What is in the picture?", "What is on the left?"]  # for instruction-conditioned selectors
     for name, selector in selectors.items():
-        with fvlm.prune(model, selector) as session, torch.no_grad():
+        with fvlm.prune(model, selector, instructions=questions) as session, torch.no_grad():
             start = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
             elapsed = time.perf_counter() - start

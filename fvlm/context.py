@@ -12,7 +12,7 @@ from fvlm.errors import FVLMError, GradientUnavailableError
 from fvlm.indexing import gather_rows
 from fvlm.metrics.flops import value_mixing_pays
 from fvlm.selectors.base import TokenSelector
-from fvlm.types import ImageGrid, ModelInfo, Need, Stage, VisionObservation, VisionProbe
+from fvlm.types import ImageGrid, ModelInfo, Need, Stage, View, VisionObservation, VisionProbe, VisualLayout
 
 __all__ = ["SelectionContext", "gather_rows", "positions_of"]
 
@@ -44,6 +44,10 @@ class SelectionContext:
         layer_kwargs: dict[str, Any] | None = None,
         observed: VisionObservation | None = None,
         original_visual: torch.Tensor | None = None,
+        layout: list[VisualLayout] | None = None,
+        instructions: list[str] | None = None,
+        auxiliary: dict[str, torch.nn.Module] | None = None,
+        notes: list[str] | None = None,
     ):
         self.selector = selector
         self.stage = stage
@@ -60,6 +64,11 @@ class SelectionContext:
         self._layer_input = layer_input
         self._layer_kwargs = layer_kwargs or {}
         self._observed = observed or VisionObservation()
+        self._layout = layout
+        self._instructions = instructions
+        self._auxiliary = auxiliary or {}
+        self._vision_attention: dict[int, list[torch.Tensor]] = {}
+        self.notes = notes if notes is not None else []
 
     # -- always available ------------------------------------------------------------------
     @property
@@ -84,6 +93,12 @@ class SelectionContext:
         """``[B]`` visual tokens of each sample before any stage (fractions of ``Stage.keep`` refer to it)."""
         return self.num_visual if self._original_visual is None else self._original_visual
 
+    @property
+    def images(self) -> torch.Tensor:
+        """``[B]`` images in each sample's prompt."""
+        grids = self._grids or [[] for _ in range(self.hidden.shape[0])]
+        return torch.tensor([len(g) for g in grids], dtype=torch.long, device=self.hidden.device)
+
     @cached_property
     def visual_hidden(self) -> torch.Tensor:
         """``[B, N, D]`` hidden states of the visual tokens (zeros in padding slots)."""
@@ -100,6 +115,17 @@ class SelectionContext:
         view = copy.copy(self)
         view.selector = selector
         return view
+
+    def note(self, text: str) -> None:
+        """Record a remark on this stage (e.g. a fallback taken) in the session's trace."""
+        self.notes.append(text)
+
+    def auxiliary(self, name: str) -> torch.nn.Module:
+        """The auxiliary model ``name`` the selector declared in ``auxiliary_models()``, loaded."""
+        if name not in {spec.name for spec in self.selector.auxiliary_models()} or name not in self._auxiliary:
+            raise FVLMError(f"selector {type(self.selector).__name__} uses auxiliary model {name!r} but does not "
+                            "declare it in auxiliary_models()")
+        return self._auxiliary[name]
 
     # -- declared probes -------------------------------------------------------------------
     def _use(self, need: Need) -> None:
@@ -128,25 +154,34 @@ class SelectionContext:
         after = self.is_visual.long().cumsum(dim=1) > 0
         return self.token_valid & ~self.is_visual & after
 
-    def attention(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def attention(self, rows: torch.Tensor | None = None, *, layer: str = "current", rotary: bool = True) -> torch.Tensor:
         """Attention probabilities ``[B, H, Q, N]`` from query ``rows`` to the visual tokens.
 
-        Rows default to each sample's last prompt token. Recomputed from the pruning layer's own
-        q/k (the layer that just ran), so it works under SDPA / FlashAttention.
+        Rows default to each sample's last prompt token. Recomputed from the q/k projections of the
+        layer that just ran (``layer="current"``, on its input) or of the next layer
+        (``layer="next"``, on the current hidden states: what that layer will attend to), so it
+        works under SDPA / FlashAttention. ``rotary=False`` leaves out the rotary embedding.
         """
         self._use(Need.ATTENTION)
-        probs = self.attention_to_all(rows, _checked=True)
+        probs = self.attention_to_all(rows, _checked=True, layer=layer, rotary=rotary)
         index = self.visual_index.clamp(min=0)[:, None, None, :].expand(*probs.shape[:3], -1)
         return probs.gather(3, index) * self.visual_valid[:, None, None, :]
 
-    def attention_to_all(self, rows: torch.Tensor | None = None, _checked: bool = False) -> torch.Tensor:
-        """Attention probabilities ``[B, H, Q, L]`` from query ``rows`` to every position."""
+    def attention_to_all(self, rows: torch.Tensor | None = None, _checked: bool = False, *, layer: str = "current",
+                         rotary: bool = True) -> torch.Tensor:
+        """Attention probabilities ``[B, H, Q, L]`` from query ``rows`` to every position (see :meth:`attention`)."""
         if not _checked:
             self._use(Need.ATTENTION)
-        layer = self._require_layer("attention")
+        if layer not in ("current", "next"):
+            raise ValueError(f"layer must be 'current' or 'next', got {layer!r}")
+        index = self._require_layer("attention")
+        hidden_in = self._layer_input
+        if layer == "next":
+            index, hidden_in = index + 1, self.hidden
         rows = self.last_index[:, None] if rows is None else rows
+        options = {} if rotary else {"rotary": False}
         return self.adapter.attention_rows(
-            layer, self._layer_input, self._layer_kwargs["position_embeddings"], self.token_valid, rows
+            index, hidden_in, self._layer_kwargs["position_embeddings"], self.token_valid, rows, **options
         )
 
     def rope_bias(self, rows: torch.Tensor) -> torch.Tensor:
@@ -173,6 +208,61 @@ class SelectionContext:
         """Per sample, the images among its *original* visual tokens and their patch grids."""
         self._use(Need.GRID)
         return self._grids or []
+
+    @property
+    def instructions(self) -> list[str]:
+        """The instruction text of every sample (one string per batch row)."""
+        self._use(Need.INSTRUCTION)
+        if self._instructions is None:
+            raise FVLMError(f"selector {type(self.selector).__name__} needs instructions: "
+                            "fvlm.prune(model, selector, instructions=[...])")
+        return self._instructions
+
+    @property
+    def layout(self) -> list[VisualLayout]:
+        """Per sample, the grids the LLM sees and the vision tower's views of its *original* visual tokens."""
+        self._use(Need.GRID)
+        if self._layout is None:
+            raise FVLMError("no visual layout was recorded for this call")
+        return self._layout
+
+    def _check_before_pruning(self, what: str) -> None:
+        if self.stage.where not in ("vision", "input") or self._layout is None or any(
+                int(n) != lay.num_visual for n, lay in zip(self.num_visual.tolist(), self._layout)):
+            raise FVLMError(f"{what} are only available before any visual token is pruned (a 'vision' or "
+                            "'input' stage that comes first)")
+
+    def vision_attention(self, layer: int) -> list[torch.Tensor]:
+        """Per view (``View.source`` order), per-head attention scores ``[heads, N]`` of vision layer
+        ``layer``, recomputed from the layer's input (any attention kernel); what the score is
+        depends on the family (:meth:`fvlm.adapters.base.BackboneAdapter.vision_attention`). The
+        layer must be in the selector's ``vision_layers(info)``."""
+        self._use(Need.VISION_ATTENTION)
+        if layer not in self.selector.vision_layers(self.info):
+            raise FVLMError(f"selector {type(self.selector).__name__} reads vision layer {layer} but does not "
+                            "list it in vision_layers(info)")
+        if layer not in self._vision_attention:
+            self._vision_attention[layer] = self.adapter.vision_attention(self._observed, layer)
+        return self._vision_attention[layer]
+
+    def view_features(self, b: int, view: View) -> torch.Tensor:
+        """LLM-space features ``[rows * cols, D]`` of every patch of ``view`` of sample ``b`` (raster
+        order), including patches that never reach the LLM (LLaVA-NeXT crops cut by the unpadding)."""
+        self._use(Need.VISION_FEATURES)
+        self._check_before_pruning("view features")
+        return self.adapter.view_features(self._observed, view, self.visual_hidden[b])
+
+    def view_vision_features(self, view: View) -> torch.Tensor:
+        """Vision-tower features ``[rows * cols, Dv]`` of ``view`` before the projector."""
+        self._use(Need.VISION_FEATURES)
+        self._check_before_pruning("view features")
+        return self.adapter.view_vision_features(self._observed, view)
+
+    @property
+    def vision_post_norm(self) -> torch.nn.Module:
+        """The vision tower's final norm (CLIP's ``post_layernorm``)."""
+        self._use(Need.VISION_FEATURES)
+        return self.adapter.vision_post_norm
 
     @cached_property
     def vision(self) -> VisionProbe:

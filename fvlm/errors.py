@@ -68,3 +68,7 @@ class GradientUnavailableError(FVLMError, RuntimeError):
 
 class SelectionError(FVLMError, ValueError):
     """A selector returned indices that break the contract (shape, count, range, duplicates)."""
+
+
+class AuxiliaryModelError(FVLMError, RuntimeError):
+    """A selector's auxiliary model (e.g. CDPruner's CLIP text tower) cannot be loaded or does not fit the backbone."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ class _Run:
     encoder_outputs: Any = None  # the images generate encoded once for all its steps, if passed
     origin: "_Run | None" = None
     applied: list = field(default_factory=list)  # per stage: (keep map, replacing embeddings, source length)
+    visual_layout: list | None = None  # per sample VisualLayout (selectors that need the grid)
+    instructions: list[str] | None = None
     input_map: KeepMap | None = None
     llm_input_len: int = 0  # L0: length entering layer 0
     groups: list[tuple[int, KeepMap]] = field(default_factory=list)  # (first layer, map in L0 coords)
@@ -72,10 +74,14 @@ class PruningSession:
     kept tokens contiguously in sequence order (1-D RoPE families only); ``None`` (default) uses the
     selector's declared policy (its authors'), see
     :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`. Sessions do not
-    nest: entering a second one on a model that has an active session raises.
+    nest: entering a second one on a model that has an active session raises. ``instructions``: the
+    instruction text of every prompt of the next calls (selectors that declare ``Need.INSTRUCTION``,
+    e.g. CDPruner); the attribute may be replaced between calls. The selector's auxiliary models are
+    loaded on ``__enter__`` (once per backbone, :mod:`fvlm.auxiliary`).
     """
 
-    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None):
+    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None,
+                 instructions: Sequence[str] | None = None):
         if not isinstance(selector, TokenSelector):
             raise TypeError(f"selector must be a TokenSelector instance, got {type(selector).__name__}")
         if positions is not None and positions not in POSITION_POLICIES:
@@ -88,6 +94,8 @@ class PruningSession:
         self.info = self.adapter.info()
         self.positions = self._resolved_positions(positions)
         self.schedule = self._validated_schedule(list(selector.stages(self.info)))
+        self.instructions = instructions
+        self.auxiliary: dict = {}  # loaded on __enter__ (once per backbone: fvlm.auxiliary)
         self.trace: Trace | None = None
         self._run: _Run | None = None
         self._handles: list = []
@@ -134,12 +142,18 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise FVLMError("this pruning session is already active")
+        if Need.INSTRUCTION in self.selector.needs and self.instructions is None:
+            raise FVLMError(
+                f"selector {type(self.selector).__name__} needs each sample's instruction text: "
+                "fvlm.prune(model, selector, instructions=[...]) with one string per prompt "
+                "(fvlm run passes every sample's question)")
         other = _ACTIVE.get(self.model)
         if other is not None:
             raise FVLMError(
                 f"this model is already pruning (a session with {type(other.selector).__name__} is active); "
                 "sessions do not nest: use compose to run several selectors in one session, e.g. "
                 "fvlm.prune(model, 'compose', selectors=[...])")
+        self.auxiliary = _load_auxiliary(self.selector, self.model)
         try:
             self._attach()
         except BaseException:
@@ -157,6 +171,9 @@ class PruningSession:
     def _attach(self) -> None:
         hooks = self._handles
         hooks.extend(self.adapter.observe(self._observed, self.selector.needs))
+        layers = self.selector.vision_layers(self.info)
+        if layers:
+            hooks.extend(self.adapter.observe_layers(self._observed, layers))
         hooks.append(self.adapter.top.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_hook(self._lm_hook, with_kwargs=True))
@@ -225,7 +242,10 @@ class PruningSession:
             prompt_valid=valid,
             encoder_outputs=self._top_kwargs.get("mm_encoder_outputs"),
             origin=origin,
+            instructions=self._instructions(input_ids, valid),
         )
+        if Need.GRID in self.selector.needs and origin is None:
+            run.visual_layout = self.adapter.visual_layout(input_ids, self._top_kwargs, embeds, self._observed)
         for stage in self.schedule:
             if isinstance(stage.where, str):
                 keep, embeds = self._apply_stage(stage, embeds)
@@ -239,6 +259,23 @@ class PruningSession:
             kwargs["position_ids"] = self._input_positions(kwargs.get("position_ids"), run, embeds.device)
         self._finish_trace()
         return kwargs
+
+    def _instructions(self, input_ids: torch.Tensor, valid: torch.Tensor) -> list[str] | None:
+        """The session's instructions, one per batch row. ``generate`` repeats each prompt
+        ``num_beams`` times (identical consecutive rows): each instruction then covers its repeats."""
+        texts = self.instructions
+        if texts is None:
+            return None
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise FVLMError("instructions must be a list of strings, one per prompt")
+        texts, bsz = list(texts), input_ids.shape[0]
+        repeat = bsz // len(texts) if texts and bsz % len(texts) == 0 else 0
+        rows = torch.where(valid, input_ids, -1)
+        if repeat > 1 and not torch.equal(rows, rows[::repeat].repeat_interleave(repeat, dim=0)):
+            repeat = 0
+        if not repeat:
+            raise FVLMError(f"{len(texts)} instructions for a batch of {bsz} prompts: give one instruction per prompt")
+        return [t for t in texts for _ in range(repeat)]
 
     def _continued(self, input_ids: torch.Tensor, valid: torch.Tensor, kwargs: dict) -> "_Run | None":
         """The finished prefill this cache-free call continues, or None (a new prompt: select anew).
@@ -347,10 +384,12 @@ class PruningSession:
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
         start = time.perf_counter()
-        budget = self._budget(stage, run)
+        notes: list[str] = []
+        index = self.schedule.index(stage)
         if run.origin is not None:  # a cache-free continuation: the prompt's own selection, extended
-            keep, embeddings, length = run.origin.applied[self.schedule.index(stage)]
+            keep, embeddings, length = run.origin.applied[index]
             keep = keep.extended(length, hidden.shape[1])
+            budget = torch.tensor(run.origin.stages[index].budget, dtype=torch.long, device=hidden.device)
         elif bool(run.is_visual.any()):
             ctx = SelectionContext(
                 selector=self.selector,
@@ -361,16 +400,22 @@ class PruningSession:
                 hidden=hidden,
                 is_visual=run.is_visual,
                 token_valid=run.token_valid,
-                budget=budget,
+                budget=None,
                 grids=run.grids,
                 layer_input=run.layer_input,
                 layer_kwargs=run.layer_kwargs,
                 observed=self._observed,
                 original_visual=run.original_visual,
+                layout=run.visual_layout,
+                instructions=run.instructions,
+                auxiliary=self.auxiliary,
+                notes=notes,
             )
-            selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
+            budget = ctx.budget = self._budget(stage, run, self.selector.stage_budget(ctx))
+            selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual, stage.exact)
             visual_index = ctx.visual_index
         else:  # no sample has a visual token (text-only prompts): nothing to choose, the selector is not asked
+            budget = torch.zeros_like(run.original_visual)
             visual_index = positions_of(run.is_visual)[0]
             selection = Selection(visual_index)
         if run.origin is None:
@@ -387,14 +432,13 @@ class PruningSession:
         run.token_valid = run.token_valid.gather(1, keep.index) & ~keep.filler
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
-        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start))
+        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start, notes))
         return keep, new_hidden
 
-    def _budget(self, stage: Stage, run: _Run) -> torch.Tensor:
+    def _budget(self, stage: Stage, run: _Run, counts) -> torch.Tensor:
+        """The selector's per-sample ``counts`` for ``stage`` (:meth:`TokenSelector.stage_budget`), checked."""
         now = run.is_visual.sum(dim=1)
-        images = torch.tensor([len(g) for g in run.grids], dtype=torch.long, device=now.device)
-        budget = torch.as_tensor(self.selector.keep_count(stage, now, run.original_visual, images),
-                                 dtype=torch.long, device=now.device)
+        budget = torch.as_tensor(counts, dtype=torch.long, device=now.device)
         budget = torch.where(now > 0, budget, 0)
         over = (budget > now).nonzero().flatten().tolist()
         if over:
@@ -405,7 +449,7 @@ class PruningSession:
             )
         return budget
 
-    def _checked(self, selection, budget: torch.Tensor, num_visual: torch.Tensor) -> Selection:
+    def _checked(self, selection, budget: torch.Tensor, num_visual: torch.Tensor, exact: bool = True) -> Selection:
         name = type(self.selector).__name__
         if isinstance(selection, torch.Tensor):
             selection = Selection(selection)
@@ -415,12 +459,15 @@ class PruningSession:
         ok = idx >= 0
         srt = torch.where(ok, idx, -1 - torch.arange(idx.shape[1], device=idx.device)).sort(dim=1).values
         dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1)
-        wrong = (ok.sum(dim=1) != budget) | (ok & (idx >= num_visual[:, None])).any(dim=1) | dup
+        count = ok.sum(dim=1)
+        wrong_count = count != budget if exact else (count > budget) | ((count < 1) & (budget > 0))
+        wrong = wrong_count | (ok & (idx >= num_visual[:, None])).any(dim=1) | dup
         if bool(wrong.any()):
             b = int(wrong.nonzero()[0])
+            need = f"{int(budget[b])}" if exact else f"1 to {int(budget[b])}"
             raise SelectionError(
                 f"selector {name} returned an invalid selection for sample {b}: {idx[b].tolist()} "
-                f"(need {int(budget[b])} unique indices in [0, {int(num_visual[b])}))"
+                f"(need {need} unique indices in [0, {int(num_visual[b])}))"
             )
         order = (~ok).long().argsort(dim=1, stable=True)
         emb = selection.embeddings
@@ -504,13 +551,15 @@ class PruningSession:
 
 
 def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str | None = None,
-          **selector_kwargs: Any) -> PruningSession:
+          instructions: Sequence[str] | None = None, **selector_kwargs: Any) -> PruningSession:
     """Prune ``model``'s visual tokens with ``selector`` inside a ``with`` block.
 
     ``selector`` is a :class:`TokenSelector` instance, or a registered name plus keyword arguments
     (``fvlm.prune(model, "random", keep=64, seed=0)``). ``positions``: ``"original"`` or
     ``"compact"`` for every selector alike; ``None`` (default) uses the selector's own, its authors'
     policy (``session.positions`` and ``session.trace.positions`` say which one ran).
+    ``instructions``: one instruction text per prompt, for instruction-conditioned selectors
+    (``fvlm.prune(model, "cdpruner", keep=64, instructions=["What is on the table?"])``).
     """
     if isinstance(selector, str):
         from fvlm.registry import create_selector
@@ -518,4 +567,15 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
         selector = create_selector(selector, **selector_kwargs)
     elif selector_kwargs:
         raise TypeError("selector keyword arguments are only accepted with a registered selector name")
-    return PruningSession(model, selector, positions=positions)
+    return PruningSession(model, selector, positions=positions, instructions=instructions)
+
+
+def _load_auxiliary(selector: TokenSelector, model: nn.Module) -> dict:
+    from fvlm.auxiliary import load_auxiliary
+
+    loaded = {}
+    for spec in selector.auxiliary_models():
+        if spec.name in loaded:
+            raise FVLMError(f"selector {type(selector).__name__} declares two auxiliary models named {spec.name!r}")
+        loaded[spec.name] = load_auxiliary(spec, model)
+    return loaded

@@ -51,3 +51,39 @@ def tiny_backbone(family: str, attn_implementation: str = "sdpa", dtype=None, se
     model = tiny.tiny_model(family, attn_implementation=attn_implementation, seed=seed,
                             dtype=dtype or torch.float32, num_layers=num_layers)
     return model, tiny_processor(family)
+
+
+def tiny_clip(vision_width: int, seed: int = 0):
+    """``(CLIPModel, tokenizer)``: a random tiny CLIP whose image projection takes ``vision_width``-wide
+    patch features (a backbone's vision tower width), with a character-level tokenizer that adds
+    ``<|startoftext|>`` / ``<|endoftext|>`` (the largest id, so the text tower pools at EOS under
+    transformers' legacy rule for ``eos_token_id=2`` configs, as for the OpenAI checkpoints). No hub;
+    CDPruner's auxiliary model in tests (``text_model: "tiny:clip"``)."""
+    import string
+
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {c: i for i, c in enumerate(dict.fromkeys(chars))}
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab[bos], vocab[eos] = len(vocab), len(vocab) + 1
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]),
+                                                                                                   (eos, vocab[eos])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, unk_token=eos,
+                                        model_max_length=77)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=2,
+                         bos_token_id=vocab[bos], pad_token_id=0),
+        vision_config=dict(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return model.eval(), tokenizer

@@ -6,11 +6,13 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class StageRecord:
-    """One stage of the last prefill: where it fired, per-sample budgets, and its wall time."""
+    """One stage of the last prefill: where it fired, per-sample budgets, its wall time, and what the
+    selector noted (e.g. a fallback it took)."""
 
     where: str | int
     budget: list[int]
     seconds: float
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -23,9 +23,11 @@ class Need(str, enum.Enum):
     KEYS = "keys"  # post-rotary key states of the pruning layer
     GRADIENT = "gradient"  # gradient of an objective w.r.t. the hidden states (local autograd)
     VISION_ATTENTION = "vision_attention"  # CLS-row attention inside the vision tower
+    VISION_FEATURES = "vision_features"  # per-view vision-tower features before / after the projector
     TEXT = "text"  # hidden states of the text tokens of the prompt
     GRID = "grid"  # the 2-D patch grid of every image
     LAYERS = "layers"  # direct use of decoder layers / final norm / LM head (proxy models)
+    INSTRUCTION = "instruction"  # the instruction text of every sample (``fvlm.prune(..., instructions=)``)
 
 
 Where = Union[str, int]  # "vision", "input", or l >= 1: after l decoder layers
@@ -43,12 +45,17 @@ class Stage:
     ``"input"`` (on the LLM input embeddings) or an int ``l >= 1`` (on the output of the first ``l``
     decoder layers; layer ``l`` and later see the reduced sequence). ``keep`` is an absolute count
     (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float), turned into
-    a count by ``rounding`` (see :meth:`count`).
+    a count by ``rounding`` (see :meth:`count`). A selector whose count follows another rule (per image,
+    per crop, of the current count) gives it in ``TokenSelector.keep_count`` (from counts) or
+    ``TokenSelector.stage_budget`` (from the visual layout). ``exact=False``: the selector may keep
+    fewer than the budget (at least one token), e.g. LLaVA-NeXT crops whose picks the unpadding
+    removes; the session's trace records the real count.
     """
 
     where: Where
     keep: Union[int, float]
     rounding: str = "round"
+    exact: bool = True
 
     def __post_init__(self):
         if self.where not in ("vision", "input") and not (isinstance(self.where, int) and self.where >= 1):
@@ -61,6 +68,8 @@ class Stage:
             raise ValueError(f"a fractional Stage.keep must be in (0, 1], got {self.keep}")
         if self.rounding not in ROUNDING:
             raise ValueError(f"Stage.rounding must be one of {ROUNDING}, got {self.rounding!r}")
+        if not isinstance(self.exact, bool):
+            raise TypeError(f"Stage.exact must be a bool, got {self.exact!r}")
 
     def count(self, original) -> "torch.Tensor":
         """Visual tokens kept per sample (``[B]`` long) for ``original`` visual tokens (int or ``[B]``).
@@ -97,6 +106,22 @@ class Selection:
     indices: torch.Tensor
     embeddings: torch.Tensor | None = None
 
+    @staticmethod
+    def from_rows(rows: "list[list[tuple[int, torch.Tensor]]]", like: "torch.Tensor") -> "Selection":
+        """A merging selection from per-sample ``(index, embedding)`` pairs (sorted by index here),
+        padded with ``-1``; embeddings take ``like``'s dtype and device."""
+        import torch
+
+        width = max((len(r) for r in rows), default=0)
+        index = torch.full((len(rows), width), -1, dtype=torch.long, device=like.device)
+        embeds = like.new_zeros(len(rows), width, like.shape[-1])
+        for b, row in enumerate(rows):
+            row = sorted(row, key=lambda entry: entry[0])
+            if row:
+                index[b, : len(row)] = torch.tensor([p for p, _ in row], device=like.device)
+                embeds[b, : len(row)] = torch.stack([e.to(like.dtype) for _, e in row])
+        return Selection(index, embeds)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
@@ -114,6 +139,11 @@ class ModelInfo:
     gated_mlp: bool = True
     vision_has_cls: bool = False
     mrope: bool = False
+    vision_layers: int = 0  # depth of the vision tower (0: unknown)
+    vision_feature_layer: int | None = None  # 0-based vision layer whose output becomes the visual tokens
+    vision_full_attention: tuple[int, ...] = ()  # vision layers with full (not windowed) attention
+    view_tokens: int = 0  # patch tokens per vision-tower view when fixed (CLIP towers: 576 at 336 px); 0: varies
+    vision_hidden: int = 0  # width of the vision tower
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -164,19 +194,84 @@ class TokenLayout:
     grids: list[list[ImageGrid]] | None = None
 
 
+class _Table:
+    """``rows`` / ``cols`` of a record whose ``index`` is a 2-D table of token positions."""
+
+    index: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.index.shape[1]
+
+
+@dataclass(frozen=True)
+class TokenGrid(_Table):
+    """A 2-D grid of one sample's visual tokens as the language model sees them.
+
+    ``index[r, c]`` is the position among the sample's visual tokens of grid cell ``(r, c)``;
+    ``newline[r]`` (LLaVA-NeXT's high-resolution grid) that of the newline token closing row ``r``.
+    """
+
+    index: torch.Tensor
+    newline: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class View(_Table):
+    """One view the vision tower encodes (LLaVA: an image; LLaVA-NeXT: one crop; Qwen: one image frame).
+
+    ``source`` is its row among the tower's views of the whole batch (the order of the
+    ``vision_attention`` / view-feature lists); ``index[r, c]`` the position among the sample's
+    visual tokens of its patch ``(r, c)``, ``-1`` where the patch does not reach the language model
+    (LLaVA-NeXT tiles cut by the unpadding).
+    """
+
+    source: int
+    image: int
+    index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """How one sample's visual tokens are laid out: the grids the LLM sees and the tower's views."""
+
+    grids: list[TokenGrid]
+    views: list[View]
+    num_visual: int
+
+    @property
+    def unviewed(self) -> "torch.Tensor":
+        """Positions among the sample's visual tokens that belong to no view (LLaVA-NeXT newlines)."""
+        import torch
+
+        seen = torch.zeros(self.num_visual, dtype=torch.bool)
+        for view in self.views:
+            cells = view.index.flatten()
+            seen[cells[cells >= 0]] = True
+        return (~seen).nonzero().flatten()
+
+
 @dataclass
 class VisionObservation:
     """What an adapter's hooks recorded while the vision tower ran for the current prompt batch.
 
     ``image_grid_thw`` / ``image_sizes``: the grids / image sizes the tower encoded (Qwen families /
     Mistral 3; ``generate`` encodes images before the prefill call); ``layer_input`` / ``projector_input``: the input of the vision layer whose output
-    feeds the projector, and the projector's input (CLIP towers, for vision probes).
+    feeds the projector, its output at the CLS token, and the projector's input / output (CLIP towers,
+    for vision probes); ``vision_inputs``: the inputs of the vision layers selectors asked for.
     """
 
     image_grid_thw: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None
     layer_input: torch.Tensor | None = None
+    layer_cls: torch.Tensor | None = None
     projector_input: torch.Tensor | None = None
+    projector_output: torch.Tensor | None = None
+    vision_inputs: dict | None = None  # vision layer -> its recorded input (selectors' vision_layers)
 
     def clear(self) -> None:
         for f in fields(self):

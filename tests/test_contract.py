@@ -16,6 +16,11 @@ NAMES = fvlm.list_selectors()
 FAMILIES = ("llava", "qwen2_vl")
 
 
+def _questions(inputs) -> list[str]:
+    """One instruction per prompt (instruction-conditioned selectors read them; the others ignore them)."""
+    return [f"question {b}: what is in the picture?" for b in range(inputs["input_ids"].shape[0])]
+
+
 def _run(model, name, inputs, **generate):
     """Generate under the selector; record every stage's context snapshot and selection."""
     cls = get_selector_class(name)
@@ -33,7 +38,7 @@ def _run(model, name, inputs, **generate):
         return out
 
     selector.select = recording
-    with fvlm.prune(model, selector) as session, torch.no_grad():
+    with fvlm.prune(model, selector, instructions=_questions(inputs)) as session, torch.no_grad():
         out = model.generate(**inputs, **{"max_new_tokens": 3, "do_sample": False, **generate})
     selector.output, selector.trace = out, session.trace
     return selector, calls
@@ -117,7 +122,7 @@ def test_selector_passes_text_only_prompts_through(model_cache, name, family):
         with torch.no_grad():
             reference = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         try:
-            with fvlm.prune(model, name, **kwargs) as session, torch.no_grad():
+            with fvlm.prune(model, name, instructions=_questions(inputs), **kwargs) as session, torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         except UnsupportedModelError as err:
             pytest.skip(f"{name} does not support {family}: {err}")

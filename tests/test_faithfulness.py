@@ -222,6 +222,13 @@ def authors_settings(method: str, budget: int) -> dict:
         return {"positions": "compact", "layers": [1, 10, 15], "chain": PIO_COUNTS[budget]}
     if method == "pio_fvlm_encoder":  # the encoder keeps 1.5x, then PIO-FVLM 0.5x the average after layer 16
         return {"positions": "compact", "layers": [16], "chain": [budget * 3 // 2, budget // 2]}
+    if method == "cdpruner":  # "Retain k tokens" before the LLM (CDPruner's LLaVA code renumbers)
+        return {"positions": "compact", "stages": [("vision", budget)], "chain": [budget]}
+    if method == "vscan":  # 1.5x the average from the encoder, 0.5x after layer 16 (64: the authors' 96 / 32)
+        return {"positions": "compact", "stages": [("vision", budget * 3 // 2), (16, budget // 2)],
+                "chain": [budget * 3 // 2, budget // 2]}
+    if method == "pool":  # a control: the file names the count (2x2 -> 144, 3x3 -> 64)
+        return {"positions": "compact", "stages": [("input", budget)], "chain": [budget]}
     raise KeyError(method)
 
 

@@ -7,19 +7,7 @@ import torch
 import fvlm
 from fvlm.selectors.algorithms import max_min_diversity
 from fvlm.testing import llm_input_embeddings, tiny_inputs, tiny_model
-
-
-def _record(selector):
-    calls = []
-    original = selector.select
-
-    def recording(ctx):
-        out = original(ctx)
-        calls.append(out)
-        return out
-
-    selector.select = recording
-    return calls
+from helpers import record as _record
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -12,7 +12,16 @@ from fvlm.adapters import layer_math
 from fvlm.adapters.layer_math import Projections, ValueMixing  # noqa: F401  (part of the adapter API)
 from fvlm.errors import UnsupportedModelError
 from fvlm.indexing import KeepMap, build_mask, gather_mask_columns, gather_square_mask
-from fvlm.types import ImageGrid, ModelInfo, TokenLayout, VisionObservation, VisionProbe  # noqa: F401
+from fvlm.types import (  # noqa: F401  (part of the adapter API)
+    ImageGrid,
+    ModelInfo,
+    TokenGrid,
+    TokenLayout,
+    View,
+    VisionObservation,
+    VisionProbe,
+    VisualLayout,
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,12 @@ class BackboneAdapter:
 
     def info(self) -> ModelInfo:
         return ModelInfo.from_config(self.model.config, family=self.family, vision_has_cls=self.vision_has_cls,
-                                     mrope=self.mrope).replace(num_layers=len(self.layers))
+                                     mrope=self.mrope, **self.vision_info()).replace(num_layers=len(self.layers))
+
+    def vision_info(self) -> dict:
+        """The vision-tower fields of :class:`ModelInfo` (depth, feature layer, full-attention layers,
+        tokens per view, width); empty where fvlm's vision-side selectors do not apply."""
+        return {}
 
     def check_supported(self) -> None:
         """Raise :class:`~fvlm.errors.UnsupportedModelError` naming the family and the reason when
@@ -111,6 +125,34 @@ class BackboneAdapter:
         """Register hooks that record what selectors may need (image grids, vision-tower
         internals) into ``store`` while the model runs; return the hook handles."""
         return []
+
+    def observe_layers(self, store: VisionObservation, layers: frozenset) -> list:
+        """Register hooks that record the inputs of vision-tower ``layers`` into ``store.vision_inputs``
+        (what :meth:`vision_attention` reads); return the handles."""
+        raise UnsupportedModelError(f"{self.family}: vision-layer probes are not available")
+
+    def vision_attention(self, store: VisionObservation, layer: int) -> list[torch.Tensor]:
+        """Per view (in ``View.source`` order), per-head attention scores ``[heads, N]`` of vision
+        layer ``layer`` for the view's ``N`` output tokens (raster order); see the family adapters."""
+        raise UnsupportedModelError(f"{self.family}: vision-tower attention probes are not available")
+
+    def view_features(self, store: VisionObservation, view: View, visual_hidden: torch.Tensor) -> torch.Tensor:
+        """LLM-space features ``[rows * cols, D]`` of every patch of ``view`` (raster order).
+
+        Default: the sample's visual hidden states ``visual_hidden`` (``[N, D]``) at the view's
+        cells (every patch of the view reaches the language model)."""
+        if bool((view.index < 0).any()):
+            raise UnsupportedModelError(f"{self.family}: view features of patches missing from the LLM input")
+        return visual_hidden[view.index.flatten().to(visual_hidden.device)]
+
+    def view_vision_features(self, store: VisionObservation, view: View) -> torch.Tensor:
+        """Vision-tower features ``[rows * cols, Dv]`` of ``view`` before the projector (raster order)."""
+        raise UnsupportedModelError(f"{self.family}: pre-projector vision features are not available")
+
+    @property
+    def vision_post_norm(self) -> nn.Module:
+        """The vision tower's final norm (CLIP's ``post_layernorm``)."""
+        raise UnsupportedModelError(f"{self.family}: the vision tower has no final norm fvlm knows")
 
     def vision_probe(self, store: VisionObservation) -> VisionProbe:
         """Vision-tower internals of the last image batch, one row per image (see :class:`VisionProbe`)."""
@@ -137,6 +179,24 @@ class BackboneAdapter:
         """Where the visual tokens of a prompt batch are (and, with ``grids``, each image's grid)."""
         found = self.image_grids(input_ids, top_kwargs, observed or VisionObservation()) if grids else None
         return TokenLayout(self.visual_mask(input_ids), found)
+
+    def visual_layout(self, input_ids: torch.Tensor, top_kwargs: dict, embeds: torch.Tensor | None = None,
+                      store: VisionObservation | None = None) -> list[VisualLayout]:
+        """Per sample, its :class:`VisualLayout`: one square grid and one view per image span of
+        :meth:`image_grids` (families with another layout override this). ``embeds`` are the LLM input
+        embeddings, ``store`` what :meth:`observe` recorded."""
+        layouts, source = [], 0
+        for sample in self.image_grids(input_ids, top_kwargs, store or VisionObservation()):
+            grids, views = [], []
+            for image, g in enumerate(sample):
+                if g.rows * g.cols != g.length:
+                    raise UnsupportedModelError(f"{self.family}: an image of {g.length} tokens is not a 2-D grid")
+                index = torch.arange(g.offset, g.offset + g.length).view(g.rows, g.cols)
+                grids.append(TokenGrid(index))
+                views.append(View(source, image, index))
+                source += 1
+            layouts.append(VisualLayout(grids, views, sum(g.length for g in sample)))
+        return layouts
 
     def image_grids(self, input_ids: torch.Tensor, top_kwargs: dict,
                     observed: VisionObservation) -> list[list[ImageGrid]]:
@@ -232,10 +292,11 @@ class BackboneAdapter:
         return self.layers[index]
 
     def project_qkv(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings,
-                    rows: torch.Tensor | None = None, *, queries: bool = True, values: bool = False) -> Projections:
+                    rows: torch.Tensor | None = None, *, queries: bool = True, values: bool = False,
+                    rotary: bool = True) -> Projections:
         """What layer ``layer_index``'s attention computes from ``hidden_in``: :func:`fvlm.adapters.layer_math.project_qkv`."""
         return layer_math.project_qkv(self.layers[layer_index], hidden_in, position_embeddings, rows,
-                                      queries=queries, values=values)
+                                      queries=queries, values=values, rotary=rotary)
 
     def rotary_bias(self, layer_index: int, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
         """The purely positional part of layer ``layer_index``'s attention logits at ``rows``
@@ -247,11 +308,11 @@ class BackboneAdapter:
         return self.project_qkv(layer_index, hidden_in, position_embeddings, queries=False).keys
 
     def attention_rows(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings,
-                       key_valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                       key_valid: torch.Tensor, rows: torch.Tensor, *, rotary: bool = True) -> torch.Tensor:
         """Attention probabilities ``[B, H, Q, S]`` of query ``rows`` in layer ``layer_index``
-        (:func:`fvlm.adapters.layer_math.attention_rows`)."""
+        (:func:`fvlm.adapters.layer_math.attention_rows`; ``rotary=False``: without the rotary embedding)."""
         layer = self._checked_layer(layer_index, hidden_in.shape[1])
-        return layer_math.attention_rows(layer, hidden_in, position_embeddings, key_valid, rows)
+        return layer_math.attention_rows(layer, hidden_in, position_embeddings, key_valid, rows, rotary=rotary)
 
     def rows_forward(self, layer_index: int, hidden: torch.Tensor, position_embeddings, key_valid: torch.Tensor,
                      rows: torch.Tensor, *, value_mixing: ValueMixing = None) -> torch.Tensor:

@@ -51,33 +51,32 @@ def _rotary(attn: nn.Module) -> Callable:
 
 def project_qkv(
     layer: nn.Module, hidden_in: torch.Tensor, position_embeddings, rows: torch.Tensor | None = None,
-    *, queries: bool = True, values: bool = False,
+    *, queries: bool = True, values: bool = False, rotary: bool = True,
 ) -> Projections:
     """What ``layer``'s attention computes from ``hidden_in`` ``[B, S, D]``.
 
     Runs the layer's own ``input_layernorm`` and ``k_proj`` (+ ``k_norm``; ``v_proj`` if ``values``) on
     all ``S`` rows, and ``q_proj`` (+ ``q_norm``) only on query ``rows`` (``[B, Q]`` positions; ``None`` =
-    all rows; skipped if not ``queries``), with the layer's rotary function on queries and keys.
-    Returns ``queries`` ``[B, H, Q, hd]``, ``keys`` / ``values`` ``[B, H_kv, S, hd]`` (``None`` where not
+    all rows; skipped if not ``queries``), with the layer's rotary function on queries and keys
+    (unless ``rotary=False``: raw projections, as VScan's Qwen scoring uses them). Returns ``queries`` ``[B, H, Q, hd]``, ``keys`` / ``values`` ``[B, H_kv, S, hd]`` (``None`` where not
     asked for) and ``normed``, the normalised input ``[B, S, D]``.
     """
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden_in)
     hd = attn.head_dim
-    cos, sin = position_embeddings
-    rotary = _rotary(attn)
+    cos, sin = position_embeddings if rotary else (None, None)
+    apply = _rotary(attn)
     keys = _heads(attn.k_proj, getattr(attn, "k_norm", None), normed, hd)
-    _, keys = rotary(keys[:, :1], keys, cos, sin)  # a one-head stand-in for the unused query side
+    if rotary:
+        _, keys = apply(keys[:, :1], keys, cos, sin)  # a one-head stand-in for the unused query side
     vals = _heads(attn.v_proj, None, normed, hd) if values else None
     q = None
     if queries:
-        if rows is None:
-            q_in, q_cos, q_sin = normed, cos, sin
-        else:
-            q_in = gather_seq(normed, rows)
-            q_cos, q_sin = gather_seq(cos, rows), gather_seq(sin, rows)
+        q_in = normed if rows is None else gather_seq(normed, rows)
         q = _heads(attn.q_proj, getattr(attn, "q_norm", None), q_in, hd)
-        q, _ = rotary(q, q[:, :1], q_cos, q_sin)
+        if rotary:
+            q_cos, q_sin = (cos, sin) if rows is None else (gather_seq(cos, rows), gather_seq(sin, rows))
+            q, _ = apply(q, q[:, :1], q_cos, q_sin)
     return Projections(q, keys, vals, normed)
 
 
@@ -103,13 +102,15 @@ def allowed(key_valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def attention_rows(
     layer: nn.Module, hidden_in: torch.Tensor, position_embeddings, key_valid: torch.Tensor, rows: torch.Tensor,
+    *, rotary: bool = True,
 ) -> torch.Tensor:
     """Attention probabilities ``[B, H, Q, S]`` (float32) of query ``rows`` (``[B, Q]``) in ``layer``.
 
-    ``key_valid`` ``[B, S]`` masks padding; causality is applied per query row.
+    ``key_valid`` ``[B, S]`` masks padding; causality is applied per query row; ``rotary=False``
+    leaves out the rotary embedding.
     """
     attn = layer.self_attn
-    proj = project_qkv(layer, hidden_in, position_embeddings, rows)
+    proj = project_qkv(layer, hidden_in, position_embeddings, rows, rotary=rotary)
     queries, keys = proj.queries, proj.keys
     keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
     scores = torch.matmul(queries.float(), keys.float().transpose(2, 3)) * attn.scaling

@@ -2,11 +2,19 @@
 
 A *budget* ``b`` is the number of visual tokens (of 576) that every selector keeps from its first
 pruning point on. Selectors that prune before the language model (``random``, ``uniform``,
-``divprune``, ``visionzip``) feed it ``b`` tokens; in-LLM selectors (``fastv``, ``sparsevlm``,
-``dart``, ``pio_fvlm``) run the first layers on all 576 and keep ``b`` after their pruning layer, so
-their layer-average token count is higher (the benchmark reports it). ``pio_fvlm_3stage`` is the
-multi-stage schedule: ``b`` after layer 1, then the authors' 218 : 128 : 54 shape after the next
-two stage layers.
+``divprune``, ``visionzip``, ``cdpruner``, ``vscan_encoder``) feed it ``b`` tokens; in-LLM selectors
+(``fastv``, ``sparsevlm``, ``dart``, ``pio_fvlm``) run the first layers on all 576 and keep ``b`` after
+their pruning layer, so their layer-average token count is higher (the benchmark reports it).
+``pio_fvlm_3stage`` is the multi-stage schedule: ``b`` after layer 1, then the authors' 218 : 128 : 54
+shape after the next two stage layers. Two-stage methods keep ``b`` from the encoder and a third of it
+after layer 2 (the authors' 96 : 32): ``vscan`` and ``pio_fvlm_ve`` (PIO-FVLM "w/ VE": VScan's encoder
+stage composed with PIO-FVLM). ``pool`` averages ``s x s`` blocks with ``s = round(sqrt(576 / b))``, so
+its real count differs from ``b`` (144 for 192 and 128, 64, 36): the benchmark reports it.
+
+The built-in model has no CLIP text tower, so ``cdpruner`` takes its relevance from the LLM input
+embeddings of the prompt text after the image (``relevance_source="llm_embed"``, the Qwen default),
+not from the authors' CLIP text rule; its vision tower has 3 layers, so VScan's local map reads layer
+0 (the authors' layer 5 of 24) and its global map layer 1, the one feeding the projector.
 """
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ FAMILY = {
     "pio_fvlm": "gradient", "pio_fvlm_3stage": "gradient", "fastv": "text attention",
     "sparsevlm": "text attention", "dart": "key-norm pivots", "visionzip": "CLS attention",
     "divprune": "diversity", "random": "random", "uniform": "spatial grid", "keep_all": "no pruning",
+    "cdpruner": "conditional DPP", "vscan": "CLS scan + merge", "vscan_encoder": "CLS scan + merge",
+    "pio_fvlm_ve": "CLS scan + gradient", "pool": "average pooling",
 }
 
 
@@ -45,6 +55,20 @@ def _pio_three(b: int, num_layers: int) -> dict:
     return {"layers": layers, "keep": keep}
 
 
+def _stride(b: int, _: int) -> dict:
+    return {"stride": max(1, round((576 / b) ** 0.5))}
+
+
+def _two_stage(b: int) -> tuple[int, int]:
+    return b, max(1, round(b / 3))
+
+
+def _pio_ve(b: int, _: int) -> dict:
+    encoder, keep = _two_stage(b)
+    return {"selectors": [{"name": "vscan_encoder", "args": {"keep": encoder, "local_layer": 0}},
+                          {"name": "pio_fvlm", "args": {"layers": [2], "keep": [keep]}}]}
+
+
 def _visionzip(b: int, _: int) -> dict:
     dominant = max(1, round(b * 5 / 6))  # the authors' 54 + 10 split, about 5 : 1
     return {"dominant": dominant, "contextual": b - dominant}
@@ -54,13 +78,18 @@ SETTINGS: dict[str, Setting] = {s.label: s for s in [
     Setting("keep_all", "keep_all", lambda b, n: {}, budgeted=False),
     Setting("random", "random", lambda b, n: {"keep": b, "seed": 0}),
     Setting("uniform", "uniform", lambda b, n: {"keep": b}),
+    Setting("pool", "pool", _stride),
     Setting("divprune", "divprune", lambda b, n: {"keep": b}),
     Setting("visionzip", "visionzip", _visionzip),
+    Setting("cdpruner", "cdpruner", lambda b, n: {"keep": b, "relevance_source": "llm_embed"}),
+    Setting("vscan_encoder", "vscan_encoder", lambda b, n: {"keep": b, "local_layer": 0}),
+    Setting("vscan", "vscan", lambda b, n: dict(zip(("encoder_keep", "keep"), _two_stage(b)), layer=2, local_layer=0)),
     Setting("fastv", "fastv", lambda b, n: {"k": 2, "keep": b}),
     Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)], "recycle": False}),
     Setting("dart", "dart", lambda b, n: {"layer": 2, "keep": b}),
     Setting("pio_fvlm", "pio_fvlm", lambda b, n: {"layers": [1], "keep": [b]}),
     Setting("pio_fvlm_3stage", "pio_fvlm", _pio_three),
+    Setting("pio_fvlm_ve", "compose", _pio_ve),
 ]}
 
 
@@ -80,9 +109,9 @@ def default_labels() -> list[str]:
     """Every registered selector except combinators, plus the extra rows of :data:`SETTINGS`, in table order."""
     import fvlm
 
-    registered = [n for n in fvlm.list_selectors() if n not in SKIP]
-    ordered = [label for label, s in SETTINGS.items() if s.selector in registered]
-    return ordered + [n for n in registered if n not in SETTINGS]
+    installed = fvlm.list_selectors()
+    ordered = [label for label, s in SETTINGS.items() if s.selector in installed]
+    return ordered + [n for n in installed if n not in SETTINGS and n not in SKIP]
 
 
 def describe(kwargs: dict) -> str:

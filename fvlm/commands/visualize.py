@@ -4,7 +4,8 @@ Runs the built-in model (:func:`fvlm.builtin.load`) on one image and question on
 records the indices every stage of the selector keeps (by wrapping the instance's ``select``),
 maps the last stage's kept set back to the original 24 x 24 patch grid (stage ``s`` indexes the
 visual tokens left after stage ``s - 1``) and draws one panel per selector: kept patches in full
-colour with an outline, dropped patches dimmed, the selector's answer under the title.
+colour with an outline, dropped patches dimmed, the selector's answer under the title. Merging
+selectors show the tokens that carry the merged values (``pool``: each block's top-left patch).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from fvlm.commands.exit_codes import ExitCode
 from fvlm.errors import UsageError
 
-DEFAULT_SELECTORS = ("pio_fvlm", "fastv", "visionzip", "divprune")
+DEFAULT_SELECTORS = ("pio_fvlm", "fastv", "visionzip", "vscan", "cdpruner", "divprune")
 PANEL = 336  # px, the model's input size
 TITLE_HEIGHT = 46
 
@@ -103,7 +104,7 @@ def draw_panel(image: Image.Image, kept: list[int] | None, title: str, subtitle:
 
 
 def render(model, processor, image: Image.Image, question: str, labels: list[str], keep: int,
-           reference: str | None = None) -> tuple[Image.Image, list[dict]]:
+           reference: str | None = None, positions: str | None = None) -> tuple[Image.Image, list[dict]]:
     """The side-by-side PNG and, per panel, ``{label, answer, kept}`` (``kept`` None for the unpruned panel)."""
     import fvlm
     from fvlm.builtin import budgets as B
@@ -120,7 +121,7 @@ def render(model, processor, image: Image.Image, question: str, labels: list[str
             if selector is None:
                 out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
             else:
-                with fvlm.prune(model, selector):
+                with fvlm.prune(model, selector, positions=positions, instructions=[question]):
                     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 

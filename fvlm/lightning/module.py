@@ -340,6 +340,12 @@ class FVLMModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model, self.processor = self.backbone.load()
+            if self.selector is not None:  # a missing auxiliary model fails now, not at the first batch
+                from fvlm.auxiliary import load_auxiliary
+
+                self.selector.stages(self._adapter().info())
+                for spec in self.selector.auxiliary_models():
+                    load_auxiliary(spec, self.model)
 
     def _adapter(self):
         if self._adapter_cache is None:
@@ -421,6 +427,7 @@ class FVLMModule(LightningModule):
         return [t.strip() for t in texts], lengths
 
     def _generate(self, inputs: dict, samples: list[dict]) -> list[dict]:
+        from fvlm.lightning.data import instruction_text
         from fvlm.session import prune
 
         inputs = self._inputs(inputs)
@@ -433,7 +440,8 @@ class FVLMModule(LightningModule):
                 reference = self.model.generate(**inputs, **kwargs)
             finally:
                 self.measuring = True
-        session = prune(self.model, self.selector, positions=self.positions) if self.selector is not None else None
+        session = None if self.selector is None else prune(
+            self.model, self.selector, positions=self.positions, instructions=[instruction_text(s) for s in samples])
         with session if session is not None else contextlib.nullcontext():
             out = self.model.generate(**inputs, **kwargs)
         texts, lengths = self._decode(out.sequences, prompt_len)

@@ -293,6 +293,37 @@ def nms_similarity_flops(n_visual: float, kept: float | None, hidden: int) -> fl
     return similarity_flops(m, hidden)
 
 
+def dpp_map_flops(n: float, dim: int, k: float) -> float:
+    """CDPruner's greedy DPP MAP on one view of ``n`` tokens: the ``2 n^2 d`` similarity kernel and
+    the Cholesky-row updates (``2 t n`` at step ``t``, about ``n k^2`` for ``k`` picks)."""
+    return similarity_flops(n, dim) + n * k * k
+
+
+def clip_text_flops(rows: float = 1, tokens: int = 77, layers: int = 12, width: int = 768, mlp: int = 3072) -> float:
+    """A CLIP text tower on ``rows`` rows of ``tokens`` tokens, with its projection (defaults: the
+    ViT-L/14 text tower CDPruner uses: 12 layers, width 768, MLP 3072)."""
+    per_row = layers * (4 * linear_flops(tokens, width, width) + 2 * linear_flops(tokens, width, mlp)
+                        + attention_flops(tokens, tokens, 1, width)) + linear_flops(1, width, width)
+    return rows * per_row
+
+
+def merge_flops(n: float, kept: float, dim: int) -> float:
+    """Assigning each of the ``n - kept`` dropped tokens to its most similar kept token (VScan)."""
+    return 2 * (n - kept) * kept * dim
+
+
+def cls_rows_flops(tokens: float, width: int) -> float:
+    """One CLS-query attention row of a vision layer recomputed from its input: keys of all
+    ``tokens``, the CLS query and the scores."""
+    return linear_flops(tokens, width, width) + linear_flops(1, width, width) + 2 * tokens * width
+
+
+def received_attention_flops(patches: float, width: int) -> float:
+    """The attention every patch receives in one full-attention vision block (Qwen2.5-VL): queries and
+    keys of all ``patches`` and the ``patches x patches`` scores."""
+    return 2 * linear_flops(patches, width, width) + 2 * patches * patches * width
+
+
 def selector_overhead_flops(needs: Iterable, seq_len: float, text: TextArch, n_visual: float = 0,
                             nms: bool = False, kept: float | None = None, **proxy_options) -> float:
     """Estimated extra FLOPs of one in-LLM stage from what the selector declares it needs.

@@ -185,8 +185,15 @@ def _visionzip_split(average: float) -> dict:
     return {"dominant": dominant, "contextual": total - dominant}
 
 
+def _vscan_split(average: float) -> dict:
+    """VScan's two stages from a layer average: the authors' LLaVA-1.5 schedule (96 from the encoder,
+    32 after layer 16 of 32: average 64) scaled, encoder 1.5x and LLM stage 0.5x the average (the spec's
+    labelled guess beyond 64; exact on 32 layers with the stage after layer 16)."""
+    return {"encoder_keep": int(round(1.5 * average)), "layer": 16, "keep": int(round(0.5 * average))}
+
+
 # Selectors whose budget is not one parameter: name -> (layer average -> kwargs).
-BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split}
+BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split, "vscan": _vscan_split}
 
 
 def budget_parameter(name: str) -> str | None:

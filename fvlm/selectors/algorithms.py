@@ -33,6 +33,11 @@ __all__ = [
     "density_peak_merge",
     "cls_dominant_and_contextual",
     "uniform_indices",
+    "dpp_greedy_map",
+    "window_quota_scan",
+    "window_cap_scan",
+    "merge_into_kept",
+    "block_pool",
 ]
 
 
@@ -414,3 +419,124 @@ def uniform_indices(n_valid: torch.Tensor, k: Budget, grid: Optional[Sequence[in
         r, c = lat // kw, lat % kw
         out = ((2 * r + 1) * H // (2 * kh)) * W + (2 * c + 1) * W // (2 * kw)
     return torch.where(ok, out, -1)
+
+
+# ------------------------------------------------------------------------------- CDPruner DPP
+def dpp_greedy_map(unit: torch.Tensor, quality: torch.Tensor, valid: torch.Tensor, k: Budget
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CDPruner (arXiv 2506.10967): greedy MAP of the DPP with kernel ``K_ij = q_i (u_i . u_j) q_j``.
+
+    ``unit [V, N, D]``: unit-norm features (the similarity is computed in float32); ``quality [V, N]``.
+    Fast greedy MAP inference (Chen et al. 2018): residual gains ``d_i^2`` start at ``K_ii``; each step
+    takes the first argmax ``j``, stores the Cholesky row ``e = (K_j - sum_s c_s[j] c_s) / d_j`` and
+    lowers every gain by ``e_i^2``. Exactly ``k`` steps, no early stop, so it equals the greedy
+    maximisation of ``log det K_S``. Degenerate kernels (``k`` above its numerical rank): when the
+    largest remaining gain is not ``> 0`` (or not finite) the view stops, and its remaining slots are
+    filled with unpicked tokens by descending ``K_ii`` (lowest index on ties) instead of the NaN
+    cascade of the official code. Returns ascending indices ``[V, K]`` (-1 padded) and ``[V]`` bool:
+    which views took that fallback.
+    """
+    V, N = valid.shape
+    k = _budget(k, valid.sum(1))
+    q = torch.where(valid, quality.float(), 0.0)
+    u = unit.float()
+    kernel = q[:, :, None] * (u @ u.transpose(1, 2)) * q[:, None, :]
+    diag = kernel.diagonal(dim1=1, dim2=2)
+    gains = torch.where(valid, diag, -math.inf)
+    rows = _arange(V, valid)
+    steps = _max(k)
+    chol = kernel.new_zeros(V, steps, N)
+    picked = torch.zeros_like(valid)
+    stopped = torch.zeros(V, dtype=torch.bool, device=valid.device)
+    for t in range(steps):
+        active = (t < k) & ~stopped
+        j = _first_argmax(gains)
+        best = gains[rows, j]
+        bad = active & ~(torch.isfinite(best) & (best > 0))
+        stopped |= bad
+        active &= ~bad
+        done = torch.bmm(chol[rows, :t, j].unsqueeze(1), chol[:, :t]).squeeze(1) if t else 0.0
+        e = (kernel[rows, j] - done) / torch.where(active, best, 1.0).sqrt()[:, None]
+        e = torch.where(active[:, None], e, 0.0)
+        chol[:, t] = e
+        gains = gains - e.square()
+        picked[rows, j] |= active
+        gains[rows, j] = torch.where(active, -math.inf, gains[rows, j])
+    fill = _take_first(_order(diag, valid), valid & ~picked, k - picked.sum(1))
+    return _mask_to_indices(picked | fill, steps), stopped
+
+
+# ---------------------------------------------------------------------------------- VScan scans
+def window_quota_scan(scores: torch.Tensor, rows: int, cols: int, windows: int, n: int) -> torch.Tensor:
+    """VScan's LLaVA local scan: the ``rows x cols`` raster grid (``scores [V, rows*cols]``) is cut into
+    ``windows x windows`` equal windows (row-major) and each keeps its ``n // windows**2`` best tokens
+    (ties -> lower index); the remainder of ``n`` is not used (the official rule). Returns a mask."""
+    if rows % windows or cols % windows:
+        raise ValueError(f"a {rows} x {cols} grid does not split into {windows} x {windows} equal windows")
+    wr, wc = rows // windows, cols // windows
+    r = torch.arange(rows * cols, device=scores.device) // cols
+    c = torch.arange(rows * cols, device=scores.device) % cols
+    window = (r // wr) * windows + c // wc
+    per = n // windows**2
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for w in range(windows**2):
+        member = (window == w).expand_as(mask)
+        mask |= _take_first(_order(scores, member), member, torch.full_like(scores[:, 0], per, dtype=torch.long))
+    return mask
+
+
+def window_cap_scan(scores: torch.Tensor, rows: int, cols: int, window: int, n: int) -> torch.Tensor:
+    """VScan's Qwen2.5-VL local scan: windows of ``window x window`` tokens (``max(1, rows // window)``
+    by ``max(1, cols // window)`` of them; the ragged last rows / columns join the last window row /
+    column); every window may hold ``ceil(n / windows)`` picks; walk all tokens by descending score
+    (ties -> lower index) and accept a token while its window is below that cap, until ``n`` are
+    accepted. ``scores [V, rows*cols]``; returns a mask."""
+    wr, wc = max(1, rows // window), max(1, cols // window)
+    cap = -(-n // (wr * wc))
+    r = torch.arange(rows * cols, device=scores.device) // cols
+    c = torch.arange(rows * cols, device=scores.device) % cols
+    win = (r // window).clamp(max=wr - 1) * wc + (c // window).clamp(max=wc - 1)
+    valid = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    order = _order(scores, valid)  # [V, N] token ids by descending score
+    by_rank = win[order]  # window of each ranked token
+    onehot = F.one_hot(by_rank, wr * wc)
+    seen_before = onehot.cumsum(1) - onehot  # picks ... tokens of the same window ranked earlier
+    within_cap = (seen_before * onehot).sum(-1) < cap
+    accepted = within_cap & (within_cap.long().cumsum(1) <= n)
+    return torch.zeros_like(valid).scatter(1, order, accepted)
+
+
+def merge_into_kept(feats: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """VScan's merge: every dropped token is averaged into its most similar kept token.
+
+    ``feats [V, N, D]``, ``kept [V, N]``. A dropped token's target is the kept token of highest cosine
+    similarity (float32; ties -> the first kept token in index order); a kept token becomes
+    ``(x_k + sum of its dropped tokens) / (1 + their number)``. Returns ``[V, N, D]`` float32 (the
+    merged value at kept rows, the input elsewhere).
+    """
+    x = feats.float()
+    u = _unit(x)
+    sim = torch.where(kept[:, None, :], u @ u.transpose(1, 2), -math.inf)
+    target = _first_argmax(sim)  # [V, N]
+    dropped = (~kept).float()[..., None]
+    sums = x.clone().scatter_add_(1, target[..., None].expand_as(x), x * dropped)
+    counts = torch.ones_like(x[..., :1]).scatter_add_(1, target[..., None], dropped)
+    return torch.where(kept[..., None], sums / counts, x)
+
+
+# ---------------------------------------------------------------------------------------- pool
+def block_pool(x: torch.Tensor, index: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Average pooling of a token grid in ``stride x stride`` blocks (the last block row / column is
+    smaller when the grid does not divide). ``x [N, D]`` holds a sample's tokens, ``index [R, C]`` the
+    grid's positions in ``x``. Returns the block anchors ``[R', C']`` (top-left positions) and the block
+    means ``[R', C', D]`` (float32)."""
+    R, C = index.shape
+    rb, cb = -(-R // stride), -(-C // stride)
+    block = (torch.arange(R)[:, None] // stride) * cb + torch.arange(C)[None, :] // stride
+    flat = index.flatten().to(x.device)
+    block = block.flatten().to(x.device)
+    vals = x[flat].float()
+    sums = vals.new_zeros(rb * cb, x.shape[-1]).index_add_(0, block, vals)
+    counts = vals.new_zeros(rb * cb).index_add_(0, block, torch.ones_like(vals[:, 0]))
+    anchors = index[::stride, ::stride]
+    return anchors, (sums / counts[:, None]).view(rb, cb, -1)

@@ -17,6 +17,7 @@ from fvlm.types import (  # noqa: F401  (the selector API's types)
 )
 
 if TYPE_CHECKING:
+    from fvlm.auxiliary import AuxiliarySpec
     from fvlm.context import SelectionContext
 
 
@@ -55,6 +56,23 @@ class TokenSelector(abc.ABC):
         when the authors' count depends on more (SparseVLM's recycled clusters, VisionZip per image).
         """
         return stage.count(original)
+
+    def stage_budget(self, ctx: "SelectionContext") -> torch.Tensor:
+        """``[B]`` visual tokens each sample keeps at ``ctx.stage`` when the model runs: by default
+        :meth:`keep_count`; override when the count depends on the visual layout (``ctx.layout``:
+        CDPruner and VScan count per view of the vision tower, LLaVA-NeXT crops and newlines)."""
+        return self.keep_count(ctx.stage, ctx.num_visual, ctx.original_visual, ctx.images)
+
+    def vision_layers(self, info: "ModelInfo") -> frozenset[int]:
+        """Vision-tower layers (0-based) whose attention :meth:`SelectionContext.vision_attention`
+        reads; the session records their inputs while the tower runs."""
+        return frozenset()
+
+    def auxiliary_models(self) -> Sequence["AuxiliarySpec"]:
+        """Models this selector loads next to the backbone (see :mod:`fvlm.auxiliary`): loaded once
+        per backbone when a session starts, on the backbone's device; read with
+        :meth:`SelectionContext.auxiliary`."""
+        return ()
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

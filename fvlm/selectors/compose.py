@@ -10,10 +10,11 @@ class Compose(TokenSelector):
     """Runs its parts' stages as one schedule; each stage is answered by the part that declared it.
 
     ``selectors`` are instances, registered names, or ``{"name": ..., "args": {...}}`` mappings.
-    PIO-FVLM's encoder-involved mode is ``Compose([VisionZip(...), PIOFVLM(...)])``. Needs are the
-    union of the parts' needs; every part is checked against its own, and each stage's budget is
-    its part's :meth:`~fvlm.selectors.base.TokenSelector.keep_count`. Position policy: the parts'
-    common one, ``"original"`` when they differ (pass ``positions=`` to the session to choose).
+    PIO-FVLM's encoder-involved mode ("w/ VE") is ``Compose([VScanEncoder(keep=96),
+    PIOFVLM(layers=[16], keep=[32])])``. Needs, vision layers and auxiliary models are the union of
+    the parts'; every part is checked against its own needs, and each stage's budget is its part's
+    (:meth:`~fvlm.selectors.base.TokenSelector.keep_count`, ``stage_budget``). Position policy: the
+    parts' common one, ``"original"`` when they differ (pass ``positions=`` to the session to choose).
     """
 
     example_kwargs = {"selectors": [{"name": "divprune", "args": {"keep": 10}}, {"name": "random", "args": {"keep": 4, "layer": 2}}]}
@@ -51,6 +52,7 @@ class Compose(TokenSelector):
                 owner[stage.where] = part
                 stages.append(stage)
         self._owner = owner
+        self.needs = frozenset().union(*(p.needs for p in self.selectors))  # parts may settle theirs per family
         return stages
 
     def keep_count(self, stage, current, original, images):
@@ -59,3 +61,13 @@ class Compose(TokenSelector):
     def select(self, ctx):
         part = self._owner[ctx.stage.where]
         return part.select(ctx.for_selector(part))
+
+    def stage_budget(self, ctx):
+        part = self._owner[ctx.stage.where]
+        return part.stage_budget(ctx.for_selector(part))
+
+    def vision_layers(self, info):
+        return frozenset().union(*(p.vision_layers(info) for p in self.selectors))
+
+    def auxiliary_models(self):
+        return [spec for part in self.selectors for spec in part.auxiliary_models()]
