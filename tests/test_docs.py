@@ -155,3 +155,28 @@ def test_markdown_images_all_render(site):
         if rel.name == "index" and rel != Path("index"):
             built = site / rel.parent / "index.html"
         assert len(IMAGE.findall(built.read_text())) >= len(refs), source
+
+
+def test_getting_started_shows_what_the_builtin_run_prints(tmp_path, monkeypatch, capsys):
+    """The expected output on the Getting-started page is what `fvlm run -c recipes/builtin/pio_fvlm-64.yaml`
+    prints: every answer and figure, except the timings (prefill, decode, speedup), which vary."""
+    from fvlm.commands import run as run_cmd
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FVLM_CACHE", str(tmp_path / "cache"))
+    assert run_cmd.main(["-c", str(ROOT / "recipes/builtin/pio_fvlm-64.yaml"), "--trainer.enable-progress-bar", "false"]) == 0
+    timing = re.compile(r"prefill|decode")
+
+    def lines(text: str) -> list[str]:
+        return [line.rstrip() for line in text.splitlines() if not timing.search(line)]
+
+    assert lines(capsys.readouterr().out) == lines((DOCS / "snippets/builtin_run.txt").read_text())
+
+
+def test_getting_started_shows_the_trace_first_prune_prints(capsys):
+    runpy.run_path(str(DOCS / "snippets/first_prune.py"), run_name="__main__")
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    page = (DOCS / "getting-started.md").read_text()
+    shown = re.search(r"```text\n(Trace\(.*\))\n```", page).group(1)
+    ms = re.compile(r"\d+\.\d ms")
+    assert ms.sub("ms", printed) == ms.sub("ms", shown)

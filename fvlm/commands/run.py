@@ -521,6 +521,11 @@ def print_summary(summary: dict, output: Path, examples: Sequence[dict] = ()) ->
         table.add_row("KV cache per sample", "-" if kv is None else f"{kv / 2**20:.2f} MiB")
         table.add_row("prefill per sample", f"{fmt(eff.get('prefill_ms'), '.1f')} ms")
         table.add_row("decode per token", f"{fmt(eff.get('decode_ms_per_token'), '.2f')} ms")
+        if eff.get("prefill_speedup") is not None:
+            table.add_row("speedup vs unpruned: prefill", f"{eff['prefill_speedup']:.2f}x "
+                          f"({fmt(eff.get('unpruned_prefill_ms'), '.1f')} ms unpruned)")
+            table.add_row("speedup vs unpruned: decode", "-" if eff.get("decode_speedup") is None else
+                          f"{eff['decode_speedup']:.2f}x ({eff['unpruned_decode_ms_per_token']:.2f} ms unpruned)")
     out.print(table)
     out.print(f"predictions: {output / 'predictions.jsonl'}\nsummary: {output / 'summary.json'}")
 

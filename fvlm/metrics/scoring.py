@@ -230,6 +230,15 @@ def summarize_efficiency(records: Iterable[dict]) -> dict[str, float | int | Non
                 for e in eff)
     decode = sum(e.get("decode_ms") or 0.0 for e in eff)
     out["decode_ms_per_token"] = decode / steps if steps else None
+    both = [e for e in eff if e.get("unpruned_prefill_ms") is not None and e.get("prefill_ms")]
+    if both:  # fidelity runs time the unpruned model on the same batches: speedup = its time / pruned time
+        out["unpruned_prefill_ms"] = _mean([e["unpruned_prefill_ms"] for e in both])
+        out["prefill_speedup"] = sum(e["unpruned_prefill_ms"] for e in both) / sum(e["prefill_ms"] for e in both)
+        ref_steps = sum(e["batch_unpruned_decode_steps"] / e["batch_size"] for e in both)
+        ref_per_token = sum(e["unpruned_decode_ms"] for e in both) / ref_steps if ref_steps else None
+        out["unpruned_decode_ms_per_token"] = ref_per_token
+        per_token = out["decode_ms_per_token"]
+        out["decode_speedup"] = ref_per_token / per_token if ref_per_token and per_token else None
     layers = [e["visual_per_layer"] for e in eff if e.get("visual_per_layer")]
     if layers and len({len(row) for row in layers}) == 1:
         out["visual_per_layer"] = [sum(col) / len(col) for col in zip(*layers)]
