@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fvlm`` console script; returns the exit status (:class:`ExitCode`)."""
+    """Entry point of the ``fvlm`` console script; returns the exit status ([`ExitCode`][fvlm.commands.exit_codes.ExitCode])."""
     from fvlm.commands.exit_codes import for_error
 
     args = build_parser().parse_args(argv)

@@ -94,7 +94,7 @@ SETTINGS: dict[str, Setting] = {s.label: s for s in [
 
 
 def setting(label: str) -> Setting:
-    """The :class:`Setting` for ``label``; a registered selector without one gets ``keep=b`` if it takes ``keep``."""
+    """The [`Setting`][fvlm.builtin.budgets.Setting] for ``label``; a registered selector without one gets ``keep=b`` if it takes ``keep``."""
     if label in SETTINGS:
         return SETTINGS[label]
     from fvlm import registry
@@ -106,7 +106,7 @@ def setting(label: str) -> Setting:
 
 
 def default_labels() -> list[str]:
-    """Every registered selector except combinators, plus the extra rows of :data:`SETTINGS`, in table order."""
+    """Every registered selector except combinators, plus the extra rows of [`SETTINGS`][fvlm.builtin.budgets.SETTINGS], in table order."""
     import fvlm
 
     installed = fvlm.list_selectors()

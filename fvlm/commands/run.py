@@ -16,7 +16,7 @@ dashes or underscores and booleans may be bare (``fvlm.commands.options``).
 Every run writes ``<output>/predictions.jsonl`` (one line per sample, resumable: re-running the
 same command only does the samples without an answer), ``<output>/summary.json`` (scores, fidelity,
 efficiency) and ``<output>/config.yaml``, and prints a summary table. The exit code is 0 only when
-every requested sample has an answer (see :class:`~fvlm.commands.exit_codes.ExitCode`). Data-set runs scale with
+every requested sample has an answer (see [`ExitCode`][fvlm.commands.exit_codes.ExitCode]). Data-set runs scale with
 Lightning's strategies, e.g. ``--trainer.devices=8 --trainer.strategy=ddp`` (see
 docs/how-to/distributed-runs.md).
 """
@@ -47,7 +47,7 @@ class RecipeError(UsageError):
 
 # -- command-line wiring -----------------------------------------------------------------------
 def add_parser(sub) -> None:
-    """Register ``fvlm run`` on the ``fvlm`` subparsers (arguments go to :func:`main`)."""
+    """Register ``fvlm run`` on the ``fvlm`` subparsers (arguments go to [`main`][fvlm.commands.run.main])."""
     p = sub.add_parser("run", help=HELP, add_help=False, prefix_chars=_ARGV_PREFIX)
     p.add_argument("argv", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda args: main(args.argv))

@@ -1,6 +1,6 @@
 """``fvlm visualize``: which patches each selector keeps, drawn over the image, side by side.
 
-Runs the built-in model (:func:`fvlm.builtin.load`) on one image and question once per selector,
+Runs the built-in model ([`fvlm.builtin.load`][fvlm.builtin.load]) on one image and question once per selector,
 records the indices every stage of the selector keeps (by wrapping the instance's ``select``),
 maps the last stage's kept set back to the original 24 x 24 patch grid (stage ``s`` indexes the
 visual tokens left after stage ``s - 1``) and draws one panel per selector: kept patches in full

@@ -1,8 +1,8 @@
 """Run callbacks: per-sample prediction lines (resumable, DDP-safe) and efficiency figures.
 
-Both work with the records :class:`~fvlm.lightning.module.FVLMModule` returns from
-``predict_step`` / ``test_step``. List :class:`EfficiencyMonitor` *before*
-:class:`PredictionWriter` in ``Trainer(callbacks=...)`` so that the written lines carry the
+Both work with the records [`FVLMModule`][fvlm.lightning.module.FVLMModule] returns from
+``predict_step`` / ``test_step``. List [`EfficiencyMonitor`][fvlm.lightning.callbacks.EfficiencyMonitor] *before*
+[`PredictionWriter`][fvlm.lightning.callbacks.PredictionWriter] in ``Trainer(callbacks=...)`` so that the written lines carry the
 timings (``fvlm run`` does this).
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ class StopOnSigterm(Callback):
 
     Lightning's handler only sets ``trainer.received_sigterm``, which its predict loop never reads;
     this raises Lightning's ``SIGTERMException`` once the batch's lines are written (list it after
-    :class:`PredictionWriter`), so the run stops with everything so far flushed and a rerun resumes.
+    [`PredictionWriter`][fvlm.lightning.callbacks.PredictionWriter]), so the run stops with everything so far flushed and a rerun resumes.
     ``interrupted`` records a Ctrl-C (Lightning shuts down and exits on its own).
     """
 

@@ -1,5 +1,5 @@
 """Efficiency metrics as pure functions: analytic FLOPs (paper and full conventions), KV-cache
-bytes (real cache and analytic), visual-token accounting. See :mod:`fvlm.metrics.flops`."""
+bytes (real cache and analytic), visual-token accounting. See [`fvlm.metrics.flops`][fvlm.metrics.flops]."""
 from fvlm.metrics.flops import (
     FlopsBreakdown,
     TextArch,

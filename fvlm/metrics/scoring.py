@@ -1,13 +1,13 @@
 """Answer scoring and run summaries as pure functions over prediction records.
 
 A *prediction record* is one line of a run's ``predictions.jsonl`` (see
-:class:`fvlm.lightning.callbacks.PredictionWriter`): at least ``id`` and ``answer`` (the
+[`fvlm.lightning.callbacks.PredictionWriter`][fvlm.lightning.callbacks.PredictionWriter]): at least ``id`` and ``answer`` (the
 generated text), usually ``answers`` (references), optional ``choices``, ``metric``, ``error``,
 fidelity fields (``reference_answer``, ``first_token_kl``, ``first_token_top1``) and an
 ``efficiency`` dict. Everything here works on plain Python values, so a finished run can be
 re-scored without a model: ``summarize(read_jsonl("runs/x/predictions.jsonl"))``.
 
-Metrics (``metric`` per record, or chosen by :func:`resolve_metric` when ``"auto"``):
+Metrics (``metric`` per record, or chosen by [`resolve_metric`][fvlm.metrics.scoring.resolve_metric] when ``"auto"``):
 
 * ``exact_match``: the normalised prediction equals one of the normalised references.
 * ``vqa``: VQA accuracy, ``min(1, matches / 3)`` averaged over the leave-one-out subsets of the
@@ -19,7 +19,7 @@ Metrics (``metric`` per record, or chosen by :func:`resolve_metric` when ``"auto
 
 Fidelity to the unpruned model needs no references: answer agreement between a pruned and an
 unpruned answer, and the KL divergence / top-1 agreement of the first generated token's
-distribution (:func:`first_token_fidelity`).
+distribution ([`first_token_fidelity`][fvlm.metrics.scoring.first_token_fidelity]).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Visual-token accounting from a stage schedule: input count, count per layer, layer average.
 
-The same rules as :class:`fvlm.PruningSession`: a ``"vision"`` / ``"input"`` stage sets the count
+The same rules as [`fvlm.PruningSession`][fvlm.session.PruningSession]: a ``"vision"`` / ``"input"`` stage sets the count
 that enters the LLM; a stage at ``l`` (after ``l`` decoder layers) sets the count of layers ``l``
-and later; a stage keeps :meth:`Stage.count <fvlm.selectors.base.Stage.count>` tokens, or what the
-selector's :meth:`~fvlm.selectors.base.TokenSelector.keep_count` says when one is given.
+and later; a stage keeps [`Stage.count`][fvlm.types.Stage.count] tokens, or what the
+selector's [`keep_count`][fvlm.selectors.base.TokenSelector.keep_count] says when one is given.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fvlm.types import Stage
 
 
 def stage_count(keep: int | float, original: int) -> int:
-    """Visual tokens a stage keeps: an int count, or a float fraction of ``original`` (:meth:`Stage.count`)."""
+    """Visual tokens a stage keeps: an int count, or a float fraction of ``original`` ([`Stage.count`][fvlm.types.Stage.count])."""
     return int(Stage("input", keep).count(original))
 
 

@@ -1,6 +1,6 @@
 """Analytic efficiency profile of a stage schedule on an architecture (no weights, no forward).
 
-One :class:`ProfileRow` per configuration (keep-all, an explicit schedule, a registered selector at a
+One `ProfileRow` per configuration (keep-all, an explicit schedule, a registered selector at a
 budget): visual tokens (original, LLM input, per layer, layer average), FLOPs in the paper and full
 conventions, KV-cache bytes after prefill (+ decode tokens), and one decode step's FLOPs.
 """
@@ -105,7 +105,7 @@ def format_schedule(stages: Sequence[Stage], original: int | None = None) -> str
 def _overhead(selector, counts: VisualCounts, stages: Sequence[Stage], text_tokens: int, tokens: Sequence[int],
               arch: Architecture) -> float:
     """Selector FLOPs over its stages: its own ``overhead_flops`` if it defines one, else the
-    estimate from its needs (:func:`in_llm_overhead_flops`)."""
+    estimate from its needs ([`in_llm_overhead_flops`][fvlm.profiling.analytic.in_llm_overhead_flops])."""
     custom = getattr(selector, "overhead_flops", None) if selector is not None else None
     if custom is None:
         return in_llm_overhead_flops(selector, stages, counts.per_layer, tokens, arch.text)
@@ -119,7 +119,7 @@ def _overhead(selector, counts: VisualCounts, stages: Sequence[Stage], text_toke
 def in_llm_overhead_flops(selector, stages: Iterable, per_layer: Sequence[int], tokens: Sequence[int],
                           text: TextArch) -> float:
     """Estimated FLOPs of ``selector``'s in-LLM stages from what it needs
-    (:func:`fvlm.metrics.flops.selector_overhead_flops`), where ``per_layer[i]`` visual tokens and
+    ([`fvlm.metrics.flops.selector_overhead_flops`][fvlm.metrics.flops.selector_overhead_flops]), where ``per_layer[i]`` visual tokens and
     ``tokens[i]`` tokens in all enter decoder layer ``i`` (a schedule's counts or a session trace's).
     ``stages``: anything with ``where`` (layer stages count, the others do not)."""
     needs = getattr(type(selector), "needs", frozenset())
@@ -198,7 +198,7 @@ BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split
 
 def budget_parameter(name: str) -> str | None:
     """The parameter of selector ``name`` that a layer-average budget sets (see BUDGET_PARAMETERS),
-    ``"*"`` when :data:`BUDGET_MAPS` knows how to split it, else None."""
+    ``"*"`` when `BUDGET_MAPS` knows how to split it, else None."""
     from fvlm.registry import selector_info
 
     if name in BUDGET_MAPS:
@@ -222,11 +222,11 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
     """Keyword arguments for selector ``name`` so that its schedule has a layer average of ``target``
     visual tokens (of ``original``) on a model described by ``info``.
 
-    The parameter set is the first of :data:`BUDGET_PARAMETERS` the selector accepts: an average
+    The parameter set is the first of `BUDGET_PARAMETERS` the selector accepts: an average
     parameter (``average``, ``budget``, ...) gets ``target`` as is (the selector's own mapping to stage
     counts is authoritative; the real average is reported); a count parameter (``keep``, ...) is
     searched over 1..original for the schedule whose layer average is nearest ``target`` (FastV
-    keeping R after K layers: R = (L * target - K * N) / (L - K), rounded). :data:`BUDGET_MAPS`
+    keeping R after K layers: R = (L * target - K * N) / (L - K), rounded). `BUDGET_MAPS`
     covers selectors with a split budget (VisionZip). Selectors with an ``n_visual`` parameter get
     ``original``.
     """
@@ -288,7 +288,7 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
 
 def selector_for_average(name: str, target: float, arch: Architecture, params: dict | None = None,
                          visual_tokens: int | None = None):
-    """:func:`selector_kwargs_for_average` on an :class:`Architecture`; returns
+    """[`selector_kwargs_for_average`][fvlm.profiling.analytic.selector_kwargs_for_average] on an [`Architecture`][fvlm.profiling.arch.Architecture]; returns
     ``(selector, kwargs, stages)``."""
     from fvlm.registry import create_selector
 

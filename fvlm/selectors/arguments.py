@@ -2,7 +2,7 @@
 
 A selector checks its arguments in ``__init__``, so a bad value fails when the selector is built:
 from Python, and in ``fvlm run`` while the recipe is parsed, before any model is loaded. Every
-check raises :class:`~fvlm.errors.SelectorArgumentError` naming the selector, the parameter, what it
+check raises [`SelectorArgumentError`][fvlm.errors.SelectorArgumentError] naming the selector, the parameter, what it
 allows and the value given.
 
 Budgets follow one rule: an ``int`` is a count of visual tokens (>= 1), a ``float`` a fraction in

@@ -52,26 +52,26 @@ class TokenSelector(abc.ABC):
         """``[B]`` visual tokens each sample keeps at ``stage`` (the session's ``ctx.budget``).
 
         ``current``: visual tokens entering the stage, ``original``: before any stage, ``images``:
-        images in the prompt (all ``[B]`` long). Default :meth:`Stage.count` of ``original``; override
+        images in the prompt (all ``[B]`` long). Default [`Stage.count`][fvlm.types.Stage.count] of ``original``; override
         when the authors' count depends on more (SparseVLM's recycled clusters, VisionZip per image).
         """
         return stage.count(original)
 
     def stage_budget(self, ctx: "SelectionContext") -> torch.Tensor:
         """``[B]`` visual tokens each sample keeps at ``ctx.stage`` when the model runs: by default
-        :meth:`keep_count`; override when the count depends on the visual layout (``ctx.layout``:
+        [`keep_count`][fvlm.selectors.base.TokenSelector.keep_count]; override when the count depends on the visual layout (``ctx.layout``:
         CDPruner and VScan count per view of the vision tower, LLaVA-NeXT crops and newlines)."""
         return self.keep_count(ctx.stage, ctx.num_visual, ctx.original_visual, ctx.images)
 
     def vision_layers(self, info: "ModelInfo") -> frozenset[int]:
-        """Vision-tower layers (0-based) whose attention :meth:`SelectionContext.vision_attention`
+        """Vision-tower layers (0-based) whose attention [`SelectionContext.vision_attention`][fvlm.context.SelectionContext.vision_attention]
         reads; the session records their inputs while the tower runs."""
         return frozenset()
 
     def auxiliary_models(self) -> Sequence["AuxiliarySpec"]:
-        """Models this selector loads next to the backbone (see :mod:`fvlm.auxiliary`): loaded once
+        """Models this selector loads next to the backbone (see [`fvlm.auxiliary`][fvlm.auxiliary]): loaded once
         per backbone when a session starts, on the backbone's device; read with
-        :meth:`SelectionContext.auxiliary`."""
+        [`SelectionContext.auxiliary`][fvlm.context.SelectionContext.auxiliary]."""
         return ()
 
     def __repr__(self) -> str:

@@ -5,7 +5,7 @@ one decoder block, the final norm and the LM head are run on them (the *proxy*),
 cross-entropy of the proxy's logits against their own argmax over the last ``K`` shifted prompt
 positions is back-propagated to ``X``. A visual token's saliency is the L2 norm of its gradient row.
 Tokens are then picked in saliency order with feature-space non-maximum suppression (cosine >= tau)
-and the budget is filled in saliency order (:func:`fvlm.selectors.algorithms.nms_fill`).
+and the budget is filled in saliency order ([`fvlm.selectors.algorithms.nms_fill`][fvlm.selectors.algorithms.nms_fill]).
 
 Differences from the authors' code (deliberate; see ``docs`` and the spec):
 
@@ -18,7 +18,7 @@ Differences from the authors' code (deliberate; see ``docs`` and the spec):
   the block output at those rows, which depends on the other rows only through their keys and
   values, so norm + key projection run on all rows and queries / attention / values / MLP / final
   norm / LM head on the ``K`` rows (same loss and gradient up to float rounding, a fraction of the
-  cost; :meth:`fvlm.context.SelectionContext.run_layer_rows`). ``proxy="block"`` runs the whole block
+  cost; [`fvlm.context.SelectionContext.run_layer_rows`][fvlm.context.SelectionContext.run_layer_rows]). ``proxy="block"`` runs the whole block
   like the authors, with ``head_rows="loss"`` (norm and head on the ``K`` rows; identical
   gradients) or ``head_rows="all"`` (float32 logits for every row, as the authors materialise);
 - NMS runs batched on the device, with the same result as their CPU loop;
@@ -195,7 +195,7 @@ class PIOFVLM(TokenSelector):
     def counts(self, info: "ModelInfo", n_visual: int | None = None) -> list[int]:
         """Per-stage visual-token counts for an input of ``n_visual`` tokens (default: ``self.n_visual``).
 
-        ``keep`` gives itself; fractions are rounded like the session does (:meth:`Stage.count`);
+        ``keep`` gives itself; fractions are rounded like the session does ([`Stage.count`][fvlm.types.Stage.count]);
         ``keep_ratio`` multiplies the count entering each stage (truncated).
         """
         n = self.n_visual if n_visual is None else int(n_visual)
