@@ -6,7 +6,7 @@ time one of its names is loaded (``get_class`` / ``create`` / ``info`` / ``broke
 
 Policy: a plugin that fails to import is reported by name (``broken()``) and never hides the
 others; a name claimed by two distributions is listed, but looking it up raises
-:class:`~fvlm.errors.DuplicateNameError` naming both (``fvlm list`` marks it as a conflict).
+[`DuplicateNameError`][fvlm.errors.DuplicateNameError] naming both (``fvlm list`` marks it as a conflict).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import importlib
 import importlib.metadata as md
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fvlm.errors import (
     DuplicateNameError,
@@ -26,6 +26,9 @@ from fvlm.errors import (
     UnknownNameError,
     UnknownSelectorError,
 )
+
+if TYPE_CHECKING:
+    from fvlm.selectors.base import TokenSelector
 
 REQUIRED = inspect.Parameter.empty  # the "default" of a parameter that has none
 
@@ -223,7 +226,11 @@ ADAPTERS = EntryPointRegistry("fvlm.adapters", "adapter", base="fvlm.adapters.ba
 
 
 def list_selectors(pattern: str | None = None) -> list[str]:
-    """Registered selector names (sorted), optionally filtered by a glob. Imports no plugin."""
+    """Registered selector names (sorted). Imports no plugin.
+
+    Args:
+        pattern: a glob (`"vscan*"`) the names must match; `None` lists all.
+    """
     return SELECTORS.names(pattern)
 
 
@@ -232,13 +239,29 @@ def get_selector_class(name: str) -> type:
     return SELECTORS.get_class(name)
 
 
-def create_selector(name: str, **kwargs: Any):
-    """Instantiate the selector ``name`` with ``kwargs`` (``None`` values are dropped)."""
+def create_selector(name: str, **kwargs: Any) -> TokenSelector:
+    """Instantiate a registered selector.
+
+    Args:
+        name: a name from [`list_selectors`][fvlm.registry.list_selectors] (`fvlm list`).
+        **kwargs: the selector's arguments (`fvlm info NAME` lists them); `None` values are dropped.
+
+    Returns:
+        The [`TokenSelector`][fvlm.selectors.base.TokenSelector], ready for [`fvlm.prune`][fvlm.session.prune].
+    """
     return SELECTORS.create(name, **kwargs)
 
 
 def selector_info(name: str) -> SelectorInfo:
-    """Parameters, needs and origin of the selector ``name``."""
+    """Parameters, needs and origin of a registered selector (what `fvlm info NAME` prints).
+
+    Args:
+        name: a name from [`list_selectors`][fvlm.registry.list_selectors].
+
+    Returns:
+        Its `SelectorInfo`: class, summary and docstring, parameters
+            with annotations and defaults, needs, distribution.
+    """
     return SELECTORS.info(name)
 
 
