@@ -16,6 +16,9 @@ UNWRAPPED = 10_000
 # Lightning's INFO lines ("GPU available: ...", "TPU available: ...", the litlogger / litmodels
 # tips, "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES ...") go through these loggers; warnings still show.
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+# ...except the one line per process of a distributed run ("Initializing distributed: GLOBAL_RANK: 1,
+# MEMBER: 2/2"), which tells the user that every process started.
+KEPT_LOGGERS = ("lightning.fabric.utilities.distributed",)
 # Deprecation warnings raised inside libraries about their own use of other libraries.
 LIBRARY_WARNINGS = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning's _pytree on torch >= 2.10
@@ -36,11 +39,13 @@ def quiet_libraries() -> Iterator[None]:
     no known library deprecation warnings. Everything is restored afterwards."""
     from transformers.utils import logging as hf_logging
 
-    levels = {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS}
+    levels = {name: logging.getLogger(name).level for name in (*LIGHTNING_LOGGERS, *KEPT_LOGGERS)}
     bars = hf_logging.is_progress_bar_enabled()
     try:
         for name in LIGHTNING_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        for name in KEPT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
         hf_logging.disable_progress_bar()
         with warnings.catch_warnings():
             for category, message in LIBRARY_WARNINGS:
