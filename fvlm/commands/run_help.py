@@ -21,15 +21,15 @@ DESCRIPTION = ("Run a recipe over a data set (predict or test) with Lightning: a
 TRAINER_KEYS = {
     "accelerator": "cpu, gpu, ... (default: auto)",
     "devices": "devices per node, e.g. 8 (default: auto)",
-    "strategy": "e.g. ddp to spread the samples over the devices (default: auto)",
+    "strategy": "ddp spreads the samples over the devices (default: auto)",
     "num_nodes": "machines in a multi-node run (default: 1)",
-    "precision": "Lightning precision plugin; the model's dtype is model.backbone.dtype",
-    "callbacks": "extra callbacks (fvlm adds its own writer, timer and SIGTERM handler)",
+    "precision": "Lightning's; the model's dtype: model.backbone.dtype",
+    "callbacks": "extra callbacks (fvlm adds writer, timer, SIGTERM)",
     "logger": "loggers for --mode test (default: false)",
     "enable_progress_bar": "the progress bar (default: true)",
-    "limit_predict_batches": "batches per device in predict mode (int) or a fraction (float)",
-    "limit_test_batches": "batches per device in test mode (int) or a fraction (float)",
-    "inference_mode": "torch.inference_mode (default: true; false when the selector needs gradients)",
+    "limit_predict_batches": "predict batches per device (int) or a fraction",
+    "limit_test_batches": "test batches per device (int) or a fraction",
+    "inference_mode": "(default: true; false for gradient selectors)",
 }
 CONFIG_HELP = "recipe YAML file(s); later ones override earlier ones"
 GROUP_NOTES = {"trainer": " (lightning.Trainer: the keys a prediction run uses)"}
@@ -82,13 +82,13 @@ def rows(parser) -> Iterator[tuple[str, str, str]]:
         hint = getattr(action, "_typehint", None)
         if group == "trainer":
             if key in TRAINER_KEYS:
-                yield group, f"{key} {_metavar(hint)}", TRAINER_KEYS[key]
+                yield group, f"--{dest} {_metavar(hint)}", TRAINER_KEYS[key]
             continue
         text = " ".join(filter(None, (first_sentence(action.help or ""), _default(action))))
         if not group:
             yield "run", f"--{key.replace('_', '-')} {_metavar(hint)}", text
         else:
-            yield group, f"{key} {_metavar(hint)}", text
+            yield group, f"--{dest} {_metavar(hint)}", text
     for option, text in EXTRA_FLAGS:
         yield "run", option, text
 
@@ -96,13 +96,13 @@ def rows(parser) -> Iterator[tuple[str, str, str]]:
 def format_help(parser, width: Optional[int] = None) -> str:
     """The short help text (``width``: the terminal's, at most 120 columns)."""
     width = width or min(shutil.get_terminal_size((100, 24)).columns, 120)
-    column = 30
+    column = 42
     lines = [USAGE, "", *textwrap.wrap(DESCRIPTION, width)]
     groups: dict[str, list[tuple[str, str]]] = {"run": [("-c, --config FILE", CONFIG_HELP)]}
     for group, option, text in rows(parser):
         groups.setdefault(group, []).append((option, text))
     for group, entries in groups.items():
-        title = "run options:" if group == "run" else f"--{group}.KEY{GROUP_NOTES.get(group, '')}:"
+        title = "run options:" if group == "run" else f"{group}{GROUP_NOTES.get(group, '')}:"
         lines += ["", title]
         for option, text in entries:
             wrapped = textwrap.wrap(text, max(width - column, 30)) or [""]

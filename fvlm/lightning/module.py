@@ -293,11 +293,12 @@ class FVLMModule(LightningModule):
 
     Args:
         backbone: the VLM and its processor (loaded in ``configure_model``).
-        selector: ``{name: ..., args: {...}}`` ([`SelectorSpec`][fvlm.lightning.module.SelectorSpec]), a ``TokenSelector`` instance
-            (``class_path`` / ``init_args`` in a recipe), or ``None`` for the unpruned reference.
+        selector: ``{name: ..., args: {...}}``, or ``None`` for the unpruned reference. Also a
+            [`SelectorSpec`][fvlm.lightning.module.SelectorSpec] or a ``TokenSelector`` instance
+            (``class_path`` / ``init_args`` in a recipe).
         generation: ``generate`` settings.
-        positions: position ids of kept tokens: ``original`` or ``compact`` for any selector; ``None``
-            (default) uses the selector's own (its authors' policy, what the paper recipes reproduce).
+        positions: position ids of kept tokens, for any selector; ``None``: the selector's own.
+            That is its authors' policy, what the paper recipes reproduce.
         fidelity: also run (and time) the unpruned model on every batch: its answer, the KL and
             top-1 agreement of the first generated token, the speedup. It judges a method without
             reference answers and doubles the generation cost.
