@@ -2,8 +2,8 @@
 
 ``fvlm.builtin.load()`` returns ``(model, processor)`` from the checkpoint shipped inside the package
 (``fvlm/builtin/checkpoint``), offline, with ``from_pretrained``. The model really answers questions
-about its images (:mod:`fvlm.builtin.synthetic`), so pruning visibly costs accuracy when the wrong
-patches go. :mod:`fvlm.builtin.train` reproduces the checkpoint; ``benchmarks/accuracy.py`` and
+about its images ([`fvlm.builtin.synthetic`][fvlm.builtin.synthetic]), so pruning visibly costs accuracy when the wrong
+patches go. `fvlm.builtin.train` reproduces the checkpoint; ``benchmarks/accuracy.py`` and
 ``fvlm visualize`` use it.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def length_batches(processor, images: Sequence, questions: Sequence[str], batch_
 
 def answer(model, processor, images: Sequence, questions: Sequence[str], batch_size: int = 16,
            max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers, one per (image, question), in input order (batched by :func:`length_batches`)."""
+    """Greedy answers, one per (image, question), in input order (batched by `length_batches`)."""
     import torch
 
     out: list[str | None] = [None] * len(questions)

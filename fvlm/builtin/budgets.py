@@ -92,7 +92,7 @@ SETTINGS: dict[str, Setting] = {s.label: s for s in [
 
 
 def setting(label: str) -> Setting:
-    """The :class:`Setting` for ``label``; a registered selector without one gets ``keep=b`` if it takes ``keep``."""
+    """The [`Setting`][fvlm.builtin.budgets.Setting] for ``label``; a registered selector without one gets ``keep=b`` if it takes ``keep``."""
     if label in SETTINGS:
         return SETTINGS[label]
     params = registry.selector_info(label).parameters
@@ -102,7 +102,7 @@ def setting(label: str) -> Setting:
 
 
 def default_labels() -> list[str]:
-    """Every registered selector except combinators, plus the extra rows of :data:`SETTINGS`, in table order."""
+    """Every registered selector except combinators, plus the extra rows of [`SETTINGS`][fvlm.builtin.budgets.SETTINGS], in table order."""
     installed = registry.list_selectors()
     ordered = [label for label, s in SETTINGS.items() if s.selector in installed]
     return ordered + [n for n in installed if n not in SETTINGS and n not in SKIP]

@@ -1,11 +1,11 @@
 """Architecture, tokenizer, processor and chat template of the built-in LLaVA model.
 
-The model is a real :class:`~transformers.LlavaForConditionalGeneration` with LLaVA-1.5's visual
+The model is a real `LlavaForConditionalGeneration` with LLaVA-1.5's visual
 layout: a CLIP vision tower on 336 px images with 14 px patches (576 patch tokens plus a CLS token),
 ``vision_feature_layer=-2`` and the ``"default"`` strategy (CLS dropped), a two-layer GELU projector
 and a Llama language model, all small enough to train on a CPU. The tokenizer is a word-level
 ``tokenizers`` model over the synthetic task's vocabulary, wrapped in a
-:class:`~transformers.PreTrainedTokenizerFast`; the processor is a :class:`~transformers.LlavaProcessor`
+`PreTrainedTokenizerFast`; the processor is a `LlavaProcessor`
 with the torchvision-free ``CLIPImageProcessorPil``.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-#: Sizes of the shipped checkpoint (see :func:`build_config`).
+#: Sizes of the shipped checkpoint (see [`build_config`][fvlm.builtin.model.build_config]).
 DEFAULT_SIZES = dict(
     vision_hidden=64, vision_intermediate=192, vision_layers=3, vision_heads=4,
     text_hidden=128, text_intermediate=384, text_layers=4, text_heads=4, text_kv_heads=4, rope_theta=10000.0, text_init=0.08,
@@ -60,7 +60,7 @@ def prompt(question: str) -> str:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over :func:`fvlm.builtin.synthetic.vocabulary` (ids 0-4 are the specials)."""
+    """Word-level tokenizer over [`fvlm.builtin.synthetic.vocabulary`][fvlm.builtin.synthetic.vocabulary] (ids 0-4 are the specials)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {token: i for i, token in enumerate([*SPECIALS, *synthetic.vocabulary()])}
@@ -94,7 +94,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast | None = None, **sizes) -> LlavaConfig:
-    """The LLaVA config of the built-in model (``sizes`` overrides :data:`DEFAULT_SIZES`)."""
+    """The LLaVA config of the built-in model (``sizes`` overrides [`DEFAULT_SIZES`][fvlm.builtin.model.DEFAULT_SIZES])."""
     tokenizer = tokenizer or build_tokenizer()
     s = {**DEFAULT_SIZES, **sizes}
     vision = CLIPVisionConfig(

@@ -1,12 +1,12 @@
 """A seeded, code-generated grounded VQA task: coloured shapes on a 3x3 layout.
 
 Every image is 336 x 336 px (the LLaVA-1.5 input size: a 24 x 24 grid of 14 px patches) with 3 to 5
-filled shapes in distinct cells of a 3 x 3 layout. An object has a colour (:data:`COLOURS`), a shape
-(:data:`SHAPES`), a size (small, about 3 x 3 patches, or large, about 5 x 5 patches) and a jittered
+filled shapes in distinct cells of a 3 x 3 layout. An object has a colour (`COLOURS`), a shape
+(`SHAPES`), a size (small, about 3 x 3 patches, or large, about 5 x 5 patches) and a jittered
 position inside its cell. Together the objects cover about 5-10 % of the 576 patches, so keeping 32
 patches at random usually loses the one the question is about.
 
-Question kinds (:data:`KINDS`), one per record, cycling in that order so every split is balanced:
+Question kinds ([`KINDS`][fvlm.builtin.synthetic.KINDS]), one per record, cycling in that order so every split is balanced:
 
 * ``colour`` - "what colour is the shape in the top left ?" (the answer lives in one cell);
 * ``shape`` - "what shape is in the bottom right ?";
@@ -17,7 +17,7 @@ Question kinds (:data:`KINDS`), one per record, cycling in that order so every s
 * ``choice`` - "where is the blue triangle ? options : A top left , B center , C bottom right"
   (multiple choice over three cells, answer ``A`` / ``B`` / ``C``; the object is unique).
 
-Everything is a pure function of ``(split, seed, index)``: :func:`sample` draws record ``index`` of a
+Everything is a pure function of ``(split, seed, index)``: [`sample`][fvlm.builtin.synthetic.sample] draws record ``index`` of a
 split from its own ``random.Random`` instance, so records can be generated in any order or in parallel.
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _question(objects: list[Obj], kind: str, rng: random.Random, positive: bool 
 def sample(split: str, index: int, seed: int = 0) -> dict:
     """Record ``index`` of ``split``: ``{id, image, question, answer, choices, kind, objects, target}``.
 
-    The kind cycles through :data:`KINDS` with ``index``; every second ``exists`` record is a ``yes``.
+    The kind cycles through [`KINDS`][fvlm.builtin.synthetic.KINDS] with ``index``; every second ``exists`` record is a ``yes``.
     """
     rng = _rng(split, seed, index)
     objects = make_scene(rng)
@@ -213,12 +213,12 @@ def sample(split: str, index: int, seed: int = 0) -> dict:
 
 
 def dataset(split: str, n: int, seed: int = 0, start: int = 0) -> list[dict]:
-    """Records ``start .. start + n - 1`` of ``split`` (see :func:`sample`)."""
+    """Records ``start .. start + n - 1`` of ``split`` (see [`sample`][fvlm.builtin.synthetic.sample])."""
     return [sample(split, i, seed) for i in range(start, start + n)]
 
 
 def iter_dataset(split: str, n: int, seed: int = 0, start: int = 0) -> Iterator[dict]:
-    """Lazy version of :func:`dataset`."""
+    """Lazy version of [`dataset`][fvlm.builtin.synthetic.dataset]."""
     for i in range(start, start + n):
         yield sample(split, i, seed)
 
@@ -228,7 +228,7 @@ LISTINGS = {"colour": "list the colours .", "shape": "list the shapes .", "count
 
 
 def listing(objects: list[Obj], attribute: str) -> str:
-    """Dense grounded text about a scene (training data; ``attribute`` is a key of :data:`LISTINGS`).
+    """Dense grounded text about a scene (training data; ``attribute`` is a key of [`LISTINGS`][fvlm.builtin.synthetic.LISTINGS]).
 
     ``colour`` / ``shape``: the attribute of all nine cells in reading order (``top left red , top
     center empty , ... .``); ``count colours`` / ``count shapes``: ``red 2 , green 0 , ...``;
@@ -255,7 +255,7 @@ def training_scene(index: int, seed: int = 0, questions: int = 6, split: str = "
 
     The first ``len(KINDS)`` questions cover every kind once (in a random order), the rest are drawn
     from ``extra_kinds``; ``exists`` questions are yes or no with equal probability. With ``description`` the last
-    turns ask for :func:`listing` of every attribute in :data:`LISTINGS` (dense grounded data in the
+    turns ask for [`listing`][fvlm.builtin.synthetic.listing] of every attribute in [`LISTINGS`][fvlm.builtin.synthetic.LISTINGS] (dense grounded data in the
     role of LLaVA's caption-style alignment data; last, so that no question can be answered from them).
     """
     rng = _rng(split, seed, index)

@@ -53,7 +53,7 @@ ATTRIBUTES = [(c, s) for c in synthetic.COLOURS for s in synthetic.SHAPES]
 def encode_conversation(tokenizer, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 except on answers and their ``</s>``) of a multi-turn conversation.
 
-    The first turn is exactly the tokenisation of the single-turn inference prompt (:func:`M.prompt`).
+    The first turn is exactly the tokenisation of the single-turn inference prompt ([`M.prompt`][fvlm.builtin.train.M.prompt]).
     """
     def words(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,6 +1,6 @@
 """``fvlm visualize``: which patches each selector keeps, drawn over the image, side by side.
 
-Runs the built-in model (:func:`fvlm.builtin.load`) on one image and question once per selector,
+Runs the built-in model ([`fvlm.builtin.load`][fvlm.builtin.load]) on one image and question once per selector,
 records the indices every stage of the selector keeps (by wrapping the instance's ``select``),
 maps the last stage's kept set back to the original 24 x 24 patch grid (stage ``s`` indexes the
 visual tokens left after stage ``s - 1``) and draws one panel per selector: kept patches in full
@@ -180,13 +180,14 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.keep <= 576:
         raise UsageError("--keep must be between 1 and 576")
     check_labels(args.selectors)
-    model, processor = builtin.load(args.checkpoint)
-    sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
+    from fvlm.console import console as _console, quiet_libraries
+
+    with quiet_libraries():  # no "Loading weights" bar
+        model, processor = builtin.load(args.checkpoint)
+        sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)
-    from rich.console import Console
-
-    console = Console(highlight=False)
+    console = _console()
     for item in info:
         status = item.get("error") or f"answer {item['answer']!r}" + (
             "" if item["kept"] is None else f", {len(item['kept'])} patches kept")
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"wrote {args.out}", markup=False)
     failed = [item["label"] for item in info if item.get("error")]
     if failed:
-        Console(stderr=True, highlight=False).print(
+        _console(stderr=True).print(
             f"fvlm visualize: {len(failed)} of {len(info) - 1} selectors failed ({', '.join(failed)}): "
             "their panels show the error", style="red", soft_wrap=True)
         return ExitCode.INCOMPLETE

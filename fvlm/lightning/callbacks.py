@@ -1,8 +1,8 @@
 """Run callbacks: per-sample prediction lines (resumable, DDP-safe) and efficiency figures.
 
-Both work with the records :class:`~fvlm.lightning.module.FVLMModule` returns from
-``predict_step`` / ``test_step``. List :class:`EfficiencyMonitor` *before*
-:class:`PredictionWriter` in ``Trainer(callbacks=...)`` so that the written lines carry the
+Both work with the records [`FVLMModule`][fvlm.lightning.module.FVLMModule] returns from
+``predict_step`` / ``test_step``. List [`EfficiencyMonitor`][fvlm.lightning.callbacks.EfficiencyMonitor] *before*
+[`PredictionWriter`][fvlm.lightning.callbacks.PredictionWriter] in ``Trainer(callbacks=...)`` so that the written lines carry the
 timings (``fvlm run`` does this).
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ class StopOnSigterm(Callback):
 
     Lightning's handler only sets ``trainer.received_sigterm``, which its predict loop never reads;
     this raises Lightning's ``SIGTERMException`` once the batch's lines are written (list it after
-    :class:`PredictionWriter`), so the run stops with everything so far flushed and a rerun resumes.
+    [`PredictionWriter`][fvlm.lightning.callbacks.PredictionWriter]), so the run stops with everything so far flushed and a rerun resumes.
     ``interrupted`` records a Ctrl-C (Lightning shuts down and exits on its own).
     """
 
@@ -213,7 +213,9 @@ def _jsonable(value):
 # -- efficiency --------------------------------------------------------------------------------
 class _GenerateTimer:
     """Forward hooks on the top model: the first call of a generate (empty cache) is the prefill,
-    every later call a decode step. CUDA is synchronised around each call for honest timings."""
+    every later call a decode step. CUDA is synchronised around each call for honest timings.
+    Calls while the owner's ``measuring`` is False (the unpruned fidelity pass) count apart, in
+    ``unpruned``."""
 
     def __init__(self, model: torch.nn.Module, owner=None, sync_cuda: bool = True):
         self.model, self.owner, self.sync_cuda = model, owner, sync_cuda
@@ -224,6 +226,7 @@ class _GenerateTimer:
     def reset(self) -> None:
         self.prefill_s = self.decode_s = 0.0
         self.decode_calls = 0
+        self.unpruned = {"prefill_s": 0.0, "decode_s": 0.0, "decode_calls": 0}
         self._start = None
         self._prefill = False
 
@@ -237,19 +240,20 @@ class _GenerateTimer:
         return getattr(self.owner, "measuring", True)
 
     def _pre(self, module, args, kwargs):
-        if not self._active():
-            return
         self._prefill = BackboneAdapter.is_prefill(kwargs)
         self._sync()
         self._start = time.perf_counter()
 
     def _post(self, module, args, kwargs, output):
-        if self._start is None or not self._active():
+        if self._start is None:
             return
         self._sync()
         elapsed = time.perf_counter() - self._start
         self._start = None
-        if self._prefill:
+        if not self._active():
+            self.unpruned["prefill_s" if self._prefill else "decode_s"] += elapsed
+            self.unpruned["decode_calls"] += not self._prefill
+        elif self._prefill:
             self.prefill_s += elapsed
         else:
             self.decode_s += elapsed
@@ -266,7 +270,8 @@ class EfficiencyMonitor(Callback):
     Times the backbone's forward calls (prefill = the first call of each generate, decode = the
     rest; CUDA synchronised), adds ``prefill_ms`` / ``decode_ms`` (the batch time divided over its
     samples) and the batch totals to each record's ``efficiency`` (which already holds the
-    session trace's visual-token counts and the KV accounting), and keeps ``summary``: the means
+    session trace's visual-token counts and the KV accounting), with ``unpruned_prefill_ms`` /
+    ``unpruned_decode_ms`` when a fidelity pass ran the unpruned model on the batch, and keeps ``summary``: the means
     over every sample of the run, gathered from all ranks. ``output_dir`` (optional) also writes
     the summary to ``<output_dir>/efficiency.json``.
     """
@@ -313,6 +318,10 @@ class EfficiencyMonitor(Callback):
                 batch_decode_steps=timer.decode_calls,
                 batch_size=len(ok),
             )
+            if timer.unpruned["prefill_s"]:  # fidelity on: the unpruned model ran the same batch
+                eff.update(unpruned_prefill_ms=timer.unpruned["prefill_s"] * 1e3 / len(ok),
+                           unpruned_decode_ms=timer.unpruned["decode_s"] * 1e3 / len(ok),
+                           batch_unpruned_decode_steps=timer.unpruned["decode_calls"])
             self.records.append({"efficiency": dict(eff)})
 
     def _end(self, trainer) -> None:

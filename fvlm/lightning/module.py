@@ -1,6 +1,6 @@
 """``FVLMModule``: a VLM backbone that answers batches with ``generate`` under a pruning session.
 
-The backbone is described by a :class:`BackboneSpec` (a local folder, a hub id, the trained
+The backbone is described by a [`BackboneSpec`][fvlm.lightning.module.BackboneSpec] (a local folder, a hub id, the trained
 ``"builtin"`` model or a random ``"tiny:<family>"`` model) and loaded lazily in ``configure_model`` together with its processor.
 ``predict_step`` and ``test_step`` return one record per sample (the generated answer, its score
 where references exist, fidelity to the unpruned model when asked, and per-sample efficiency from
@@ -52,10 +52,10 @@ class BackboneSpec:
     """Which VLM to load and how.
 
     ``path``: a local checkpoint folder, a hub id, ``"builtin"`` (the trained model shipped with
-    fvlm, :mod:`fvlm.builtin`), or ``"tiny:llava"`` / ``"tiny:llava_next"`` / ``"tiny:qwen2_vl"`` /
+    fvlm, [`fvlm.builtin`][fvlm.builtin]), or ``"tiny:llava"`` / ``"tiny:llava_next"`` / ``"tiny:qwen2_vl"`` /
     ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no download). In a recipe, a
     relative folder is looked up next to the recipe file first, then in the working directory (as
-    ``data.path``); a name that is neither is a hub id. :meth:`check` reads the checkpoint's config
+    ``data.path``); a name that is neither is a hub id. [`check`][fvlm.lightning.module.BackboneSpec.check] reads the checkpoint's config
     before anything is loaded.
     ``dtype``: ``auto`` (the checkpoint's; float32 for tiny models), ``float32``,
     ``float16`` or ``bfloat16``. ``attn_implementation``: ``sdpa``, ``eager``,
@@ -83,9 +83,9 @@ class BackboneSpec:
     def check(self):
         """Read the checkpoint's config and check that fvlm can prune it, before loading any weights.
 
-        Raises :class:`~fvlm.errors.UsageError` for a folder that does not exist (naming where it
+        Raises [`UsageError`][fvlm.errors.UsageError] for a folder that does not exist (naming where it
         was looked for) or a hub id that can be read neither from the local cache nor the hub, and
-        :class:`~fvlm.errors.UnsupportedModelError` for a model family without a backbone adapter.
+        [`UnsupportedModelError`][fvlm.errors.UnsupportedModelError] for a model family without a backbone adapter.
         Returns the config (``None`` for ``builtin`` and ``tiny:`` backbones).
         """
         from fvlm.adapters import adapter_class_for_config
@@ -200,7 +200,7 @@ class SelectorSpec:
     """A selector by registered name (``fvlm list``) or dotted class path, with its arguments.
 
     In a recipe: ``selector: {name: random, args: {keep: 0.25, seed: 0}}``. (The jsonargparse form
-    ``{class_path: ..., init_args: ...}`` is accepted by :class:`FVLMModule` as well.)
+    ``{class_path: ..., init_args: ...}`` is accepted by [`FVLMModule`][fvlm.lightning.module.FVLMModule] as well.)
     """
 
     name: str
@@ -253,7 +253,7 @@ def sample_efficiency(adapter, input_ids: torch.Tensor, attention_mask: torch.Te
                       new_tokens: list[int], dtype: torch.dtype) -> list[dict]:
     """Per-sample visual-token and KV-cache accounting of one generate call.
 
-    ``trace`` is the session's :class:`~fvlm.trace.Trace` (``None`` for an unpruned run: every
+    ``trace`` is the session's [`Trace`][fvlm.trace.Trace] (``None`` for an unpruned run: every
     layer sees every visual token). ``steps`` is the number of decode tokens that entered the
     cache (generated length - 1). KV counts exclude padding: per layer, the sample's text tokens,
     its visual tokens in that layer's input and the decode tokens. When ``generate`` repeated every
@@ -293,19 +293,21 @@ class FVLMModule(LightningModule):
 
     Args:
         backbone: the VLM and its processor (loaded in ``configure_model``).
-        selector: ``{name: ..., args: {...}}`` (:class:`SelectorSpec`), a ``TokenSelector`` instance
-            (``class_path`` / ``init_args`` in a recipe), or ``None`` for the unpruned reference.
+        selector: ``{name: ..., args: {...}}``, or ``None`` for the unpruned reference. Also a
+            [`SelectorSpec`][fvlm.lightning.module.SelectorSpec] or a ``TokenSelector`` instance
+            (``class_path`` / ``init_args`` in a recipe).
         generation: ``generate`` settings.
-        positions: position ids of kept tokens: ``original`` or ``compact`` for any selector; ``None``
-            (default) uses the selector's own (its authors' policy, what the paper recipes reproduce).
-        fidelity: also run the unpruned model on every batch and record its answer, the KL
-            divergence and top-1 agreement of the first generated token (judges a method without
-            reference answers; doubles the generation cost).
-        on_error: ``raise`` (default) stops the run when generation fails (a resumed run retries
-            the batch); ``record`` retries a failing batch one sample at a time (the data module
-            collates each sample alone, see :meth:`~fvlm.lightning.data.VQADataModule.single_batch`),
-            writes the error on the samples that fail alone and goes on; samples answered alone carry
-            the batch's error as ``batch_error``. Unreadable images are always recorded, never raised.
+        positions: position ids of kept tokens, for any selector; ``None``: the selector's own.
+            That is its authors' policy, what the paper recipes reproduce.
+        fidelity: also run (and time) the unpruned model on every batch: its answer, the KL and
+            top-1 agreement of the first generated token, the speedup. It judges a method without
+            reference answers and doubles the generation cost.
+        on_error: ``raise`` (default) stops the run when generation fails; ``record`` writes the
+            error and goes on. A resumed run retries a batch that raised; ``record`` retries a
+            failing batch one sample at a time (the data module collates each sample alone, see
+            [`single_batch`][fvlm.lightning.data.VQADataModule.single_batch]) and records the
+            error on the samples that fail alone; samples answered alone carry the batch's error
+            as ``batch_error``. Unreadable images are always recorded, never raised.
     """
 
     def __init__(self, backbone: BackboneSpec, selector: Optional[Union[SelectorSpec, TokenSelector]] = None,
