@@ -12,7 +12,9 @@ Runs greedy ``generate`` on ``--n`` held-out test records of the synthetic task
 * the layer-average visual-token count (``session.trace``) and the time per sample.
 
 Budget ``b`` means ``b`` of the 576 visual tokens survive the selector's first pruning point (see
-:mod:`fvlm.builtin.budgets` for each selector's arguments). A selector that is missing, cannot be
+:mod:`fvlm.builtin.budgets` for each selector's arguments). Every selector that prunes inside the
+language model gets a control row: seeded random picks at the same pruning points with the same
+counts (:func:`random_control`), so that a method is compared with chance at equal cost. A selector that is missing, cannot be
 built or fails on this model is reported as failed, with its error, and the run goes on. Writes a
 Markdown report (``--out``), optionally a plot (``--plot``, needs matplotlib: ``pip install
 'fvlm[plot]'``) and the raw numbers (``--json``).
@@ -33,30 +35,74 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 import fvlm  # noqa: E402
+import fvlm.adapters  # noqa: E402
 from fvlm import builtin  # noqa: E402
 from fvlm.builtin import budgets as B  # noqa: E402
 from fvlm.builtin import synthetic  # noqa: E402
 
 
 def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2) -> dict:
-    """Answers for every record (in record order), mean layer-average visual tokens, seconds."""
+    """Answers for every record (in record order), the log-probabilities of the first answer token,
+    the mean layer-average visual-token count and the seconds taken.
+
+    ``selector``: ``None`` (unpruned), a selector, or a callable ``chunk -> selector`` for selectors
+    built per batch from the records' indices (the ground-truth oracle).
+    """
     answers: list[str | None] = [None] * n
+    first: list[torch.Tensor | None] = [None] * n
     layer_avg: list[float] = []
     start = time.perf_counter()
     for chunk, inputs in batches:
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, output_logits=True)
         if selector is None:
             with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                out = model.generate(**inputs, **kwargs)
             layer_avg += [float(model.config.image_seq_length)] * len(chunk)
         else:
-            with fvlm.prune(model, selector) as session, torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            chosen = selector if isinstance(selector, fvlm.TokenSelector) else selector(chunk)
+            with fvlm.prune(model, chosen) as session, torch.no_grad():
+                out = model.generate(**inputs, **kwargs)
             layer_avg += session.trace.layer_average
-        texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, text in zip(chunk, texts):
+        texts = processor.tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        logprobs = out.logits[0].float().log_softmax(dim=-1).cpu()
+        for row, (i, text) in enumerate(zip(chunk, texts)):
             answers[i] = text.strip()
-    return {"answers": answers, "layer_average": sum(layer_avg) / len(layer_avg),
+            first[i] = logprobs[row]
+    return {"answers": answers, "first_logprobs": torch.stack(first), "layer_average": sum(layer_avg) / len(layer_avg),
             "seconds": time.perf_counter() - start}
+
+
+def first_token_kl(reference: torch.Tensor, pruned: torch.Tensor) -> float:
+    """Mean KL(unpruned || pruned) of the first answer token's distribution, in nats."""
+    return float((reference.exp() * (reference - pruned)).sum(dim=-1).mean())
+
+
+def schedule(selector, info) -> list[tuple]:
+    """``[(where, keep), ...]`` of the stages that drop tokens (a float ``keep`` of 1.0 keeps all:
+    left out) on the model described by ``info``."""
+    stages = sorted(selector.stages(info), key=lambda s: s.order)
+    return [(s.where, s.keep) for s in stages if not (isinstance(s.keep, float) and s.keep == 1.0)]
+
+
+def in_llm(stages: list[tuple]) -> bool:
+    return any(isinstance(where, int) for where, _ in stages)
+
+
+def random_control(stages: list[tuple]):
+    """Seeded random picks at the given ``(where, keep)`` stages (one stage: ``random``; several: a
+    ``compose`` of them, each later stage drawing from the survivors of the one before)."""
+    parts = [fvlm.create_selector("random", keep=keep, layer=where, seed=0) for where, keep in stages]
+    return parts[0] if len(parts) == 1 else fvlm.create_selector("compose", selectors=parts)
+
+
+def where_label(stages: list[tuple]) -> str:
+    """``input``, ``vision``, ``after layer 2``, ``after layers 1, 2, 3``, ``vision + after layer 2``."""
+    layers = [str(w) for w, _ in stages if isinstance(w, int)]
+    named = [w for w, _ in stages if not isinstance(w, int)]
+    parts = list(dict.fromkeys(named))
+    if layers:
+        parts.append(f"after layer{'s' if len(layers) > 1 else ''} {', '.join(layers)}")
+    return " + ".join(parts) or "-"
 
 
 def score(answers, records, reference) -> dict:
@@ -71,6 +117,47 @@ def score(answers, records, reference) -> dict:
         "fidelity": sum(a == b for a, b in zip(answers, reference)) / n,
         "per_kind": {k: c / t for k, (c, t) in sorted(per_kind.items())},
     }
+
+
+def _plan(labels: list[str], budgets: list[int], info) -> dict:
+    """Rows in table order: ``{label: {selector, where, [control_for], cells: {budget: (kwargs text,
+    factory)}}}`` or ``{label: {error}}``. The random control of an in-LLM schedule comes right before
+    the first method that uses it (methods with the same schedule at every budget share one)."""
+    plan: dict[str, dict] = {}
+    controls: dict[tuple, str] = {}
+    for label in labels:
+        try:
+            setting = B.setting(label)
+        except Exception as exc:  # unknown name, broken plugin, no budget mapping
+            plan[label] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        cells, stages = {}, {}
+        for budget in (budgets if setting.budgeted else [None]):
+            key = "all" if budget is None else str(budget)
+            try:
+                kwargs = setting.make_kwargs(budget or 0, info.num_layers)
+                stages[key] = schedule(fvlm.create_selector(setting.selector, **kwargs), info)
+            except Exception as exc:  # reported when the cell runs
+                kwargs, stages[key] = None, None
+                cells[key] = ("-", lambda exc=exc: _raise(exc))
+                continue
+            cells[key] = (B.describe(kwargs), lambda s=setting.selector, k=kwargs: fvlm.create_selector(s, **k))
+        known = [st for st in stages.values() if st is not None]
+        entry = {"selector": setting.selector, "where": where_label(known[0]) if known else "-", "cells": cells}
+        if setting.budgeted and known and len(known) == len(stages) and in_llm(known[0]):
+            key = tuple(tuple(st) for st in stages.values())
+            if key not in controls:
+                name = controls[key] = f"random ({where_label(known[0])})"
+                plan[name] = {"selector": "random", "where": where_label(known[0]), "control_for": [],
+                              "cells": {b: (B.describe({"stages": st}), lambda st=st: random_control(st))
+                                        for b, st in stages.items()}}
+            plan[controls[key]]["control_for"].append(label)
+        plan[label] = entry
+    return plan
+
+
+def _raise(exc: Exception):
+    raise exc
 
 
 def benchmark(args) -> dict:
@@ -89,24 +176,18 @@ def benchmark(args) -> dict:
                             "ms_per_sample": 1e3 * base["seconds"] / len(records)}}
     print(f"unpruned: accuracy {results['unpruned']['accuracy']:.1%}", flush=True)
 
-    labels = args.selectors or B.default_labels()
+    info = fvlm.adapters.adapter_for(model).info()
+    plan = _plan(args.selectors or B.default_labels(), args.budgets, info)
     rows = {}
-    for label in labels:
-        row = rows[label] = {}
-        try:
-            setting = B.setting(label)
-        except Exception as exc:  # unknown name, broken plugin, no budget mapping
-            row["error"] = f"{type(exc).__name__}: {exc}"
+    for label, entry in plan.items():
+        row = rows[label] = {k: v for k, v in entry.items() if k != "cells"}
+        if "error" in entry:
             print(f"{label}: failed ({row['error']})", flush=True)
             continue
-        row["selector"] = setting.selector
-        for budget in (args.budgets if setting.budgeted else [None]):
-            key = "all" if budget is None else str(budget)
-            cell = row[key] = {"kwargs": "-"}
+        for key, (kwargs, make) in entry["cells"].items():
+            cell = row[key] = {"kwargs": kwargs}
             try:
-                kwargs = setting.make_kwargs(budget or 0, num_layers)
-                cell["kwargs"] = B.describe(kwargs)
-                selector = fvlm.create_selector(setting.selector, **kwargs)
+                selector = make()
                 out = run(model, processor, batches, len(records), selector, args.max_new_tokens)
             except Exception as exc:
                 cell["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
@@ -137,10 +218,53 @@ def _cell(cell: dict, metric: str) -> str:
     return _pct(cell[metric])
 
 
+def _layer_averages(row: dict, budgets: list[str]) -> str:
+    if "all" in row:
+        return _avg(row["all"])
+    return " / ".join(_avg(row.get(b, {"error": None})) for b in budgets)
+
+
+def _avg(cell: dict) -> str:
+    return "-" if "error" in cell else f"{cell['layer_average']:.0f}"
+
+
+def control_gaps(rows: dict, budgets: list[str]) -> list[tuple[str, str, str, float]]:
+    """``(method, control, budget, accuracy of method - accuracy of control)`` for every in-LLM cell."""
+    gaps = []
+    for control, row in rows.items():
+        for label in row.get("control_for", []):
+            method = rows.get(label, {})
+            for b in budgets:
+                a, c = method.get(b, {}), row.get(b, {})
+                if "accuracy" in a and "accuracy" in c:
+                    gaps.append((label, control, b, a["accuracy"] - c["accuracy"]))
+    return gaps
+
+
+def _control_summary(rows: dict, budgets: list[str]) -> list[str]:
+    gaps = control_gaps(rows, budgets)
+    if not gaps:
+        return []
+    controls = [label for label, row in rows.items() if row.get("control_for")]
+    low = min(gaps, key=lambda g: g[3])
+    high = max(gaps, key=lambda g: g[3])
+    return [
+        "**Random controls.** Every method that prunes inside the language model is listed after its control "
+        "(in italics): seeded random picks at the same pruning points with the same counts ("
+        + ", ".join(f"`{c}`" for c in controls) + "). Accuracy of the in-LLM methods minus their control's "
+        f"ranges from {100 * low[3]:+.1f} points (`{low[0]}` at {low[2]}) to {100 * high[3]:+.1f} points "
+        f"(`{high[0]}` at {high[2]}). A method is only shown to choose well where it beats its control; "
+        "and an in-LLM row is not at the same cost as a pre-LLM row of the same budget (compare the layer "
+        "averages).",
+        "",
+    ]
+
+
 def markdown(results: dict) -> str:
     meta, rows, base = results["meta"], results["rows"], results["unpruned"]
     budgets = [str(b) for b in meta["budgets"]]
     v = meta["visual_tokens"]
+    controls = [label for label, row in rows.items() if row.get("control_for")]
     lines = [
         "# Accuracy benchmark: selectors on the built-in model",
         "",
@@ -158,25 +282,29 @@ def markdown(results: dict) -> str:
         f"**Unpruned accuracy: {_pct(base['accuracy'])} %** ({meta['n']} records). "
         "*Accuracy* is exact match with the reference answer, *fidelity* exact match with the unpruned "
         f"model's answer. A budget `b` keeps `b` of the {v} visual tokens from the selector's first pruning "
-        "point on: before the language model for `random`, `uniform`, `divprune`, `visionzip`; after "
-        "decoder layer 2 (`fastv`, `sparsevlm`, `dart`) or 1 (`pio_fvlm`) for the in-LLM methods, whose "
-        "earlier layers still see all tokens (compare the layer averages below). Settings per selector: "
-        "`fvlm/builtin/budgets.py`.",
+        "point on (column *pruned*): before the language model (`input`, `vision`) or after a decoder layer, "
+        "in which case the earlier layers still see all tokens and the layer-average token count (last "
+        "column, one figure per budget) is higher than `b`. Settings per selector: `fvlm/builtin/budgets.py`.",
         "",
+        *_control_summary(rows, budgets),
         "## Accuracy (%)",
         "",
     ]
 
     def table(metric: str) -> list[str]:
-        out = ["| selector | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-        out.append("| (unpruned) | " + " | ".join(_pct(base[metric]) for _ in budgets) + " |")
+        out = ["| selector | pruned | " + " | ".join(budgets) + " | layer-average tokens |",
+               "|---" * (len(budgets) + 3) + "|"]
+        out.append("| (unpruned) | - | " + " | ".join(_pct(base[metric]) for _ in budgets) + f" | {v} |")
         for label, row in rows.items():
+            name = f"*{label}*" if row.get("control_for") else label
             if "error" in row:
-                out.append(f"| {label} | " + " | ".join("failed" for _ in budgets) + " |")
+                out.append(f"| {name} | failed | " + " | ".join("failed" for _ in budgets) + " | - |")
             elif "all" in row:
-                out.append(f"| {label} (all {v}) | " + " | ".join(_cell(row["all"], metric) for _ in budgets) + " |")
+                out.append(f"| {name} (all {v}) | {row['where']} | "
+                           + " | ".join(_cell(row["all"], metric) for _ in budgets) + f" | {_layer_averages(row, budgets)} |")
             else:
-                out.append(f"| {label} | " + " | ".join(_cell(row[b], metric) for b in budgets) + " |")
+                out.append(f"| {name} | {row['where']} | " + " | ".join(_cell(row[b], metric) for b in budgets)
+                           + f" | {_layer_averages(row, budgets)} |")
         return out
 
     # the section markers let docs/benchmarks.md include this table (pymdownx.snippets)
@@ -212,7 +340,7 @@ def markdown(results: dict) -> str:
             failures.append(f"- `{label}`: {row['error']}")
             continue
         for key, cell in row.items():
-            if key == "selector":
+            if not isinstance(cell, dict):
                 continue
             if "error" in cell:
                 lines.append(f"| {label} | {key} | `{cell['kwargs']}` | failed | - |")
@@ -245,10 +373,15 @@ def plot(results: dict, path: Path) -> None:
         if "error" in row or "all" in row:
             continue
         xs = [b for b in budgets if "error" not in row[str(b)]]
-        if xs:
-            ax.plot(xs, [100 * row[str(b)]["accuracy"] for b in xs], marker=markers[drawn % len(markers)],
-                    linestyle=styles[drawn % len(styles)], color=colours[(2 * drawn) % 20], label=label)
-            drawn += 1
+        if not xs:
+            continue
+        ys = [100 * row[str(b)]["accuracy"] for b in xs]
+        if row.get("control_for"):  # random controls of the in-LLM schedules: thin grey
+            ax.plot(xs, ys, color="grey", linewidth=0.8, linestyle=":", marker=".", label=label)
+            continue
+        ax.plot(xs, ys, marker=markers[drawn % len(markers)], linestyle=styles[drawn % len(styles)],
+                color=colours[(2 * drawn) % 20], label=label)
+        drawn += 1
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.minorticks_off()
