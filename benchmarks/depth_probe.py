@@ -61,7 +61,7 @@ def probe(args) -> dict:
                 if kind == "random":
                     selector = fvlm.create_selector("random", keep=k, layer=where, seed=0)
                 else:
-                    selector = lambda chunk, where=where: GroundTruthSelector(k, where, [orders[i] for i in chunk])  # noqa: E731
+                    selector = lambda chunk, where=where: GroundTruthSelector([orders[i] for i in chunk], [(where, k)])  # noqa: E731
                 out = run(model, processor, batches, len(records), selector, args.max_new_tokens)
                 cell = {**score(out["answers"], records, reference),
                         "kl": first_token_kl(base["first_logprobs"], out["first_logprobs"]),

@@ -7,6 +7,12 @@ pruning point on. Selectors that prune before the language model (``random``, ``
 their layer-average token count is higher (the benchmark reports it). ``pio_fvlm_3stage`` is the
 multi-stage schedule: ``b`` after layer 1, then the authors' 218 : 128 : 54 shape after the next
 two stage layers.
+
+Under the *layer-average* convention (:meth:`Setting.average_kwargs`, the papers' "64 tokens") a
+budget ``N`` is the visual-token count averaged over all decoder layers: pre-LLM selectors keep
+``N``; in-LLM selectors prune where the authors do on the 32-layer LLaVA-1.5, scaled to the model's
+depth (:func:`scaled_layers`), keeping as many tokens as make the average ``N`` (multi-stage
+schedules in the authors' proportions, :func:`fvlm.selectors.schedules.counts_for_average`).
 """
 from __future__ import annotations
 
@@ -24,6 +30,38 @@ FAMILY = {
 }
 
 
+#: Depth of the model the authors' pruning layers refer to (LLaVA-1.5-7B's Vicuna-7B).
+REFERENCE_DEPTH = 32
+
+
+def scaled_layers(layers, num_layers: int, reference: int = REFERENCE_DEPTH) -> list[int]:
+    """The authors' pruning layers (on ``reference`` layers) at the same relative depth of a
+    ``num_layers``-layer model: rounded, at least 1, strictly increasing, below ``num_layers``."""
+    out: list[int] = []
+    for layer in layers:
+        out.append(max(round(layer * num_layers / reference), 1, out[-1] + 1 if out else 1))
+    if out[-1] >= num_layers:
+        raise ValueError(f"{len(out)} pruning layers {list(layers)} do not fit a {num_layers}-layer model")
+    return out
+
+
+def single_stage_keep(average: float, layer: int, num_layers: int, n_visual: int) -> int:
+    """Tokens kept after ``layer`` so that the layer average is ``average`` (nearest integer)."""
+    keep = round((average * num_layers - layer * n_visual) / (num_layers - layer))
+    if keep < 1:
+        raise ValueError(f"a layer average of {average} is below what the first {layer} layer(s) of {num_layers} "
+                         f"already use ({layer * n_visual / num_layers:.0f})")
+    return keep
+
+
+def _single(name: str, authors_layer: int, **extra):
+    """Layer-average kwargs of a one-stage in-LLM method whose layer argument is ``name``."""
+    def kwargs(average: float, num_layers: int, n_visual: int) -> dict:
+        layer = scaled_layers([authors_layer], num_layers)[0]
+        return {name: layer, **extra, "keep": single_stage_keep(average, layer, num_layers, n_visual)}
+    return kwargs
+
+
 @dataclass(frozen=True)
 class Setting:
     """One benchmark row: a registered selector plus how its arguments follow the budget."""
@@ -32,9 +70,17 @@ class Setting:
     selector: str
     kwargs: Callable[[int, int], dict] = field(repr=False)  # (budget, num_layers) -> kwargs
     budgeted: bool = True  # False: one run, independent of the budget (keep_all)
+    #: (layer average, num_layers, n_visual) -> kwargs; None: same as ``kwargs`` (pre-LLM selectors)
+    average: Callable[[float, int, int], dict] | None = field(default=None, repr=False)
 
     def make_kwargs(self, budget: int, num_layers: int) -> dict:
         return self.kwargs(budget, num_layers)
+
+    def average_kwargs(self, average: float, num_layers: int, n_visual: int) -> dict:
+        """Arguments whose layer-average visual-token count is ``average`` (see the module docstring)."""
+        if self.average is None:
+            return self.kwargs(int(average), num_layers)
+        return self.average(average, num_layers, n_visual)
 
 
 def _pio_three(b: int, num_layers: int) -> dict:
@@ -43,6 +89,23 @@ def _pio_three(b: int, num_layers: int) -> dict:
         raise ValueError(f"pio_fvlm_3stage needs at least 4 decoder layers, the model has {num_layers}")
     keep = [b, max(1, round(b * 128 / 218)), max(1, round(b * 54 / 218))]
     return {"layers": layers, "keep": keep}
+
+
+def _sparsevlm_average(average: float, num_layers: int, n_visual: int) -> dict:
+    from fvlm.selectors import sparsevlm
+    from fvlm.selectors.schedules import counts_for_average
+
+    layers = scaled_layers(sparsevlm.DEFAULT_LAYERS, num_layers)
+    nearest = min(sparsevlm.V15_COUNTS, key=lambda b: abs(b * n_visual / 576 - average))  # the authors' shape
+    counts = counts_for_average(layers, average, num_layers, n_visual, shape=sparsevlm.V15_COUNTS[nearest])
+    return {"schedule": [(layer, count) for layer, count in zip(layers, counts)]}
+
+
+def _pio_three_average(average: float, num_layers: int, n_visual: int) -> dict:
+    from fvlm.selectors.pio_fvlm import AUTHORS_SCHEDULES
+
+    return {"layers": scaled_layers(AUTHORS_SCHEDULES["llava15_avg128"]["layers"], num_layers), "average": float(average),
+            "n_visual": n_visual}
 
 
 def _visionzip(b: int, _: int) -> dict:
@@ -56,11 +119,12 @@ SETTINGS: dict[str, Setting] = {s.label: s for s in [
     Setting("uniform", "uniform", lambda b, n: {"keep": b}),
     Setting("divprune", "divprune", lambda b, n: {"keep": b}),
     Setting("visionzip", "visionzip", _visionzip),
-    Setting("fastv", "fastv", lambda b, n: {"k": 2, "keep": b}),
-    Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)]}),
-    Setting("dart", "dart", lambda b, n: {"layer": 2, "keep": b}),
-    Setting("pio_fvlm", "pio_fvlm", lambda b, n: {"layers": [1], "keep": [b]}),
-    Setting("pio_fvlm_3stage", "pio_fvlm", _pio_three),
+    Setting("fastv", "fastv", lambda b, n: {"k": 2, "keep": b}, average=_single("k", 2)),
+    Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)]}, average=_sparsevlm_average),
+    Setting("dart", "dart", lambda b, n: {"layer": 2, "keep": b}, average=_single("layer", 2)),
+    Setting("pio_fvlm", "pio_fvlm", lambda b, n: {"layers": [1], "keep": [b]},
+            average=lambda a, n, v: {"layers": [1], "keep": [single_stage_keep(a, 1, n, v)]}),
+    Setting("pio_fvlm_3stage", "pio_fvlm", _pio_three, average=_pio_three_average),
 ]}
 
 
@@ -89,4 +153,5 @@ def describe(kwargs: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "-"
 
 
-__all__ = ["SETTINGS", "FAMILY", "Setting", "setting", "default_labels", "describe"]
+__all__ = ["SETTINGS", "FAMILY", "Setting", "setting", "default_labels", "describe", "scaled_layers",
+           "single_stage_keep"]

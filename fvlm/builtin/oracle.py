@@ -40,26 +40,35 @@ def patch_order(record: dict, seed: int = 0) -> list[int]:
 
 
 class GroundTruthSelector(TokenSelector):
-    """Keeps the first ``keep`` patches of each sample's :func:`patch_order` at ``layer`` (one stage,
-    on the full patch grid of one image per sample; ``orders`` in batch order)."""
+    """At every ``(where, keep)`` of ``stages``, keeps the ``keep`` surviving patches that come first
+    in each sample's :func:`patch_order` (``orders`` in batch order; one image per sample, all its
+    patches at the first stage). Later stages choose among the survivors of the one before, so the
+    oracle follows any schedule a method or its random control follows."""
 
-    def __init__(self, keep: int, layer: int | str, orders: Sequence[Sequence[int]]):
-        self.keep = keep
-        self.layer = layer
+    def __init__(self, orders: Sequence[Sequence[int]], stages: Sequence[tuple]):
         self.orders = [list(o) for o in orders]
+        self.schedule = [Stage(where, keep) for where, keep in stages]
+        self._survivors: list[list[int]] = []
 
     def stages(self, info):
-        return [Stage(self.layer, self.keep)]
+        return list(self.schedule)
 
     def select(self, ctx):
         rows = ctx.visual_index.shape[0]
         if rows != len(self.orders):
             raise FVLMError(f"GroundTruthSelector has patch orders for {len(self.orders)} samples, the batch has "
                             f"{rows} (expanded batches such as beams are not supported)")
+        if ctx.stage_index == 0:
+            self._survivors = [sorted(order) for order in self.orders]
         picks = []
         for b, order in enumerate(self.orders):
-            if int(ctx.num_visual[b]) != len(order):
+            current = self._survivors[b]  # original patch index of every current visual token, in sequence order
+            if int(ctx.num_visual[b]) != len(current):
                 raise FVLMError(f"GroundTruthSelector needs all {len(order)} patches of one image per sample at its "
-                                f"stage, sample {b} has {int(ctx.num_visual[b])} visual tokens")
-            picks.append(sorted(order[: int(ctx.budget[b])]))
+                                f"first stage, sample {b} has {int(ctx.num_visual[b])} visual tokens")
+            rank = {p: i for i, p in enumerate(order)}
+            at = {p: i for i, p in enumerate(current)}
+            kept = sorted(sorted(current, key=rank.__getitem__)[: int(ctx.budget[b])])
+            self._survivors[b] = kept
+            picks.append([at[p] for p in kept])
         return torch.tensor(picks, dtype=torch.long, device=ctx.hidden.device)

@@ -90,6 +90,31 @@ def _candidates(objects: list[Obj], kind: str) -> list[tuple[str, list[Obj]]]:
     return out
 
 
+def relation_listing(objects: list[Obj], anchor: Obj, rng: random.Random) -> str:
+    """The four neighbours of ``anchor`` in a random order: ``below green circle , left of empty , ... .``
+    (``empty``: no object there, or off the layout)."""
+    parts = []
+    for rel in rng.sample(list(RELATIONS), len(RELATIONS)):
+        n = neighbour(objects, anchor, rel)
+        parts.append(f"{rel} {n.colour} {n.shape}" if n is not None else f"{rel} empty")
+    return " , ".join(parts) + " ."
+
+
+def place_listing(objects: list[Obj], rng: random.Random) -> str:
+    """Every object's colour, shape and cell, objects in a random order: ``red circle top left , ... .``"""
+    return " , ".join(f"{o.colour} {o.shape} {o.region}" for o in rng.sample(objects, len(objects))) + " ."
+
+
+def twin_listing(objects: list[Obj], rng: random.Random) -> str:
+    """Every object's cell with its twin's cell, objects in a random order: ``center bottom left ,
+    top right none , ... .`` (``none``: no twin, or more than one other object of its colour)."""
+    parts = []
+    for o in rng.sample(objects, len(objects)):
+        t = twin(objects, o)
+        parts.append(f"{o.region} {t.region if t is not None else 'none'}")
+    return " , ".join(parts) + " ."
+
+
 def _question(objects: list[Obj], kind: str, rng: random.Random) -> dict | None:
     candidates = _candidates(objects, kind)
     if not candidates:
@@ -132,7 +157,11 @@ def training_scene(index: int, seed: int = 0, questions: int = 10, split: str = 
     """One image with several questions for multi-turn training (see :func:`fvlm.builtin.synthetic.training_scene`).
 
     The questions cycle through the kinds the scene supports (from a random start); with
-    ``description`` the :func:`~fvlm.builtin.synthetic.listing` turns follow them.
+    ``description`` the :func:`~fvlm.builtin.synthetic.listing` turns follow them, the cells of the
+    colour and shape listings in a random order (so that every item is a region question), then where
+    every object is (:func:`place_listing`), the neighbours of a nameable object
+    (:func:`relation_listing`) and every object's twin (:func:`twin_listing`): dense supervision of
+    the first look and of the two kinds of second look.
     """
     rng = synthetic._rng(split, seed, index, task="relational")
     objects = make_scene(rng)
@@ -146,12 +175,19 @@ def training_scene(index: int, seed: int = 0, questions: int = 10, split: str = 
             if (record["question"], record["answer"]) not in qa:
                 break
         qa.append((record["question"], record["answer"]))
-    if description:
-        qa += [(question, synthetic.listing(objects, attribute)) for attribute, question in synthetic.LISTINGS.items()]
+    if description:  # cells listed in a random order: each item needs its region read, not its place
+        for attribute, question in synthetic.LISTINGS.items():
+            qa.append((question, synthetic.listing(objects, attribute, cells=rng.sample(range(9), 9))))
+        qa.append(("list the places .", place_listing(objects, rng)))
+        anchors = _anchors(objects)
+        if anchors:
+            a = rng.choice(anchors)
+            qa.append((f"list the neighbours of the {a.colour} {a.shape} .", relation_listing(objects, a, rng)))
+        qa.append(("list the twins .", twin_listing(objects, rng)))
     return {"image": synthetic.render(objects), "objects": objects, "qa": qa}
 
 
 def vocabulary() -> list[str]:
     """The words of the relational questions plus every word of :func:`fvlm.builtin.synthetic.vocabulary`."""
-    words = set(synthetic.vocabulary()) | {"twin", "of", "left", "right", "above", "below"}
+    words = set(synthetic.vocabulary()) | {"twin", "twins", "of", "left", "right", "above", "below", "neighbours", "none", "places"}
     return sorted(words)

@@ -237,16 +237,18 @@ LISTINGS = {"colour": "list the colours .", "shape": "list the shapes .", "count
             "count shapes": "count the shapes .", "pairs": "list the pairs ."}
 
 
-def listing(objects: list[Obj], attribute: str) -> str:
+def listing(objects: list[Obj], attribute: str, cells: list[int] | None = None) -> str:
     """Dense grounded text about a scene (training data; ``attribute`` is a key of :data:`LISTINGS`).
 
     ``colour`` / ``shape``: the attribute of all nine cells in reading order (``top left red , top
-    center empty , ... .``); ``count colours`` / ``count shapes``: ``red 2 , green 0 , ...``;
-    ``pairs``: ``red circle yes , red square no , ...`` for every colour-shape pair.
+    center empty , ... .``; ``cells``: in that order instead); ``count colours`` / ``count shapes``:
+    ``red 2 , green 0 , ...``; ``pairs``: ``red circle yes , red square no , ...`` for every
+    colour-shape pair.
     """
     if attribute in ("colour", "shape"):
         by_cell = {o.cell: o for o in objects}
-        parts = [f"{region_name(c)} {getattr(by_cell[c], attribute) if c in by_cell else 'empty'}" for c in range(9)]
+        parts = [f"{region_name(c)} {getattr(by_cell[c], attribute) if c in by_cell else 'empty'}"
+                 for c in (range(9) if cells is None else cells)]
     elif attribute == "count colours":
         parts = [f"{c} {sum(o.colour == c for o in objects)}" for c in COLOURS]
     elif attribute == "count shapes":

@@ -160,7 +160,8 @@ def vision_batch(processor, indices: list[int], seed: int, task: str = "grounded
 
 
 def make_batch(processor, indices: list[int], seed: int, questions: int, listings: bool = True,
-               packed: bool = False, task: str = "grounded", isolated: bool = False) -> dict:
+               packed: bool = False, task: str = "grounded", isolated: bool = False,
+               kinds: tuple[str, ...] | None = None) -> dict:
     """Stage-2 batch for the scenes ``indices``, right-padded; ``image_index`` maps sequences to images.
 
     By default every (question, answer) is its own single-turn sequence about its image (exactly
@@ -169,9 +170,11 @@ def make_batch(processor, indices: list[int], seed: int, questions: int, listing
     are paid for once per image, for the expensive full-resolution steps. ``isolated``: one sequence
     per image too, but each turn sees only the image and itself (:func:`encode_isolated`; the batch
     carries ``segments`` and ``position_ids``): single-turn training at the cost of a packed one.
+    ``kinds``: the question kinds beyond one of each (default: the task's).
     """
     tokenizer = processor.tokenizer
-    generator, kinds, _ = TASKS[task]
+    generator, default_kinds, _ = TASKS[task]
+    kinds = kinds or default_kinds
     scenes = [generator.training_scene(i, seed=seed, questions=questions, description=listings, extra_kinds=kinds)
               for i in indices]
     encoded, image_index = [], []
@@ -300,11 +303,13 @@ class VisionHeads(nn.Module):
     object patches only), the layout cell, the object's centre patch - dense labels standing in for
     the pretraining a real CLIP tower has had. ``scene``: every patch also predicts the image-level
     targets (pairs and counts), the way CLIP patch tokens carry global information: counting and
-    existence questions can then be answered from few tokens, region questions cannot.
+    existence questions can then be answered from few tokens, region questions cannot. Without
+    ``scene`` (``--local-patches``) a patch describes only its own object and place.
     """
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, scene: bool = True):
         super().__init__()
+        self.use_scene = scene
         self.n_pairs, self.n_colours, self.n_shapes = len(ATTRIBUTES), len(synthetic.COLOURS), len(synthetic.SHAPES)
         self.image = nn.Linear(hidden, self.n_pairs + self.n_colours + self.n_shapes)
         self.patch = nn.Linear(hidden, 1 + self.n_colours + self.n_shapes + 9 + 1)
@@ -328,13 +333,15 @@ class VisionHeads(nn.Module):
             "cell": f.cross_entropy(dense[..., -10:-1].flatten(0, 1), CELLS.expand(len(dense), -1).flatten()),
             "centre": f.binary_cross_entropy_with_logits(dense[..., -1], targets[..., 2].float(),
                                                          pos_weight=torch.tensor(20.0)),
-            "scene_pairs": f.binary_cross_entropy_with_logits(scene[..., :n], everywhere[..., :n]),
-            "scene_counts": f.mse_loss(scene[..., n:], everywhere[..., n:]),
         }
+        if self.use_scene:
+            losses["scene_pairs"] = f.binary_cross_entropy_with_logits(scene[..., :n], everywhere[..., :n])
+            losses["scene_counts"] = f.mse_loss(scene[..., n:], everywhere[..., n:])
         with torch.no_grad():
             shape = dense[..., 1 + self.n_colours : 1 + self.n_colours + self.n_shapes][obj]
             losses["shape_acc"] = (shape.argmax(-1) == targets[..., 1][obj] - 1).float().mean()
-            losses["count_acc"] = (scene[..., n:].round() == everywhere[..., n:]).float().mean()
+            counted = scene[..., n:] if self.use_scene else image[:, None, n:]
+            losses["count_acc"] = (counted.round() == everywhere[..., n:]).float().mean()
         return losses
 
 
@@ -378,7 +385,7 @@ def train(args: argparse.Namespace) -> dict:
         model = M.build_model(config, seed=args.seed)
         if args.init_2d_positions:
             init_2d_positions(model)
-    heads = VisionHeads(config.vision_config.hidden_size)
+    heads = VisionHeads(config.vision_config.hidden_size, scene=not args.local_patches)
     tower = model.model.vision_tower
     log: list[dict] = []
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -438,7 +445,8 @@ def train(args: argparse.Namespace) -> dict:
         factor = factors[step]
         first = args.first_scene + step * args.batch
         batch = make_batch(processor, list(range(first, first + args.batch)), args.seed,
-                           args.questions, packed=factor == 1 and args.packed, task=args.task)
+                           args.questions, packed=factor == 1 and args.packed, task=args.task, isolated=args.isolated,
+                           kinds=next((k for at, k in reversed(args.kinds) if at <= step), None) if args.kinds else None)
         logits, labels = lm_forward(model, batch, factor)
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -488,6 +496,17 @@ def save(model, processor, out: Path, results: dict) -> None:
     (out / "training.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
+def _kinds(text: str) -> list[tuple[int, tuple[str, ...] | None]]:
+    """``STEP:KIND+KIND,...`` (``all``: the task's kinds) from the given stage-2 step on."""
+    out = []
+    for part in text.split(","):
+        at, _, names = part.partition(":")
+        if not at.strip().isdigit() or not names:
+            raise argparse.ArgumentTypeError(f"expected STEP:KIND+KIND,... (or STEP:all), got {text!r}")
+        out.append((int(at), None if names == "all" else tuple(names.split("+"))))
+    return sorted(out)
+
+
 def _curriculum(text: str) -> list[tuple[int, int]]:
     try:
         pairs = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
@@ -515,6 +534,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-packed", dest="packed", action="store_false",
                    help="full-resolution steps: one single-turn sequence per question (default: one "
                         "multi-turn conversation per image)")
+    p.add_argument("--kinds", type=_kinds, default=None,
+                   help="question kinds from a stage-2 step on, as STEP:KIND+KIND,... (e.g. "
+                        "0:region,150:region+rel+twin,400:all; default: the task's kinds throughout)")
+    p.add_argument("--local-patches", action="store_true",
+                   help="stage 1 without the image-level targets on every patch: a patch describes only its own "
+                        "object and place (questions must find the objects)")
+    p.add_argument("--isolated", action="store_true",
+                   help="every stage-2 step: one sequence per image whose turns see the image and themselves only "
+                        "(single-turn training, the image paid for once; overrides --no-packed)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--weight-decay", type=float, default=0.01)
