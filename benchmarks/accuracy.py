@@ -42,12 +42,15 @@ from fvlm.builtin import synthetic  # noqa: E402
 from fvlm.builtin.oracle import GroundTruthSelector, patch_order  # noqa: E402
 
 
-def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2) -> dict:
+def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 2, questions=None,
+        positions: str | None = "original") -> dict:
     """Answers for every record (in record order), the log-probabilities of the first answer token,
     the mean layer-average visual-token count and the seconds taken.
 
     ``selector``: ``None`` (unpruned), a selector, or a callable ``chunk -> selector`` for selectors
-    built per batch from the records' indices (the ground-truth oracle).
+    built per batch from the records' indices (the ground-truth oracle). ``questions`` (per record)
+    are each sample's instruction for instruction-conditioned selectors; ``positions`` the session's
+    position policy (``None``: each selector's own).
     """
     answers: list[str | None] = [None] * n
     first: list[torch.Tensor | None] = [None] * n
@@ -61,7 +64,8 @@ def run(model, processor, batches, n: int, selector=None, max_new_tokens: int = 
             layer_avg += [float(model.config.image_seq_length)] * len(chunk)
         else:
             chosen = selector if isinstance(selector, fvlm.TokenSelector) else selector(chunk)
-            with fvlm.prune(model, chosen) as session, torch.no_grad():
+            instructions = None if questions is None else [questions[i] for i in chunk]
+            with fvlm.prune(model, chosen, positions=positions, instructions=instructions) as session, torch.no_grad():
                 out = model.generate(**inputs, **kwargs)
             layer_avg += session.trace.layer_average
         texts = processor.tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -221,7 +225,8 @@ def benchmark(args) -> dict:
             cell = row[key] = {"kwargs": kwargs}
             try:
                 selector = make()
-                out = run(model, processor, batches, len(records), selector, args.max_new_tokens)
+                out = run(model, processor, batches, len(records), selector, args.max_new_tokens,
+                          [r["question"] for r in records], _positions(args))
             except Exception as exc:
                 cell["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 print(f"{label} @ {key}: failed ({cell['error']})", flush=True)
@@ -236,8 +241,8 @@ def benchmark(args) -> dict:
     results["meta"] = {
         "n": len(records), "split": args.split, "seed": args.seed, "budgets": args.budgets,
         "batch_size": args.batch_size, "num_layers": num_layers, "convention": args.convention,
-        "checkpoint": str(args.checkpoint or "grounded"), "task": task.__name__.rsplit(".", 1)[-1],
-        "kinds": list(task.KINDS),
+        "positions": args.positions, "checkpoint": str(args.checkpoint or "grounded"),
+        "task": task.__name__.rsplit(".", 1)[-1], "kinds": list(task.KINDS),
         "visual_tokens": int(model.config.image_seq_length), "seconds": time.perf_counter() - started,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "command": "python benchmarks/accuracy.py " + " ".join(args.argv),
@@ -351,7 +356,12 @@ def markdown(results: dict) -> str:
         "*Accuracy* is exact match with the reference answer; fidelity to the unpruned model is measured as "
         "*agreement* (exact match with its answer) and *first-token KL* (KL divergence of the unpruned model's "
         "first answer-token distribution from the pruned one's, nats). " + _budget_text(meta)
-        + " Settings per selector: `fvlm/builtin/budgets.py`.",
+        + f" Kept tokens keep {positions_text(meta.get('positions', 'original'))} position ids in every row "
+        "(`--positions`; the built-in model was trained with the original ids, and renumbering them costs it "
+        "accuracy whatever the selector), so rows differ only in the tokens they keep. `pool` averages s x s "
+        "blocks (s = round(sqrt(576 / b))), so its real count differs from the budget (see the layer averages). "
+        "`cdpruner` takes its relevance from the LLM embeddings of the question (the built-in model has no CLIP "
+        "text tower). Settings per selector: `fvlm/builtin/budgets.py`.",
         "",
         *_control_summary(rows, budgets),
         "## Accuracy (%)",
@@ -477,10 +487,18 @@ def picture(args, labels: list[str]) -> dict:
     model, processor = builtin.load(args.checkpoint)
     record = synthetic.sample(args.split, args.visualize_sample, seed=args.seed)
     sheet, _ = render(model, processor, record["image"], record["question"], labels, args.visualize_keep,
-                      record["answer"])
+                      record["answer"], positions=_positions(args))
     args.visualize.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.visualize)
     return {"sample": args.visualize_sample, "keep": args.visualize_keep, "labels": labels}
+
+
+def positions_text(policy: str) -> str:
+    return {"original": "their original", "compact": "compact (renumbered)", "own": "each selector's own"}[policy]
+
+
+def _positions(args) -> str | None:
+    return None if args.positions == "own" else args.positions
 
 
 def parse_args(argv):
@@ -503,6 +521,9 @@ def parse_args(argv):
                    help="controls run at the pruning points and counts of every in-LLM schedule (oracle: the "
                         "patches of the objects the question is about, also as a pre-LLM row; default: random)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--positions", choices=["original", "compact", "own"], default="original",
+                   help="position ids of the kept tokens for every row: original (default: the model was trained "
+                        "with them, so rows differ only in the tokens kept), compact, or each selector's own policy")
     p.add_argument("--out", type=Path, default=None, help="Markdown report")
     p.add_argument("--plot", type=Path, default=None, help="PNG plot of accuracy vs budget (needs matplotlib)")
     p.add_argument("--json", type=Path, default=None, help="raw results")
@@ -528,7 +549,7 @@ def main(argv=None) -> int:
         if args.out:
             results["plot"] = os.path.relpath(args.plot, args.out.parent)
     if args.visualize:
-        wanted = [n for n in ("pio_fvlm", "fastv", "sparsevlm", "visionzip", "divprune") if n in fvlm.list_selectors()]
+        wanted = [n for n in ("pio_fvlm", "fastv", "visionzip", "vscan", "cdpruner", "pool") if n in fvlm.list_selectors()]
         results["picture"] = picture(args, wanted)
         if args.out:
             results["picture"]["path"] = os.path.relpath(args.visualize, args.out.parent)

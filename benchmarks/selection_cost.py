@@ -29,7 +29,7 @@ CASES = {
     "divprune": dict(keep=KEEP),
     "visionzip": dict(dominant=54, contextual=10),
     "fastv": dict(k=2, keep=KEEP),
-    "sparsevlm": dict(schedule=[(2, KEEP)]),
+    "sparsevlm": dict(schedule=[(2, KEEP)], recycle=False),
     "dart": dict(layer=2, keep=KEEP),
     "pio_fvlm (rows proxy)": dict(layers=[2], keep=[KEEP]),
     "pio_fvlm (authors: block, head on all rows)": dict(layers=[2], keep=[KEEP], proxy="block", head_rows="all"),

@@ -7,8 +7,10 @@ from fvlm.errors import (
     GradientUnavailableError,
     PluginLoadError,
     SelectionError,
+    SelectorArgumentError,
     UnknownSelectorError,
     UnsupportedModelError,
+    UsageError,
 )
 from fvlm.registry import create_selector, list_selectors, selector_info
 from fvlm.selectors.base import Need, ScoreSelector, Selection, Stage, TokenSelector
@@ -27,11 +29,13 @@ __all__ = [
     "ScoreSelector",
     "Selection",
     "SelectionError",
+    "SelectorArgumentError",
     "Stage",
     "TokenSelector",
     "Trace",
     "UnknownSelectorError",
     "UnsupportedModelError",
+    "UsageError",
     "create_selector",
     "list_selectors",
     "prune",

@@ -9,18 +9,16 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from fvlm import registry
-from fvlm.errors import FVLMError, PluginLoadError
+from fvlm.console import console
+from fvlm.errors import FVLMError, PluginLoadError, UsageError
 
 
-def _console(stderr: bool = False) -> Console:
-    """The console every command prints through (width follows ``COLUMNS`` when not a terminal)."""
-    return Console(stderr=stderr, highlight=False)
+_console = console  # the shared console of every command (fvlm.console)
 
 
 def _version() -> str:
@@ -49,6 +47,8 @@ def _add_list(sub) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.adapters:
+        return _list_adapters(args)
     reg = _registry(args)
     conflicts = reg.conflicts()
     table = Table(title=f"fvlm {reg.kind}s (entry-point group {reg.group})")
@@ -65,6 +65,33 @@ def _list(args: argparse.Namespace) -> int:
         except PluginLoadError as exc:
             needs, status = "?", Text.assemble(("BROKEN", "bold red"), f": {exc.reason}")
         table.add_row(name, regs[0].value, needs, regs[0].where, status)
+    _console().print(table)
+    return 0
+
+
+def _list_adapters(args: argparse.Namespace) -> int:
+    """The supported model families: one row per registered model type."""
+    reg = registry.ADAPTERS
+    conflicts = reg.conflicts()
+    table = Table(title=f"fvlm backbone adapters: supported model families (entry-point group {reg.group})")
+    for column in ("model_type", "family", "transformers class", "example checkpoint", "tiny model", "adapter",
+                   "status"):
+        table.add_column(column, overflow="fold")
+    for name in reg.names(args.pattern):
+        regs = reg.registrations(name)
+        if name in conflicts:
+            status = Text.assemble(("CONFLICT", "bold red"), f": {' vs '.join(conflicts[name])}")
+            table.add_row(name, "?", "?", "?", "?", "\n".join(r.value for r in regs), status)
+            continue
+        try:
+            cls = reg.get_class(name)
+        except PluginLoadError as exc:
+            table.add_row(name, "?", "?", "?", "?", regs[0].value, Text.assemble(("BROKEN", "bold red"), f": {exc.reason}"))
+            continue
+        about = cls.about or {}
+        table.add_row(name, about.get("name", cls.family), about.get("classes", {}).get(name, "-"),
+                      about.get("checkpoints", {}).get(name, "-"), "yes" if name in cls.tiny else "no",
+                      f"{regs[0].value} ({regs[0].where})", Text("ok", style="green"))
     _console().print(table)
     return 0
 
@@ -99,7 +126,8 @@ def _info(args: argparse.Namespace) -> int:
 # fvlm demo ------------------------------------------------------------------------------------
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="prune a built-in tiny model and compare with the unpruned run (no download)")
-    p.add_argument("--family", default="llava", help="tiny backbone family (llava, llava_next, qwen2_vl, qwen2_5_vl)")
+    p.add_argument("--family", default="llava", help="tiny backbone family (a registered adapter's model type, "
+                   "see `fvlm list --adapters`)")
     p.add_argument("--selector", default=None, help="registered selector (default: its example settings)")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="selector argument, YAML-parsed (repeatable), e.g. --set keep=8")
@@ -114,19 +142,26 @@ def _demo(args: argparse.Namespace) -> int:
     import yaml
 
     import fvlm
-    from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
+    from fvlm.adapters.tiny import image_token_id, specs, tiny_inputs, tiny_model
+
+    FAMILIES = tuple(specs())
 
     if args.family not in FAMILIES:
-        raise FVLMError(f"unknown tiny family {args.family!r}; choose from {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown tiny family {args.family!r}; choose from {', '.join(FAMILIES)}")
     names = [args.selector] if args.selector else [n for n in ("random", "divprune", "pio_fvlm") if n in fvlm.list_selectors()]
     options = {}
     for item in args.options:
         key, sep, value = item.partition("=")
         if not sep:
-            raise FVLMError(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         options[key] = yaml.safe_load(value)
     if options and not args.selector:
-        raise FVLMError("--set needs --selector")
+        raise UsageError("--set needs --selector")
+    if args.tokens < 1:
+        raise UsageError(f"--tokens must be >= 1, got {args.tokens}")
+    # selectors first: a bad name or argument fails before any model is built
+    selectors = {name: fvlm.create_selector(name, **(options or fvlm.registry.get_selector_class(name).example_kwargs))
+                 for name in names}
     model = tiny_model(args.family)
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
     console = _console()
@@ -139,10 +174,10 @@ def _demo(args: argparse.Namespace) -> int:
     table = Table(title="pruned generate vs. unpruned (random weights: agreement, not accuracy)")
     for column in ("selector", "visual tokens", "LLM input", "layer avg", "KV length / layer", "same tokens", "time"):
         table.add_column(column)
-    table.add_row("(unpruned)", str(inputs["input_ids"].eq(fvlm.testing.image_token_id(model)).sum(1).tolist()), "-", "-", "-", "-", f"{base_time * 1e3:.0f} ms")
-    for name in names:
-        kwargs = options or fvlm.registry.get_selector_class(name).example_kwargs
-        with fvlm.prune(model, name, **kwargs) as session, torch.no_grad():
+    table.add_row("(unpruned)", str(inputs["input_ids"].eq(image_token_id(model)).sum(1).tolist()), "-", "-", "-", "-", f"{base_time * 1e3:.0f} ms")
+    questions = ["What is in the picture?", "What is on the left?"]  # for instruction-conditioned selectors
+    for name, selector in selectors.items():
+        with fvlm.prune(model, selector, instructions=questions) as session, torch.no_grad():
             start = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
             elapsed = time.perf_counter() - start
@@ -189,13 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fvlm`` console script; returns the exit status."""
+    """Entry point of the ``fvlm`` console script; returns the exit status (:class:`ExitCode`)."""
+    from fvlm.commands.exit_codes import for_error
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except FVLMError as exc:
         _console(stderr=True).print(Text(f"error: {exc}", style="red"), soft_wrap=True)
-        return 1
+        return int(for_error(exc))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,19 @@ class FVLMError(Exception):
     """Base class of all fvlm errors."""
 
 
+class UsageError(FVLMError):
+    """Bad input to a command (an argument, a recipe, its data): reported before any work starts."""
+
+
+class SelectorArgumentError(FVLMError, ValueError, TypeError):
+    """A selector argument outside its allowed values; the message names the parameter and the range.
+
+    Raised by the selector's constructor, so a recipe fails when it is parsed. ``parameter`` names
+    the argument where the check knows it."""
+
+    parameter: str | None = None
+
+
 class UnknownNameError(FVLMError, KeyError):
     """A registry name that no installed distribution provides."""
 
@@ -55,3 +68,7 @@ class GradientUnavailableError(FVLMError, RuntimeError):
 
 class SelectionError(FVLMError, ValueError):
     """A selector returned indices that break the contract (shape, count, range, duplicates)."""
+
+
+class AuxiliaryModelError(FVLMError, RuntimeError):
+    """A selector's auxiliary model (e.g. CDPruner's CLIP text tower) cannot be loaded or does not fit the backbone."""

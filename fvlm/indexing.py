@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -19,6 +20,17 @@ class KeepMap:
     filler: torch.Tensor
     source_col: torch.Tensor
 
+    @cached_property
+    def ordered(self) -> "KeepMap":
+        """The same kept set with ``index`` ascending per row (fillers stay first).
+
+        A selection may reorder kept visual tokens (merged tokens appended after the kept ones). The
+        sequence order is what causality and compact positions follow, so masks and compact ids are
+        built from this map; hidden states and original position ids follow ``index`` itself.
+        """
+        key = torch.where(self.filler, -1, self.index).sort(dim=1).values
+        return KeepMap(key.clamp(min=0), self.filler, self.source_col)
+
     def then(self, later: "KeepMap") -> "KeepMap":
         """Compose: ``later`` indexes this map's output; the result indexes this map's source."""
         return KeepMap(
@@ -26,6 +38,14 @@ class KeepMap:
             self.filler.gather(1, later.index) | later.filler,
             later.source_col,
         )
+
+    def extended(self, source_len: int, new_len: int) -> "KeepMap":
+        """This map (over a source of ``source_len`` positions) for the source grown to ``new_len``:
+        the added positions are all kept, after the others."""
+        bsz = self.index.shape[0]
+        added = torch.arange(source_len, new_len, device=self.index.device).expand(bsz, new_len - source_len)
+        return KeepMap(torch.cat([self.index, added], dim=1), torch.cat([self.filler, torch.zeros_like(added, dtype=torch.bool)], 1),
+                       torch.cat([self.source_col, torch.full_like(added, -1)], dim=1))
 
     @staticmethod
     def identity(bsz: int, length: int, device) -> "KeepMap":
@@ -71,12 +91,22 @@ def gather_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(-1, index.expand(*t.shape[:-2], *index.shape))
 
 
-def gather_seq(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather ``[B or 1, L, ...]`` (hidden states, cos/sin tables) along dim 1."""
+def gather_seq(t: torch.Tensor, index: torch.Tensor, *, zero_invalid: bool = False) -> torch.Tensor:
+    """Gather ``t`` ``[B or 1, L, ...]`` (hidden states, cos/sin tables, per-token rows) along dim 1
+    with a per-sample ``index`` ``[B, K]``: ``out[b, k] = t[b, index[b, k]]``. ``-1`` entries read
+    position 0, or give zeros with ``zero_invalid``. fvlm's one gather helper."""
     if t.shape[0] != index.shape[0]:
         t = t.expand(index.shape[0], *t.shape[1:])
-    idx = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
-    return t.gather(1, idx)
+    idx = index.clamp(min=0).reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+    out = t.gather(1, idx)
+    if zero_invalid:
+        out = out * (index >= 0).reshape(*index.shape, *([1] * (t.dim() - 2))).to(out.dtype)
+    return out
+
+
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b, j]]`` for ``t`` ``[B, L, D]``; ``-1`` entries give zeros (:func:`gather_seq`)."""
+    return gather_seq(t, index, zero_invalid=True)
 
 
 def masked_value(mask: torch.Tensor):

@@ -152,7 +152,7 @@ class EntryPointRegistry:
     def _load(self, reg: Registration) -> type | tuple[str, BaseException | None]:
         try:
             obj = reg.entry_point.load()
-        except Exception as exc:  # a broken plugin must never break the registry
+        except (Exception, SystemExit) as exc:  # a broken plugin (even one calling sys.exit) never breaks the registry
             return f"{type(exc).__name__}: {exc}", exc
         base = self._base()
         if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):

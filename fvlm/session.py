@@ -2,33 +2,33 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from fvlm.adapters import adapter_for
-from fvlm.context import SelectionContext
+from fvlm.adapters.base import BackboneAdapter, LayerInjections
+from fvlm.context import SelectionContext, positions_of
 from fvlm.errors import BudgetError, FVLMError, GradientUnavailableError, SelectionError
-from fvlm.indexing import (
-    KeepMap,
-    build_keep_map,
-    build_mask,
-    gather_last,
-    gather_mask_columns,
-    gather_seq,
-    gather_square_mask,
-)
-from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
+from fvlm.indexing import KeepMap, build_keep_map, gather_last, gather_mask_columns, gather_seq
+from fvlm.selectors.base import TokenSelector
 from fvlm.trace import StageRecord, Trace
+from fvlm.types import POSITION_POLICIES, Need, Selection, Stage, VisionObservation
 
-POSITION_POLICIES = ("original", "compact")
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()  # model -> session
 
 
 @dataclass
 class _Run:
-    """State of one prefill and the decode steps that follow it."""
+    """State of one prefill and the decode steps that follow it.
+
+    A forward without a KV cache that continues an earlier prompt (``generate(use_cache=False)``
+    feeds prompt + generated tokens again at every step) replays that prompt's prefill: ``origin`` is
+    its run, whose ``applied`` stages are reused instead of selecting again.
+    """
 
     prompt_len: int  # S: prompt length at the LLM input, before any pruning
     is_visual: torch.Tensor  # [B, L] in current coordinates
@@ -37,6 +37,13 @@ class _Run:
     original_visual: torch.Tensor  # [B]
     grids: list
     dtype: torch.dtype = torch.float32
+    input_ids: torch.Tensor | None = None  # the prompt, and which of its tokens are real
+    prompt_valid: torch.Tensor | None = None
+    encoder_outputs: Any = None  # the images generate encoded once for all its steps, if passed
+    origin: "_Run | None" = None
+    applied: list = field(default_factory=list)  # per stage: (keep map, replacing embeddings, source length)
+    visual_layout: list | None = None  # per sample VisualLayout (selectors that need the grid)
+    instructions: list[str] | None = None
     input_map: KeepMap | None = None
     llm_input_len: int = 0  # L0: length entering layer 0
     groups: list[tuple[int, KeepMap]] = field(default_factory=list)  # (first layer, map in L0 coords)
@@ -45,6 +52,7 @@ class _Run:
     layer_input: torch.Tensor | None = None
     layer_kwargs: dict | None = None
     visual_counts: list = field(default_factory=list)  # (first layer, [B] visual count)
+    injections: LayerInjections | None = None  # what the family adds after its first layers (DeepStack)
     stages: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)
 
@@ -61,31 +69,53 @@ class PruningSession:
 
     All hooks are registered on this model instance on ``__enter__`` and removed on ``__exit__``
     (also when the block raises). Selection happens in prefill only; decode steps run on the pruned
-    KV cache. ``positions="original"`` keeps every kept token's original position id (default);
-    ``"compact"`` renumbers kept tokens contiguously (1-D RoPE families only).
+    KV cache, and cache-free steps (``generate(use_cache=False)``) replay the prompt's selection.
+    ``positions="original"`` keeps every kept token's original position id; ``"compact"`` renumbers
+    kept tokens contiguously in sequence order (1-D RoPE families only); ``None`` (default) uses the
+    selector's declared policy (its authors'), see
+    :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`. Sessions do not
+    nest: entering a second one on a model that has an active session raises. ``instructions``: the
+    instruction text of every prompt of the next calls (selectors that declare ``Need.INSTRUCTION``,
+    e.g. CDPruner); the attribute may be replaced between calls. The selector's auxiliary models are
+    loaded on ``__enter__`` (once per backbone, :mod:`fvlm.auxiliary`).
     """
 
-    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str = "original"):
+    def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None,
+                 instructions: Sequence[str] | None = None):
         if not isinstance(selector, TokenSelector):
             raise TypeError(f"selector must be a TokenSelector instance, got {type(selector).__name__}")
-        if positions not in POSITION_POLICIES:
-            raise ValueError(f"positions must be one of {POSITION_POLICIES}, got {positions!r}")
+        if positions is not None and positions not in POSITION_POLICIES:
+            raise ValueError(f"positions must be one of {POSITION_POLICIES} or None (the selector's own), "
+                             f"got {positions!r}")
         self.model = model
         self.selector = selector
         self.adapter = adapter_for(model)
+        self.adapter.check_supported()
         self.info = self.adapter.info()
-        if positions == "compact" and self.info.mrope:
-            raise FVLMError(
-                f"positions='compact' is defined for 1-D RoPE; {self.info.family} uses 3-D M-RoPE, "
-                "where fvlm keeps original positions (positions='original')"
-            )
-        self.positions = positions
+        self.positions = self._resolved_positions(positions)
         self.schedule = self._validated_schedule(list(selector.stages(self.info)))
+        self.instructions = instructions
+        self.auxiliary: dict = {}  # loaded on __enter__ (once per backbone: fvlm.auxiliary)
         self.trace: Trace | None = None
         self._run: _Run | None = None
         self._handles: list = []
         self._top_kwargs: dict = {}
-        self._observed: dict = {}
+        self._observed = VisionObservation()
+        self._layer_index = {layer: i for i, layer in enumerate(self.adapter.layers)}
+
+    def _resolved_positions(self, requested: str | None) -> str:
+        if requested is None:
+            declared = getattr(self.selector, "positions", "original")
+            if declared not in POSITION_POLICIES:
+                raise FVLMError(f"selector {type(self.selector).__name__} declares positions={declared!r}; "
+                                f"expected one of {POSITION_POLICIES}")
+            return "original" if self.info.mrope else declared
+        if requested == "compact" and self.info.mrope:
+            raise FVLMError(
+                f"positions='compact' is defined for 1-D RoPE; {self.info.family} uses 3-D M-RoPE, "
+                "where fvlm keeps original positions (positions='original')"
+            )
+        return requested
 
     # -- schedule --------------------------------------------------------------------------
     def _validated_schedule(self, stages: list[Stage]) -> list[Stage]:
@@ -112,25 +142,46 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise FVLMError("this pruning session is already active")
+        if Need.INSTRUCTION in self.selector.needs and self.instructions is None:
+            raise FVLMError(
+                f"selector {type(self.selector).__name__} needs each sample's instruction text: "
+                "fvlm.prune(model, selector, instructions=[...]) with one string per prompt "
+                "(fvlm run passes every sample's question)")
+        other = _ACTIVE.get(self.model)
+        if other is not None:
+            raise FVLMError(
+                f"this model is already pruning (a session with {type(other.selector).__name__} is active); "
+                "sessions do not nest: use compose to run several selectors in one session, e.g. "
+                "fvlm.prune(model, 'compose', selectors=[...])")
+        self.auxiliary = _load_auxiliary(self.selector, self.model)
         try:
             self._attach()
         except BaseException:
             self._detach()
             raise
+        _ACTIVE[self.model] = self
         return self
 
     def __exit__(self, *exc) -> None:
         self._detach()
         self._run = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
 
     def _attach(self) -> None:
         hooks = self._handles
         hooks.extend(self.adapter.observe(self._observed, self.selector.needs))
+        layers = self.selector.vision_layers(self.info)
+        if layers:
+            hooks.extend(self.adapter.observe_layers(self._observed, layers))
         hooks.append(self.adapter.top.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True))
         hooks.append(self.adapter.language_model.register_forward_hook(self._lm_hook, with_kwargs=True))
         first = min(self.layer_stages, default=None)
+        injects = type(self.adapter).take_injections is not BackboneAdapter.take_injections
         for i, layer in enumerate(self.adapter.layers):
+            if injects:  # before the stage hook on the same layer: a stage prunes the updated states
+                hooks.append(layer.register_forward_hook(self._inject_hook(i)))
             if first is not None and i >= first - 1:
                 hooks.append(layer.register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
             if i + 1 in self.layer_stages:
@@ -142,17 +193,19 @@ class PruningSession:
 
     # -- hooks -----------------------------------------------------------------------------
     def _top_pre_hook(self, module, args, kwargs):
-        self._top_kwargs = {**self._observed, **{k: v for k, v in kwargs.items() if v is not None}}
+        self._top_kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if args:
             self._top_kwargs.setdefault("input_ids", args[0])
 
     def _lm_pre_hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise FVLMError("fvlm expects the language model to be called with inputs_embeds")
-        if cache is None or cache.get_seq_length() == 0:
-            return args, self._prefill(kwargs, embeds)
+        injections = self.adapter.take_injections(kwargs)
+        if self.adapter.is_prefill(kwargs):
+            kwargs = self._prefill(kwargs, embeds)
+            self._run.injections = injections
+            return args, kwargs
         return args, self._decode(kwargs, embeds.shape[1])
 
     def _lm_hook(self, module, args, kwargs, output):
@@ -160,6 +213,7 @@ class PruningSession:
             self._run.in_prefill = False
             self._run.layer_input = self._run.layer_kwargs = None
             self._run.cache.clear()
+            self._observed.clear()  # belongs to this prefill's images; the next call records its own
 
     def _prefill(self, kwargs: dict, embeds: torch.Tensor) -> dict:
         if Need.GRADIENT in self.selector.needs and torch.is_inference_mode_enabled():
@@ -171,19 +225,27 @@ class PruningSession:
         if input_ids is None or input_ids.shape[1] != embeds.shape[1]:
             raise FVLMError("fvlm locates visual tokens from input_ids: call the model with input_ids, not inputs_embeds")
         bsz, seq = input_ids.shape
-        is_visual = self.adapter.visual_mask(input_ids).to(embeds.device)
         mask = kwargs.get("attention_mask")
-        valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(is_visual)
-        is_visual = is_visual & valid
+        valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(input_ids, dtype=torch.bool)
+        origin = self._continued(input_ids, valid, kwargs)
+        layout = self.adapter.layout(input_ids, self._top_kwargs, self._observed, grids=origin is None)
+        is_visual = layout.visual.to(embeds.device) & valid.to(embeds.device)
         run = self._run = _Run(
             prompt_len=seq,
             is_visual=is_visual,
             is_filler=torch.zeros_like(is_visual),
             token_valid=valid,
             original_visual=is_visual.sum(dim=1),
-            grids=self.adapter.image_grids(input_ids, self._top_kwargs),
+            grids=origin.grids if origin is not None else (layout.grids or []),
             dtype=embeds.dtype,
+            input_ids=input_ids,
+            prompt_valid=valid,
+            encoder_outputs=self._top_kwargs.get("mm_encoder_outputs"),
+            origin=origin,
+            instructions=self._instructions(input_ids, valid),
         )
+        if Need.GRID in self.selector.needs and origin is None:
+            run.visual_layout = self.adapter.visual_layout(input_ids, self._top_kwargs, embeds, self._observed)
         for stage in self.schedule:
             if isinstance(stage.where, str):
                 keep, embeds = self._apply_stage(stage, embeds)
@@ -193,18 +255,63 @@ class PruningSession:
         if run.input_map is not None:
             kwargs["inputs_embeds"] = embeds
             base = mask if mask is not None else torch.ones(bsz, seq, dtype=torch.long, device=embeds.device)
-            kwargs["attention_mask"] = gather_mask_columns(base, run.input_map, seq)
+            kwargs["attention_mask"] = gather_mask_columns(base, run.input_map.ordered, seq)
             kwargs["position_ids"] = self._input_positions(kwargs.get("position_ids"), run, embeds.device)
         self._finish_trace()
         return kwargs
 
+    def _instructions(self, input_ids: torch.Tensor, valid: torch.Tensor) -> list[str] | None:
+        """The session's instructions, one per batch row. ``generate`` repeats each prompt
+        ``num_beams`` times (identical consecutive rows): each instruction then covers its repeats."""
+        texts = self.instructions
+        if texts is None:
+            return None
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise FVLMError("instructions must be a list of strings, one per prompt")
+        texts, bsz = list(texts), input_ids.shape[0]
+        repeat = bsz // len(texts) if texts and bsz % len(texts) == 0 else 0
+        rows = torch.where(valid, input_ids, -1)
+        if repeat > 1 and not torch.equal(rows, rows[::repeat].repeat_interleave(repeat, dim=0)):
+            repeat = 0
+        if not repeat:
+            raise FVLMError(f"{len(texts)} instructions for a batch of {bsz} prompts: give one instruction per prompt")
+        return [t for t in texts for _ in range(repeat)]
+
+    def _continued(self, input_ids: torch.Tensor, valid: torch.Tensor, kwargs: dict) -> "_Run | None":
+        """The finished prefill this cache-free call continues, or None (a new prompt: select anew).
+
+        A continuation runs without a cache (``use_cache=False``), has the earlier prompt's rows as
+        its prefix (same ids, same padding), only text after it, and the same pre-encoded images
+        when ``generate`` passes them: what ``generate(use_cache=False)`` does at every step.
+        """
+        last = self._run
+        if last is None or last.in_prefill:
+            return None
+        origin = last.origin or last
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        length = origin.prompt_len
+        if self.adapter.cache_of(kwargs) is not None or use_cache or input_ids.shape[1] <= length \
+                or input_ids.shape[0] != origin.input_ids.shape[0]:
+            return None
+        if self._top_kwargs.get("mm_encoder_outputs") is not origin.encoder_outputs:
+            return None
+        same = torch.equal(input_ids[:, :length], origin.input_ids) and torch.equal(valid[:, :length], origin.prompt_valid)
+        return origin if same and not bool(self.adapter.visual_mask(input_ids[:, length:]).any()) else None
+
     def _input_positions(self, pos, run: _Run, device) -> torch.Tensor:
         if pos is None:
             pos = torch.arange(run.prompt_len, device=device)[None]
-        kept = gather_last(pos, run.input_map.index)
+        return self._kept_positions(pos, run.input_map, run.prompt_len)
+
+    def _kept_positions(self, pos: torch.Tensor, keep: KeepMap, source_len: int) -> torch.Tensor:
+        """Position ids of the kept slots: each token's own id (``original``) or, for ``compact``,
+        the ids renumbered contiguously in sequence order (the gaps of dropped tokens closed)."""
         if self.positions == "compact":
-            kept = kept - self._dropped_before(run.input_map, run.prompt_len)
-        return kept
+            ordered = keep.ordered
+            return gather_last(pos, ordered.index) - self._dropped_before(ordered, source_len)
+        return gather_last(pos, keep.index)
 
     def _decode(self, kwargs: dict, new_tokens: int) -> dict:
         run = self._run
@@ -219,7 +326,7 @@ class PruningSession:
                 total = run.prompt_len + run.steps
                 mask = torch.ones(run.input_map.index.shape[0], total, dtype=torch.long, device=run.input_map.index.device)
             if mask is not None:
-                kwargs["attention_mask"] = gather_mask_columns(mask, run.input_map, run.prompt_len)
+                kwargs["attention_mask"] = gather_mask_columns(mask, run.input_map.ordered, run.prompt_len)
             if self.positions == "compact" and kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] - self._total_dropped(run.input_map, run.prompt_len)
         return kwargs
@@ -232,10 +339,25 @@ class PruningSession:
             keep = run.group_for(index)
             if keep is not None:
                 kwargs = self._layer_kwargs(module, kwargs, keep, run)
-            if run.in_prefill and index + 1 in self.layer_stages:
+            if run.in_prefill and index + 1 in self.layer_stages and run.origin is None:
                 run.layer_input = args[0] if args else kwargs["hidden_states"]
                 run.layer_kwargs = kwargs
             return args, kwargs
+
+        return hook
+
+    def _inject_hook(self, index: int):
+        def hook(module, args, output):
+            run = self._run
+            if run is None or not run.in_prefill or run.injections is None or index >= len(run.injections.rows):
+                return None
+            source = run.injections.source.to(run.is_visual.device)
+            for keep in (run.input_map, run.group_for(index)):
+                if keep is not None:
+                    source = source.gather(1, keep.index).masked_fill(keep.filler, -1)
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = self.adapter.inject(hidden, run.injections.rows[index], source)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
@@ -262,43 +384,61 @@ class PruningSession:
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
         start = time.perf_counter()
-        budget = self._budget(stage, run)
-        ctx = SelectionContext(
-            selector=self.selector,
-            stage=stage,
-            stage_index=self.schedule.index(stage),
-            info=self.info,
-            adapter=self.adapter,
-            hidden=hidden,
-            is_visual=run.is_visual,
-            token_valid=run.token_valid,
-            budget=budget,
-            grids=run.grids,
-            layer_input=run.layer_input,
-            layer_kwargs=run.layer_kwargs,
-            observed=self._observed,
-        )
-        selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual)
-        keep = build_keep_map(run.is_visual | run.is_filler, ctx.visual_index, selection.indices)
+        notes: list[str] = []
+        index = self.schedule.index(stage)
+        if run.origin is not None:  # a cache-free continuation: the prompt's own selection, extended
+            keep, embeddings, length = run.origin.applied[index]
+            keep = keep.extended(length, hidden.shape[1])
+            budget = torch.tensor(run.origin.stages[index].budget, dtype=torch.long, device=hidden.device)
+        elif bool(run.is_visual.any()):
+            ctx = SelectionContext(
+                selector=self.selector,
+                stage=stage,
+                stage_index=self.schedule.index(stage),
+                info=self.info,
+                adapter=self.adapter,
+                hidden=hidden,
+                is_visual=run.is_visual,
+                token_valid=run.token_valid,
+                budget=None,
+                grids=run.grids,
+                layer_input=run.layer_input,
+                layer_kwargs=run.layer_kwargs,
+                observed=self._observed,
+                original_visual=run.original_visual,
+                layout=run.visual_layout,
+                instructions=run.instructions,
+                auxiliary=self.auxiliary,
+                notes=notes,
+            )
+            budget = ctx.budget = self._budget(stage, run, self.selector.stage_budget(ctx))
+            selection = self._checked(self.selector.select(ctx), budget, ctx.num_visual, stage.exact)
+            visual_index = ctx.visual_index
+        else:  # no sample has a visual token (text-only prompts): nothing to choose, the selector is not asked
+            budget = torch.zeros_like(run.original_visual)
+            visual_index = positions_of(run.is_visual)[0]
+            selection = Selection(visual_index)
+        if run.origin is None:
+            keep = build_keep_map(run.is_visual | run.is_filler, visual_index, selection.indices)
+            embeddings = selection.embeddings
+            run.applied.append((keep, embeddings, hidden.shape[1]))
         new_hidden = gather_seq(hidden, keep.index)
-        if selection.embeddings is not None:
+        if embeddings is not None:
             from_sel = keep.source_col >= 0
-            replaced = gather_seq(selection.embeddings.to(new_hidden.dtype), keep.source_col.clamp(min=0))
+            replaced = gather_seq(embeddings.to(new_hidden.dtype), keep.source_col.clamp(min=0))
             new_hidden = torch.where(from_sel[..., None], replaced, new_hidden)
         run.is_visual = run.is_visual.gather(1, keep.index) & ~keep.filler
         run.is_filler = keep.filler
         run.token_valid = run.token_valid.gather(1, keep.index) & ~keep.filler
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
-        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start))
+        run.stages.append(StageRecord(stage.where, budget.tolist(), time.perf_counter() - start, notes))
         return keep, new_hidden
 
-    def _budget(self, stage: Stage, run: _Run) -> torch.Tensor:
+    def _budget(self, stage: Stage, run: _Run, counts) -> torch.Tensor:
+        """The selector's per-sample ``counts`` for ``stage`` (:meth:`TokenSelector.stage_budget`), checked."""
         now = run.is_visual.sum(dim=1)
-        if isinstance(stage.keep, float):
-            budget = (run.original_visual.double() * stage.keep).round().long().clamp(min=1)
-        else:
-            budget = torch.full_like(now, stage.keep)
+        budget = torch.as_tensor(counts, dtype=torch.long, device=now.device)
         budget = torch.where(now > 0, budget, 0)
         over = (budget > now).nonzero().flatten().tolist()
         if over:
@@ -309,7 +449,7 @@ class PruningSession:
             )
         return budget
 
-    def _checked(self, selection, budget: torch.Tensor, num_visual: torch.Tensor) -> Selection:
+    def _checked(self, selection, budget: torch.Tensor, num_visual: torch.Tensor, exact: bool = True) -> Selection:
         name = type(self.selector).__name__
         if isinstance(selection, torch.Tensor):
             selection = Selection(selection)
@@ -319,12 +459,15 @@ class PruningSession:
         ok = idx >= 0
         srt = torch.where(ok, idx, -1 - torch.arange(idx.shape[1], device=idx.device)).sort(dim=1).values
         dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(dim=1)
-        wrong = (ok.sum(dim=1) != budget) | (ok & (idx >= num_visual[:, None])).any(dim=1) | dup
+        count = ok.sum(dim=1)
+        wrong_count = count != budget if exact else (count > budget) | ((count < 1) & (budget > 0))
+        wrong = wrong_count | (ok & (idx >= num_visual[:, None])).any(dim=1) | dup
         if bool(wrong.any()):
             b = int(wrong.nonzero()[0])
+            need = f"{int(budget[b])}" if exact else f"1 to {int(budget[b])}"
             raise SelectionError(
                 f"selector {name} returned an invalid selection for sample {b}: {idx[b].tolist()} "
-                f"(need {int(budget[b])} unique indices in [0, {int(num_visual[b])}))"
+                f"(need {need} unique indices in [0, {int(num_visual[b])}))"
             )
         order = (~ok).long().argsort(dim=1, stable=True)
         emb = selection.embeddings
@@ -339,17 +482,19 @@ class PruningSession:
         mask = kwargs.get("attention_mask")
         key = ("mask", id(keep), id(mask))
         if key not in cache:
-            cache[key] = self._layer_mask(module, mask, keep, run)
+            cache[key] = self.adapter.pruned_mask(
+                self._layer_index[module], mask, keep.ordered, prefill=run.in_prefill, steps=run.steps,
+                source_len=run.llm_input_len, dtype=run.dtype)
         kwargs["attention_mask"] = cache[key]
         pos = kwargs.get("position_ids")
         if run.in_prefill:
             pe = kwargs.get("position_embeddings")
             key = ("pe", id(keep), id(pe))
             if key not in cache:
-                cache[key] = self._layer_rotary(pe, pos, keep, run, kwargs)
-            kwargs["position_embeddings"] = cache[key]
+                cache[key] = self._layer_rotary(pe, pos, keep, run)
+            kwargs["position_embeddings"], ids = cache[key]
             if pos is not None:
-                kwargs["position_ids"] = gather_last(pos, keep.index)
+                kwargs["position_ids"] = ids
         elif self.positions == "compact":
             key = ("pe-decode", id(keep), run.steps)
             if key not in cache:
@@ -358,33 +503,13 @@ class PruningSession:
             kwargs["position_embeddings"] = cache[key]
         return kwargs
 
-    def _layer_rotary(self, pe, pos, keep: KeepMap, run: _Run, kwargs):
+    def _layer_rotary(self, pe, pos, keep: KeepMap, run: _Run):
+        """``(rotary tables, position ids)`` of the kept slots for this layer group's prefill."""
+        source = torch.arange(run.llm_input_len, device=keep.index.device)[None] if pos is None else pos
+        ids = self._kept_positions(source, keep, run.llm_input_len)
         if self.positions == "compact":
-            pos = torch.arange(run.llm_input_len, device=keep.index.device)[None] if pos is None else pos
-            kept = gather_last(pos, keep.index) - self._dropped_before(keep, run.llm_input_len)
-            return self.adapter.rotary_emb(pe[0], kept)
-        return tuple(gather_seq(t, keep.index) for t in pe)
-
-    def _layer_mask(self, module, mask, keep: KeepMap, run: _Run):
-        length = run.llm_input_len
-        if mask is None:
-            if not bool(keep.filler.any()):
-                return None
-            impl = self._attn_impl(module)
-            query = keep.index.shape[1] if run.in_prefill else 1
-            extra = 0 if run.in_prefill else run.steps
-            if impl.startswith("flash"):
-                cols = (~keep.filler).long()
-                return torch.cat([cols, cols.new_ones(cols.shape[0], extra)], dim=1)
-            kind = "float" if impl == "eager" else "bool"
-            return build_mask(keep, query, extra, kind, run.dtype)
-        if mask.dim() == 4 and run.in_prefill:
-            return gather_square_mask(mask, keep)
-        return gather_mask_columns(mask, keep, length)
-
-    @staticmethod
-    def _attn_impl(module: nn.Module) -> str:
-        return getattr(module.self_attn.config, "_attn_implementation", None) or "eager"
+            return self.adapter.rotary_emb(pe[0], ids), ids
+        return tuple(gather_seq(t, keep.index) for t in pe), ids
 
     @staticmethod
     def _dropped_before(keep: KeepMap, source_len: int) -> torch.Tensor:
@@ -402,6 +527,9 @@ class PruningSession:
     # -- trace -----------------------------------------------------------------------------
     def _finish_trace(self) -> None:
         run = self._run
+        if run.origin is not None:  # the prompt's trace holds; the new tokens are its decode steps
+            self.trace.decode_steps = run.prompt_len - run.origin.prompt_len
+            return
         num_layers = self.info.num_layers
         per_layer = []
         lengths = []
@@ -412,6 +540,7 @@ class PruningSession:
             lengths.append(run.llm_input_len if keep is None else keep.index.shape[1])
         counts = torch.stack(per_layer, dim=1).tolist()
         self.trace = Trace(
+            positions=self.positions,
             original_visual=run.original_visual.tolist(),
             llm_input_visual=run.visual_counts[0][1].tolist(),
             visual_per_layer=counts,
@@ -421,11 +550,16 @@ class PruningSession:
         )
 
 
-def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str = "original", **selector_kwargs: Any) -> PruningSession:
+def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str | None = None,
+          instructions: Sequence[str] | None = None, **selector_kwargs: Any) -> PruningSession:
     """Prune ``model``'s visual tokens with ``selector`` inside a ``with`` block.
 
     ``selector`` is a :class:`TokenSelector` instance, or a registered name plus keyword arguments
-    (``fvlm.prune(model, "random", keep=64, seed=0)``).
+    (``fvlm.prune(model, "random", keep=64, seed=0)``). ``positions``: ``"original"`` or
+    ``"compact"`` for every selector alike; ``None`` (default) uses the selector's own, its authors'
+    policy (``session.positions`` and ``session.trace.positions`` say which one ran).
+    ``instructions``: one instruction text per prompt, for instruction-conditioned selectors
+    (``fvlm.prune(model, "cdpruner", keep=64, instructions=["What is on the table?"])``).
     """
     if isinstance(selector, str):
         from fvlm.registry import create_selector
@@ -433,4 +567,15 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
         selector = create_selector(selector, **selector_kwargs)
     elif selector_kwargs:
         raise TypeError("selector keyword arguments are only accepted with a registered selector name")
-    return PruningSession(model, selector, positions=positions)
+    return PruningSession(model, selector, positions=positions, instructions=instructions)
+
+
+def _load_auxiliary(selector: TokenSelector, model: nn.Module) -> dict:
+    from fvlm.auxiliary import load_auxiliary
+
+    loaded = {}
+    for spec in selector.auxiliary_models():
+        if spec.name in loaded:
+            raise FVLMError(f"selector {type(selector).__name__} declares two auxiliary models named {spec.name!r}")
+        loaded[spec.name] = load_auxiliary(spec, model)
+    return loaded

@@ -6,11 +6,13 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class StageRecord:
-    """One stage of the last prefill: where it fired, per-sample budgets, and its wall time."""
+    """One stage of the last prefill: where it fired, per-sample budgets, its wall time, and what the
+    selector noted (e.g. a fallback it took)."""
 
     where: str | int
     budget: list[int]
     seconds: float
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -19,7 +21,7 @@ class Trace:
 
     ``visual_per_layer[b][i]`` counts the visual tokens in the input of decoder layer ``i``;
     ``prefill_length[i]`` is the cache length layer ``i`` stored in prefill (batch-wide, including
-    padding); ``kv_length`` adds the decode steps.
+    padding); ``kv_length`` adds the decode steps. ``positions`` is the position policy that ran.
     """
 
     original_visual: list[int]
@@ -28,6 +30,7 @@ class Trace:
     prefill_length: list[int]
     stages: list[StageRecord] = field(default_factory=list)
     decode_steps: int = 0
+    positions: str = "original"
 
     @property
     def num_layers(self) -> int:
@@ -43,12 +46,23 @@ class Trace:
         return [sum(row) / len(row) for row in self.visual_per_layer]
 
     @property
+    def layer_average_outputs(self) -> list[float]:
+        """Per sample: visual tokens in each decoder layer's *output*, averaged over layers.
+
+        A layer whose output is pruned counts at its post-prune size. This is the average
+        SparseVLM's log prints next to its budgets (e.g. 192.03 for the authors' "192" schedule,
+        whose layer average in the sense of :attr:`layer_average` is 206.50).
+        """
+        return [(sum(row[1:]) + row[-1]) / len(row) for row in self.visual_per_layer]
+
+    @property
     def mean_layer_average(self) -> float:
         return sum(self.layer_average) / max(len(self.layer_average), 1)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(kv_length=self.kv_length, layer_average=self.layer_average)
+        out.update(kv_length=self.kv_length, layer_average=self.layer_average,
+                   layer_average_outputs=self.layer_average_outputs)
         return out
 
     def __str__(self) -> str:
@@ -56,5 +70,5 @@ class Trace:
         return (
             f"Trace(visual tokens {self.original_visual} -> LLM input {self.llm_input_visual}, "
             f"layer average {[round(a, 2) for a in self.layer_average]}, stages {stages}, "
-            f"KV length per layer {self.kv_length})"
+            f"KV length per layer {self.kv_length}, {self.positions} positions)"
         )

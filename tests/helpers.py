@@ -121,3 +121,18 @@ def reference_nms_picks(saliency, features, k: int, tau: float, nms: bool = True
         if i not in kept:
             kept.append(i)
     return sorted(kept)
+
+
+def record(selector) -> list:
+    """Wrap ``selector.select`` on the instance; the list collects every stage's Selection (or indices)."""
+    calls = []
+    original = selector.select
+
+    def recording(ctx):
+        out = original(ctx)
+        calls.append(out)
+        return out
+
+    selector.select = recording
+    return calls
+

@@ -310,21 +310,23 @@ def test_dart_no_text():
 
 # -------------------------------------------------------------------------------- density_peak_merge
 def test_density_peak_hand():
-    # 1-D points 0, 1, 2, 50, 51, 53 (D = 1, so no scaling); knn = 2 nearest others
-    # mean sq. kNN distance: a0 (1+4)/2=2.5, a1 (1+1)/2=1, a2 2.5, a3 (1+9)/2=5, a4 (1+4)/2=2.5, a5 6.5
-    # density order: a1 > a0 > a2 > a4 (ties by index) > a3 > a5
-    # delta: a1 max dist 53; a0 1 (a1); a2 1 (a1); a4 49 (a2); a3 1 (a4); a5 2 (a4)
-    # rho*delta: a1 53e^-1=19.5, a4 49e^-2.5=4.0, a0 = a2 = e^-2.5 (tie), a3 e^-5, a5 2e^-6.5
+    # 1-D points 0, 1, 2, 50, 51, 53 (D = 1, so no scaling); the kNN density uses the C nearest
+    # tokens including the token itself (the authors' rule).
+    # C = 2: mean sq. distance (0 + nearest^2) / 2: 0.5 for a0..a4, 2 for a5 -> a0..a4 tie (lower
+    # index counts as denser). delta: a0 max 53; a1 1; a2 1; a3 48 (a2); a4 1; a5 2 (a4).
+    # rho*delta: a0 53e^-.5, a3 48e^-.5, then a1 = a2 = a4 = e^-.5 -> centres [a0, a3] in that order
     x = torch.tensor([0.0, 1, 2, 50, 51, 53])[None, :, None]
-    cen, ci, asg = density_peak_merge(x, full(6), torch.tensor([2]), knn=2)
-    assert ci.tolist() == [[1, 4]]
+    cen, ci, asg = density_peak_merge(x, full(6), torch.tensor([2]))
+    assert ci.tolist() == [[0, 3]]
     assert asg.tolist() == [[0, 0, 0, 1, 1, 1]]  # nearest centre
     assert torch.allclose(cen[0, :, 0], torch.tensor([1.0, 154 / 3]))
-    # 3 clusters: the third is the a0/a2 tie -> a0; a2 is closer to a1 (1) than to a0 (2)
-    cen, ci, asg = density_peak_merge(x, full(6), torch.tensor([3]), knn=2)
-    assert ci.tolist() == [[0, 1, 4]]
-    assert asg.tolist() == [[0, 1, 1, 2, 2, 2]]
-    assert torch.allclose(cen[0, :, 0], torch.tensor([0.0, 1.5, 154 / 3]))
+    # C = 3: (0 + two nearest^2) / 3: a0 5/3, a1 2/3, a2 5/3, a3 10/3, a4 5/3, a5 13/3.
+    # density a1 > a0 > a2 > a4 (ties by index) > a3 > a5; delta a1 53, a0 1, a2 1, a4 49, a3 1, a5 2
+    # rho*delta: a1 53e^-2/3, a4 49e^-5/3, a0 = a2 = e^-5/3 (tie -> a0): centres [a1, a4, a0]
+    cen, ci, asg = density_peak_merge(x, full(6), torch.tensor([3]))
+    assert ci.tolist() == [[1, 4, 0]]
+    assert asg.tolist() == [[2, 0, 0, 1, 1, 1]]  # a2 is closer to a1 (1) than to a0 (2)
+    assert torch.allclose(cen[0, :, 0], torch.tensor([1.5, 154 / 3, 0.0]))
 
 
 # ------------------------------------------------------------------------------------- VisionZip

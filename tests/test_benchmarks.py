@@ -34,3 +34,15 @@ def test_benchmark_runs_at_tiny_size(script, argv, monkeypatch, capsys):
     assert "pio" in out.lower() and "not installed" not in out
     if "--images" in argv:  # several images per prompt: LLaVA-NeXT-sized visual spans
         assert "3 x 16 visual tokens" in " ".join(out.split())
+
+
+def test_faithfulness_benchmark_runs_at_tiny_size(monkeypatch, capsys):
+    argv = ["--prompts", "1", "--budgets", "64", "--only", "sparsevlm_averages_llava15_7b", "dart_pivot_order",
+            "sparsevlm_plus_gravity_sign_distance"]
+    monkeypatch.setattr(sys, "argv", ["faithfulness.py", *argv])
+    try:
+        runpy.run_path(str(BENCH / "faithfulness.py"), run_name="__main__")
+    except SystemExit as done:
+        assert done.code in (0, None)
+    out = capsys.readouterr().out
+    assert '"printed": 64.81' in out and '"sparsevlm_plus_gravity_sign_distance": 1707' in out

@@ -246,6 +246,9 @@ def test_accuracy_benchmark_tiny(tmp_path):
     assert keep_all["fidelity"] == 1.0  # a session that prunes nothing changes nothing
     random64 = results["rows"]["random"]["64"]
     assert random64["layer_average"] == 64.0 and 0.0 <= random64["accuracy"] <= 1.0
+    for label in ("cdpruner", "vscan_encoder", "vscan", "pio_fvlm_ve", "pool"):  # vision-side rows run too
+        assert "error" not in results["rows"][label]["64"], results["rows"][label]
+    assert results["rows"]["vscan"]["64"]["layer_average"] == (2 * 64 + 2 * 21) / 4  # 64 in, a third after layer 2
     if "--plot" in cmd:
         assert (tmp_path / "acc.png").stat().st_size > 1000
 
@@ -315,6 +318,17 @@ def test_visualize_writes_png(tmp_path, capsys):
     assert image.width >= 5 * 336 and image.height > 336  # unpruned + 4 panels
     out = capsys.readouterr().out
     assert "pio_fvlm: answer" in out and "32 patches kept" in out
+
+
+def test_visualize_draws_the_vision_side_selectors(tmp_path, capsys):
+    from fvlm.cli import main
+
+    assert main(["visualize", "--sample", "3", "--selectors", "cdpruner", "vscan", "pool", "--keep", "64",
+                 "--out", str(tmp_path / "keep.png")]) == 0
+    out = capsys.readouterr().out
+    assert "cdpruner: answer" in out and "64 patches kept" in out  # cdpruner: 64 of 576 before the LLM
+    assert "vscan: answer" in out and "21 patches kept" in out  # 64 from the encoder, 21 after layer 2
+    assert "pool: answer" in out and "64 patches kept" in out  # 3 x 3 blocks: 8 x 8 anchors
 
 
 def test_stage_recorder_maps_multi_stage_selections(builtin_model):

@@ -23,6 +23,8 @@ from fvlm.lightning import BackboneSpec, EfficiencyMonitor, FVLMModule, Generati
 from fvlm.lightning.callbacks import merge_predictions
 from fvlm.metrics.scoring import read_jsonl
 from fvlm.selectors.basic import RandomSelector
+from fvlm import tiny_backbones
+from fvlm.adapters.llava import CLIP_IMAGE, CLIP_PATCH, LLAVA_NEXT_PINPOINTS, anyres_count
 from fvlm.tiny_backbones import tiny_processor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +87,7 @@ def _recipe_selectors(path: Path) -> list[str]:
 
 
 # -- tiny processors ----------------------------------------------------------------------------
-@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("family", tiny_backbones.families())
 def test_tiny_processor_matches_the_tiny_model(family, model_cache):
     """Placeholder counts written by the processor equal the vision tower's token counts."""
     from PIL import Image
@@ -106,8 +108,10 @@ def test_tiny_processor_matches_the_tiny_model(family, model_cache):
     elif family.startswith("qwen"):
         assert counts == [int(g.prod()) // 4 for g in inputs["image_grid_thw"][:1]] + [
             int(inputs["image_grid_thw"][1:].prod(dim=1).sum()) // 4]
-    else:  # LLaVA-NeXT: the model's own count for these sizes
-        assert counts[0] == testing._llava_next_count(*SIZES[0])[0]
+    else:  # LLaVA-NeXT / OneVision (any-res, the only image of its prompt): base tile + unpadded grid + newlines
+        side = CLIP_IMAGE // CLIP_PATCH
+        rows, cols, _ = anyres_count(*SIZES[0], LLAVA_NEXT_PINPOINTS, side, CLIP_IMAGE)
+        assert counts[0] == side * side + rows * cols + rows
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -204,7 +208,7 @@ def test_missing_and_corrupt_images_are_reported(tmp_path):
     data = make_data(tmp_path / "d", 6, missing={1}, corrupt={4}, multi={2})
     out = tmp_path / "run"
     assert fvlm_run("-c", TINY / "llava-reference.yaml", "--data.path", data, "--data.batch_size", 2,
-                    "--output", out, *QUIET) == 0
+                    "--output", out, *QUIET) == 3  # finished, but two samples have no answer
     records = {r["id"]: r for r in lines(out / "predictions.jsonl")}
     assert sorted(records) == [f"s{i:02d}" for i in range(6)]
     assert "FileNotFoundError" in records["s01"]["error"] and "nowhere.png" in records["s01"]["error"]
@@ -215,9 +219,10 @@ def test_missing_and_corrupt_images_are_reported(tmp_path):
     assert records["s02"]["efficiency"]["visual_tokens"] == 32  # two images
     summary = json.loads((out / "summary.json").read_text())
     assert summary["errors"] == 2 and {e["id"] for e in summary["error_samples"]} == {"s01", "s04"}
-    # errors are final: a re-run has nothing left to do and keeps them
-    assert fvlm_run("-c", TINY / "llava-reference.yaml", "--data.path", data, "--output", out, *QUIET) == 0
-    assert len(lines(out / "predictions.jsonl")) == 6
+    # a re-run retries the error lines (the images are still bad): one line per id, still exit 3
+    assert fvlm_run("-c", TINY / "llava-reference.yaml", "--data.path", data, "--output", out, *QUIET) == 3
+    again = {r["id"]: r for r in lines(out / "predictions.jsonl")}
+    assert sorted(again) == sorted(records) and "nowhere.png" in again["s01"]["error"]
 
 
 class FailingSelector(RandomSelector):
@@ -401,9 +406,9 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     ddp = subprocess.run([sys.executable, "-m", "fvlm.cli", *common, "--output", str(tmp_path / "ddp"),
                           "--trainer", str(ROOT / "recipes/fragments/trainer/ddp-cpu.yaml")],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 3, ddp.stderr[-3000:]  # finished; the sample with a missing image has no answer
     assert "GLOBAL_RANK: 1" in ddp.stdout + ddp.stderr  # really two processes
-    assert fvlm_run(*common[1:], "--output", tmp_path / "single") == 0
+    assert fvlm_run(*common[1:], "--output", tmp_path / "single") == 3
     merged = lines(tmp_path / "ddp/predictions.jsonl")
     single = lines(tmp_path / "single/predictions.jsonl")
     ids = [f"s{i:02d}" for i in range(7)]
@@ -413,3 +418,32 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     assert not list((tmp_path / "ddp/shards").glob("*.jsonl"))
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["samples"] == 7 and summary["errors"] == 1 and summary["missing"] == 0
+
+
+def test_backbone_spec_refuses_an_unsupported_checkpoint_before_loading(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=64).save_pretrained(tmp_path / "llama")  # no weights: loading them would fail
+    with pytest.raises(fvlm.UnsupportedModelError, match="no backbone adapter for LlamaConfig"):
+        BackboneSpec(str(tmp_path / "llama")).load()
+    with pytest.raises(fvlm.FVLMError, match="no such checkpoint folder: ./nowhere"):
+        BackboneSpec("./nowhere").check()
+
+
+@pytest.mark.parametrize("override,expected", [
+    (["--data.batch_size", "0"], "data.batch_size must be an int >= 1, got 0"),
+    (["--data.path", "nowhere.jsonl"], "data file 'nowhere.jsonl' does not exist"),
+    (["--data.path", "EMPTY"], "holds no records: nothing to run"),
+    (["--data.path", "NOID"], "record 1: every record needs an 'id'"),
+])
+def test_data_problems_are_recipe_errors_before_the_model_loads(tmp_path, capsys, monkeypatch, override, expected):
+    empty, noid = tmp_path / "empty.jsonl", tmp_path / "noid.jsonl"
+    empty.write_text("\n")
+    noid.write_text(json.dumps({"question": "Why?"}) + "\n")
+    override = [{"EMPTY": str(empty), "NOID": str(noid)}.get(a, a) for a in override]
+    loads = []
+    monkeypatch.setattr(BackboneSpec, "load", lambda self: loads.append(self))
+    assert fvlm_run("-c", TINY / "llava-reference.yaml", *override, "--output", tmp_path / "out") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert expected in err and not loads and not (tmp_path / "out").exists()

@@ -45,7 +45,8 @@ from fvlm.profiling.arch import text_arch, vision_arch
 from fvlm.profiling.flop_counter import measure_flops
 from fvlm.profiling.timing import PeakMemory, StepClock, measure_generate, time_prefill
 from fvlm.selectors.base import Stage
-from fvlm.testing import _llava_next_count, tiny_inputs
+from fvlm.adapters.llava import CLIP_IMAGE, CLIP_PATCH, LLAVA_NEXT_PINPOINTS, anyres_count
+from fvlm.testing import tiny_inputs
 
 
 # A small architecture whose numbers are easy to check by hand.
@@ -185,7 +186,8 @@ def test_full_flops_llava_next_tiles(model_cache):
     model = model_cache("llava_next")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2))
     measured, _ = _measured(model, inputs)
-    images = [{"tiles": _llava_next_count(*size)[1]} for size in inputs["image_sizes"].tolist()]
+    images = [{"tiles": anyres_count(*size, LLAVA_NEXT_PINPOINTS, CLIP_IMAGE // CLIP_PATCH, CLIP_IMAGE)[2]}
+              for size in inputs["image_sizes"].tolist()]
     assert measured.total == _analytic(model, inputs, images=images)
 
 
@@ -265,6 +267,13 @@ def test_visual_counts_and_layer_average():
     assert enc.llm_input == 96 and enc.layer_average == 64.0
     assert visual_counts([Stage("input", 0.25)], 4, 576).per_layer == (144,) * 4
     assert stage_count(0.001, 576) == 1 and stage_count(7, 576) == 7
+    # one rule for fractions: half to even (Python's round) or truncation (FastV's lmms-eval drop-in)
+    assert Stage(1, 0.5).count(torch.tensor([577, 579, 0])).tolist() == [288, 290, 0]
+    assert Stage(1, 0.5, rounding="floor").count(torch.tensor([577, 579])).tolist() == [288, 289]
+    assert [int(Stage(1, 0.25, r).count(7)) for r in ("round", "floor")] == [2, 1]
+    assert fvlm.create_selector("fastv", keep=0.5, rounding="floor").stages(None) == [Stage(2, 0.5, "floor")]
+    with pytest.raises(ValueError, match="rounding"):
+        Stage(1, 0.5, rounding="ceil")
     assert layer_average([1, 2, 3]) == 2
     with pytest.raises(ValueError, match="only 64 remain"):
         visual_counts([Stage("input", 64), Stage(2, 100)], 4, 576)

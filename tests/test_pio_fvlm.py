@@ -16,7 +16,8 @@ import fvlm
 from fvlm.adapters.base import ModelInfo
 from fvlm.selectors.pio_fvlm import AUTHORS_SCHEDULES, PIOFVLM
 from fvlm.selectors.schedules import layer_average
-from fvlm.testing import FAMILIES, image_token_id, tiny_inputs, tiny_model
+from fvlm.adapters.tiny import family_of, spec_for
+from fvlm.testing import FAMILIES, image_token_id, tiny_batch, tiny_inputs, tiny_model
 
 IMPLS = ("eager", "sdpa")
 
@@ -51,8 +52,9 @@ def _prefill(model, selector, inputs):
 
 
 # ------------------------------------------------------------------ saliency vs. independent reference
-def _hand_loss(model, layer_index, x, k_last=4, labels=None):
-    """The spec's proxy loss written from scratch on an unpadded batch-1 LLaVA sequence."""
+def _hand_loss(model, layer_index, x, k_last=4, labels=None, head="lm_head"):
+    """The spec's proxy loss written from scratch on an unpadded batch-1 LLaVA sequence (``head``:
+    the LM head, or the input-embedding matrix as the authors' Qwen code uses it)."""
     lm = model.model.language_model
     length = x.shape[1]
     pos = torch.arange(length)[None]
@@ -60,7 +62,9 @@ def _hand_loss(model, layer_index, x, k_last=4, labels=None):
     mask = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)[None, None]
     y = lm.layers[layer_index](x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
     y = y[0] if isinstance(y, tuple) else y
-    logits = model.lm_head(lm.norm(y)).to(torch.promote_types(x.dtype, torch.float32))
+    normed = lm.norm(y)
+    logits = model.lm_head(normed) if head == "lm_head" else normed @ lm.embed_tokens.weight.T
+    logits = logits.to(torch.promote_types(x.dtype, torch.float32))
     rows = logits[0, length - 1 - k_last : length - 1]  # shifted: positions S-5..S-2 for K=4
     labels = rows.detach().argmax(-1) if labels is None else labels
     return F.cross_entropy(rows, labels), labels
@@ -79,19 +83,20 @@ def _layer_output(model, inputs, layer_index):
 
 
 @pytest.mark.parametrize("attn", IMPLS)
-@pytest.mark.parametrize("proxy_block", ["next", "current"])
-def test_saliency_equals_hand_written_proxy_gradient(model_cache, attn, proxy_block):
+@pytest.mark.parametrize("proxy_block,proxy_head", [("next", "lm_head"), ("current", "lm_head"), ("current", "embed")])
+def test_saliency_equals_hand_written_proxy_gradient(model_cache, attn, proxy_block, proxy_head):
     model = model_cache("llava", attn)
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight  # untied: heads differ
     inputs = tiny_inputs(model, images_per_prompt=(2,))
     stage = 2
     hidden = _layer_output(model, inputs, stage - 1)  # output of the first `stage` layers, unpruned
-    rec = Recorder(layers=[stage], keep=[10], proxy_block=proxy_block)
+    rec = Recorder(layers=[stage], keep=[10], proxy_block=proxy_block, proxy_head=proxy_head)
     _prefill(model, rec, inputs)
     torch.testing.assert_close(rec.records[0]["hidden"], hidden, atol=1e-5, rtol=1e-5)
 
     x = hidden.clone().requires_grad_(True)
     with torch.enable_grad():
-        loss, _ = _hand_loss(model, stage if proxy_block == "next" else stage - 1, x)
+        loss, _ = _hand_loss(model, stage if proxy_block == "next" else stage - 1, x, head=proxy_head)
         (grad,) = torch.autograd.grad(loss, x)
     visual = (inputs["input_ids"][0] == image_token_id(model)).nonzero().flatten()
     expected = grad[0, visual].norm(dim=-1)
@@ -208,23 +213,15 @@ def test_loss_rows_are_the_k_valid_tokens_before_the_last():
 
 
 # --------------------------------------------------------- batch with padding == each sample alone
-def _sample(model, family, inputs, images_per_prompt, b):
-    """Sample ``b`` of a ``tiny_inputs`` batch, unpadded, as its own batch of one."""
+def _sample(model, inputs, prompts, b):
+    """Sample ``b`` of a ``tiny_batch`` batch, unpadded, as its own batch of one (its images collated
+    by the family's tiny spec)."""
+    spec = spec_for(family_of(model))
     keep = inputs["attention_mask"][b].bool()
-    out = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long)}
-    first, count = sum(images_per_prompt[:b]), images_per_prompt[b]
-    if family == "llava":
-        out["pixel_values"] = inputs["pixel_values"][first : first + count]
-    elif family == "llava_next":
-        out["pixel_values"] = inputs["pixel_values"][first : first + count]
-        out["image_sizes"] = inputs["image_sizes"][first : first + count]
-    else:
-        grid = inputs["image_grid_thw"]
-        patches = grid.prod(dim=1).cumsum(0).tolist()
-        start = ([0] + patches)[first]
-        out["pixel_values"] = inputs["pixel_values"][start : patches[first + count - 1]]
-        out["image_grid_thw"] = grid[first : first + count]
-        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][b : b + 1, keep]
+    ids = inputs["input_ids"][b : b + 1, keep]
+    out = {"input_ids": ids, "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long), **spec.extra_inputs(ids)}
+    if prompts[b]:
+        out.update(spec.collate([prompts[b]], model.dtype))
     return out
 
 
@@ -235,13 +232,13 @@ def _sample(model, family, inputs, images_per_prompt, b):
 ])
 def test_batched_saliency_equals_each_sample_alone(model_cache, family, attn, images):
     model = model_cache(family, attn)
-    inputs = tiny_inputs(model, images_per_prompt=images, padding_side="left")
+    inputs, prompts = tiny_batch(model, images_per_prompt=images, padding_side="left")
     assert not bool(inputs["attention_mask"].all())  # someone is padded
     batched = Recorder(layers=[1, 2], keep_fraction=[0.5, 0.25])
     _prefill(model, batched, inputs)
     for b in range(len(images)):
         alone = Recorder(layers=[1, 2], keep_fraction=[0.5, 0.25])
-        _prefill(model, alone, _sample(model, family, inputs, images, b))
+        _prefill(model, alone, _sample(model, inputs, prompts, b))
         for rb, ra in zip(batched.records, alone.records, strict=True):
             n = int(ra["visual_valid"][0].sum())
             assert int(rb["visual_valid"][b].sum()) == n
@@ -345,31 +342,42 @@ def test_keep_and_keep_fraction_schedules():
     assert [(s.where, s.keep) for s in sel.stages(_info())] == [(2, 0.5), (8, 0.25)]
     assert sel.counts(_info(), 576) == [288, 144]
     assert PIOFVLM(layers=[2], keep_fraction=[1]).stages(_info())[0].keep == 1.0  # an int 1 still means all
+    # keep_ratio: of the count entering each stage, truncated (the authors' Qwen rule)
+    sel = PIOFVLM(layers=[2, 8], keep_ratio=[0.5, 0.333])
+    assert [(s.where, s.keep, s.rounding) for s in sel.stages(_info())] == [(2, 0.5, "floor"), (8, 0.333, "floor")]
+    assert sel.counts(_info(), 576) == [288, 95]  # int(0.333 * 288) = 95
+    stage = sel.stages(_info())[1]
+    assert sel.keep_count(stage, torch.tensor([216, 1, 0]), torch.tensor([1296] * 3), torch.tensor([1] * 3)).tolist() == [71, 1, 0]
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
+@pytest.mark.parametrize("kwargs,error,match", [  # every constructor check raises SelectorArgumentError
     (dict(keep=[200, 100, 50], average=64), ValueError, "only one of"),
     (dict(keep=[200, 100, 50], keep_fraction=[0.5, 0.2, 0.1]), ValueError, "only one of"),
-    (dict(keep=[200, 100]), fvlm.BudgetError, "2 entries for 3 stages"),
-    (dict(keep=[100, 200, 50]), fvlm.BudgetError, "must not increase"),
-    (dict(keep=[100, 50, 0]), fvlm.BudgetError, ">= 1"),
-    (dict(keep_fraction=[0.5, 0.6, 0.1]), fvlm.BudgetError, "must not increase"),
-    (dict(keep_fraction=[1.5, 0.6, 0.1]), fvlm.BudgetError, r"\(0, 1\]"),
+    (dict(keep=[200, 100]), fvlm.SelectorArgumentError, "2 entries for 3 stages"),
+    (dict(keep=[100, 200, 50]), fvlm.SelectorArgumentError, "must not increase"),
+    (dict(keep=[100, 50, 0]), fvlm.SelectorArgumentError, ">= 1"),
+    (dict(keep_fraction=[0.5, 0.6, 0.1]), fvlm.SelectorArgumentError, "must not increase"),
+    (dict(keep_fraction=[1.5, 0.6, 0.1]), fvlm.SelectorArgumentError, r"\(0, 1\]"),
     (dict(layers=[1, 10, 10]), ValueError, "strictly increasing"),
     (dict(layers=[0, 10, 15]), ValueError, ">= 1"),
     (dict(layers=[]), ValueError, "at least one"),
-    (dict(average=600), fvlm.BudgetError, "exceeds the assumed input"),
-    (dict(average=-1), fvlm.BudgetError, "> 0"),
+    (dict(average=600), fvlm.SelectorArgumentError, "exceeds the assumed input"),
+    (dict(average=-1), fvlm.SelectorArgumentError, "> 0"),
     (dict(k_last=0), ValueError, "k_last"),
     (dict(tau=1.5), ValueError, "tau"),
     (dict(proxy_block="previous"), ValueError, "proxy_block"),
     (dict(head_rows="some"), ValueError, "head_rows"),
+    (dict(proxy_head="lm"), ValueError, "proxy_head"),
+    (dict(keep_ratio=[0.5, 0.5]), fvlm.SelectorArgumentError, "2 entries for 3 stages"),
+    (dict(keep_ratio=[0.5, 1.5, 0.5]), fvlm.SelectorArgumentError, r"\(0, 1\]"),
+    (dict(keep=[200, 100, 50], keep_ratio=[0.5, 0.5, 0.5]), ValueError, "only one of"),
     (dict(keep="218"), TypeError, "must be a list"),
     (dict(average=True), TypeError, "finite number"),
 ])
 def test_bad_arguments_raise(kwargs, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as exc:
         PIOFVLM(**kwargs)
+    assert isinstance(exc.value, fvlm.SelectorArgumentError)
 
 
 def test_unreachable_average_raises_at_schedule_time():

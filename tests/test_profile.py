@@ -119,11 +119,18 @@ def test_profile_rows_analytic():
 
 def test_profile_errors(capsys):
     code, out = _profile(capsys, "--model", "llava-99b")
-    assert code == 1 and "unknown model 'llava-99b'" in out
+    assert code == 2 and "unknown model 'llava-99b'" in out  # usage errors exit 2
     code, out = _profile(capsys, "--budget", "64")
-    assert code == 1 and "--budget needs at least one --selector" in out
+    assert code == 2 and "--budget needs at least one --selector" in out
     code, out = _profile(capsys, "--schedule", "1:700")
-    assert code == 1 and "keeps 700 visual tokens but only 576 remain" in out
+    assert code == 2 and "keeps 700 visual tokens but only 576 remain" in out
+
+
+def test_profile_refuses_a_layer_average_out_of_a_selectors_reach(capsys):
+    code, out = _profile(capsys, "--selector", "fastv", "--budget", "10")  # layers 0-1 alone average 36
+    assert code == 2 and "cannot reach a layer average of 10 through 'keep': the nearest it gets is 36.9" in out
+    code, out = _profile(capsys, "--selector", "random", "--budget", "0")
+    assert code == 2 and "outside (0, 576]" in out
 
 
 def test_profile_plot(capsys, tmp_path):
@@ -153,19 +160,23 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
 def test_shipped_configs_are_the_real_architectures():
     """Built on the meta device (no weights, no memory): parameter counts of the released models, and
     ModelInfo from the registered adapter as at run time."""
-    assert {"llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b"} <= set(shipped_models())
+    assert {"llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b"} <= set(shipped_models())
     params = {}
-    for name in ("llava-1.5-7b", "qwen2.5-vl-7b"):
+    for name in ("llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b"):
         model = build_meta_model(load_architecture(name))
         params[name] = sum(p.numel() for p in model.parameters())
         assert all(p.device.type == "meta" for p in model.parameters())
     assert round(params["llava-1.5-7b"] / 1e9, 2) == 7.06
     assert round(params["qwen2.5-vl-7b"] / 1e9, 2) == 8.29
+    assert round(params["qwen3-vl-8b"] / 1e9, 2) == 8.77  # the published parameter counts
+    assert round(params["llava-onevision-7b"] / 1e9, 2) == 8.03
+    info = model_info(load_architecture("qwen3-vl-8b"))
+    assert (info.family, info.num_layers, info.num_kv_heads, info.head_dim, info.mrope) == ("qwen3_vl", 36, 8, 128, True)
     info = model_info(load_architecture("qwen2.5-vl-7b"))
     assert (info.family, info.num_layers, info.num_kv_heads, info.head_dim, info.mrope) == ("qwen2_5_vl", 28, 4, 128, True)
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-7b", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b"])
 def test_meta_device_check_matches_the_analytic_counts(name):
     """The real 7B transformers model on the meta device: torch's FLOP formulas and the real
     DynamicCache agree exactly with the full-convention count and the analytic KV bytes."""
@@ -174,5 +185,7 @@ def test_meta_device_check_matches_the_analytic_counts(name):
         if result[key] is not None:
             measured, analytic_value = result[key]
             assert measured == analytic_value, key
-    assert result["kv_bytes"][0] == (318 * MIB if name == "llava-1.5-7b" else 636 * 57344)
+    kv = {"llava-1.5-7b": 318 * MIB, "qwen2.5-vl-7b": 636 * 57344,  # bytes per token x tokens
+          "qwen3-vl-8b": 636 * 36 * 2 * 8 * 128 * 2, "llava-onevision-7b": 3759 * 28 * 2 * 4 * 128 * 2}
+    assert result["kv_bytes"][0] == kv[name]
     assert (result["vision"] is None) == name.startswith("qwen")

@@ -165,3 +165,76 @@ def test_fvlm_command_line_dispatches_run(capsys):
 def test_default_output_folder():
     _, cfg, _, _ = run_cmd.parse(["-c", str(TINY / "llava-random.yaml")])
     assert run_cmd._default_output(cfg) == str(Path("outputs") / "llava-random" / "vqa")
+
+
+@pytest.mark.parametrize("selector,key", [
+    ("{name: random, args: {keep: -5}}", "`keep`"),
+    ("{name: random, args: {keep: 16.5}}", "`keep`"),
+    ("{name: random, args: {keep: 0.0}}", "`keep`"),
+    ("{name: random, args: {keep: 0}}", "`keep`"),  # would silently remove every visual token
+    ("{name: fastv, args: {keep: abc}}", "`keep`"),
+    ("{name: visionzip, args: {dominant: -4}}", "`dominant` must be an int >= 1; got -4"),  # it counts the CLS token
+    ("{class_path: fvlm.selectors.basic.RandomSelector, init_args: {keep: -5}}", "`keep`"),
+])
+def test_bad_selector_arguments_fail_when_the_recipe_is_parsed(selector, key, capsys):
+    """Exit 2 with one line naming the parameter and its allowed range, before anything loads."""
+    code, out, err = _main(["-c", str(TINY / "llava-reference.yaml"), "--model.selector", selector], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and key in err, err
+    if "keep" in key:
+        assert "an int count >= 1, or a float fraction in (0, 1]" in err
+
+
+def test_trust_remote_code_is_off_by_default(capsys):
+    code, out, err = _main(["-c", str(TINY / "llava-reference.yaml"), "--print_config"], capsys)
+    assert code == 0 and yaml.safe_load(out)["model"]["backbone"]["trust_remote_code"] is False and err == ""
+
+
+def test_keep_one_in_a_recipe_is_pointed_out(capsys):
+    base = ["-c", str(TINY / "llava-reference.yaml"), "--print_config"]
+    code, _, err = _main([*base, "--model.selector", "{name: random, args: {keep: 1}}"], capsys)
+    assert code == 0 and "keep: 1 keeps ONE visual token per sample" in " ".join(err.split())
+    code, out, err = _main([*base, "--model.selector", "{name: random, args: {keep: 1.0}}"], capsys)
+    assert code == 0 and err == "" and yaml.safe_load(out)["model"]["selector"]["args"]["keep"] == 1.0
+
+
+def _recipe(path: str):
+    _, cfg, selector, _ = run_cmd.parse(["-c", str(RECIPES / path)])
+    return cfg, selector, (RECIPES / path).read_text()
+
+
+def test_cdpruner_vscan_and_pool_recipes_state_the_papers_settings():
+    from fvlm.profiling import load_architecture, profile_stages
+    from fvlm.selectors.cdpruner import CDPruner
+    from fvlm.selectors.pio_fvlm import PIOFVLM
+    from fvlm.selectors.vscan import VScan, VScanEncoder
+
+    arch = load_architecture("llava-1.5-7b")
+    for k in (192, 128, 64, 32):
+        cfg, sel, _ = _recipe(f"llava-1.5-7b/cdpruner-{k}.yaml")
+        assert isinstance(sel, CDPruner) and sel.keep == k and sel.text_model == "openai/clip-vit-large-patch14-336"
+        assert sel.relevance_source == "auto" and cfg.model.positions is None and sel.positions == "compact"
+    schedules = {64: (96, 32, False), 128: (192, 64, True), 192: (288, 96, True)}
+    for avg, (encoder, keep, guess) in schedules.items():
+        cfg, sel, text = _recipe(f"llava-1.5-7b/vscan-{avg}.yaml")
+        assert isinstance(sel, VScan) and (sel.encoder_keep, sel.layer, sel.keep) == (encoder, 16, keep)
+        assert sel.positions == "compact" and ("GUESS" in text) == guess
+        assert profile_stages(arch, sel.stages(arch.info()), label="x").layer_average == avg
+        cfg, sel, text = _recipe(f"llava-1.5-7b/pio_fvlm_encoder-{avg}.yaml")
+        first, second = sel.selectors
+        assert isinstance(first, VScanEncoder) and first.keep == encoder and first.local_layer is None
+        assert isinstance(second, PIOFVLM) and second.layers == [16] and second.keep == [keep]
+        assert sel.positions == "compact" and ("GUESS" in text) == guess
+        assert profile_stages(arch, sel.stages(arch.info()), label="x").layer_average == avg
+    for count, stride in ((144, 2), (64, 3)):
+        cfg, sel, _ = _recipe(f"llava-1.5-7b/pool-{count}.yaml")
+        assert sel.stride == stride and sel.stages(arch.info())[0].keep == count
+    for total, k in ((640, 128), (320, 64), (160, 32)):
+        cfg, sel, _ = _recipe(f"llava-next-7b/cdpruner-{total}.yaml")
+        assert sel.keep == k and sel.positions == "compact"
+    for k in (512, 256, 128):
+        cfg, sel, text = _recipe(f"qwen2.5-vl-7b/cdpruner-{k}.yaml")
+        assert sel.keep == k and sel.relevance_source == "auto" and cfg.model.positions is None
+        assert "NOT A REPRODUCTION" in text
+    cfg, sel, _ = _recipe("qwen2.5-vl-7b/vscan-11pct.yaml")
+    assert (sel.encoder_keep, sel.layer, sel.keep) == (0.167, 14, 0.333) and cfg.model.positions is None

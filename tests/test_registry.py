@@ -101,7 +101,7 @@ def test_glob_patterns(fake):
     assert registry.list_selectors("uni_*") == ["uni_a", "uni_b"]
     assert "other" not in registry.list_selectors("*_?")
     assert registry.list_selectors("nothing*") == []
-    assert registry.list_adapters("llava*") == ["llava", "llava_next"]
+    assert registry.list_adapters("llava*") == ["llava", "llava_next", "llava_onevision"]
 
 
 def test_listing_imports_nothing(fake):
@@ -217,7 +217,7 @@ def test_cli_info_and_errors(fake, wide, capsys):
     out = capsys.readouterr().out
     assert "fvlm_fake_info.Tiny" in out and "A tiny test selector." in out and "fake-info 1.0" in out
     assert "keep" in out and "seed" in out
-    assert main(["info", "tinyy"]) == 1
+    assert main(["info", "tinyy"]) == 2  # an unknown name is a usage error
     assert "Did you mean 'tiny'" in capsys.readouterr().err
     assert main(["list", "--adapters"]) == 0
     assert "qwen2_5_vl" in capsys.readouterr().out

@@ -27,7 +27,7 @@ from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 from fvlm.selectors.dart import DART
 from fvlm.selectors.fastv import FastV
 from fvlm.selectors.schedules import layer_average
-from fvlm.selectors.sparsevlm import SparseVLM, recycle_split
+from fvlm.selectors.sparsevlm import SparseVLM, recycled_clusters
 from fvlm.testing import FAMILIES, image_token_id, tiny_inputs
 from helpers import greedy_without_cache
 
@@ -119,7 +119,7 @@ def _sparsevlm_input_ctx(sel):
 
 
 def test_sparsevlm_raters_and_scores_follow_text_positions_across_stages():
-    sel = SparseVLM(schedule=[(1, 2), (2, 1)])
+    sel = SparseVLM(schedule=[(1, 2), (2, 1)], recycle=False)
     assert [s.where for s in sel.stages(INFO)] == ["input", 1, 2]
     ctx0 = _sparsevlm_input_ctx(sel)
     assert as_indices(sel.select(ctx0)) == [[0, 1, 2], [0, 1, 2]]  # the input stage keeps everything
@@ -149,10 +149,18 @@ def test_sparsevlm_raters_and_scores_follow_text_positions_across_stages():
 
 
 def test_sparsevlm_configuration():
-    assert [(s.where, s.keep) for s in SparseVLM().stages(INFO)] == [("input", 1.0), (2, 300), (6, 200), (15, 110)]
+    # the authors' pruning_loc [2, 6, 15] are 0-based layers whose output is pruned: after 3, 7, 16 layers
+    assert [(s.where, s.keep) for s in SparseVLM().stages(INFO)] == [("input", 1.0), (3, 300), (7, 200), (16, 110)]
     assert [s.keep for s in SparseVLM(budget=128).stages(INFO)][1:] == [303, 110, 36]
     assert [s.keep for s in SparseVLM(budget=96).stages(INFO)][1:] == [238, 48, 26]
     assert [s.keep for s in SparseVLM(budget=64, layers=(1, 2, 3)).stages(INFO)] == [1.0, 66, 30, 17]
+    plus = SparseVLM(budget=128, version="v2.0")
+    assert [s.keep for s in plus.stages(INFO)][1:] == [238, 108, 60]
+    assert (plus.recycle, plus.positions, SparseVLM().recycle, SparseVLM().positions) == (False, "original", True, "compact")
+    with pytest.raises(ValueError, match="recycling"):
+        SparseVLM(version=2.0, recycle=True)
+    with pytest.raises(ValueError, match="version"):
+        SparseVLM(version="v3")
     with pytest.raises(ValueError, match="schedule="):
         SparseVLM(budget=100)
     with pytest.raises(ValueError, match="increasing"):
@@ -162,21 +170,23 @@ def test_sparsevlm_configuration():
         sel.select(make_ctx(sel, Stage(1, 1), ["tvt"], adapter=StubAdapter(torch.ones(1, 1, 3, 3))))
 
 
-def test_recycle_split_keeps_budgets_exact():
-    # kept=10: 30 deleted -> 9 recycled -> 1 cluster: 11 > 10; kept=9: 31 -> 9 -> 1: 9 + 1 = 10
-    assert recycle_split(40, 10) == (9, 9, 1)
-    assert recycle_split(16, 8) == (7, 2, 1)  # 9 deleted -> 2 recycled -> 1 cluster
-    assert recycle_split(200, 50) == (45, 46, 5)  # 155 deleted -> 46 -> 46 // 10 + 1 = 5
-    assert recycle_split(100, 1) == (0, 30, 1)  # even kept=0 wants 4 clusters: capped at the budget
-    assert recycle_split(10, 10) == (10, 0, 0)  # nothing deleted, nothing recycled
-    assert recycle_split(12, 0) == (0, 0, 0)
-    for n in range(0, 60):
-        for k in range(0, n + 1):
-            kept, recycled, clusters = recycle_split(n, k)
-            assert kept + clusters == k and clusters <= recycled <= n - kept
+def test_recycled_clusters_follow_the_authors_arithmetic():
+    deleted = torch.tensor([0, 1, 2, 9, 10, 276, 109, 94, 510, 52, 15])
+    recycled, clusters = recycled_clusters(deleted)
+    assert recycled.tolist() == [int(0.3 * d) + 1 if d else 0 for d in deleted.tolist()]
+    assert clusters.tolist() == [int(m / 10) + 1 if m else 0 for m in recycled.tolist()]
+    # LLaVA-1.5 "192": 576 -> 300 (+9) -> 200 (+4) -> 110 (+3); "64": 66 (+16) -> 30 (+2) -> 17 (+1)
+    assert clusters[5:].tolist() == [9, 4, 3, 16, 2, 1]
+    sel = SparseVLM(budget=192)
+    counts, n = [], torch.tensor([576])
+    for stage in sel.stages(INFO)[1:]:
+        n = sel.keep_count(stage, n, torch.tensor([576]), torch.tensor([1]))
+        counts.append(int(n))
+    assert counts == [309, 204, 113]
+    assert int(sel.keep_count(Stage(3, 300), torch.tensor([300]), torch.tensor([576]), torch.tensor([1]))) == 299 + 1
 
 
-def test_sparsevlm_recycling_merges_the_best_deleted_tokens_into_their_centre():
+def test_sparsevlm_recycling_appends_merged_best_deleted_tokens():
     sel = SparseVLM(schedule=[(1, 8)], recycle=True)
     layout = ["t" + "v" * 16 + "tt"]
     ctx0 = make_ctx(sel, Stage("input", 1.0), layout, hidden=torch.randn(1, 19, 2), stage_index=0)
@@ -184,13 +194,15 @@ def test_sparsevlm_recycling_merges_the_best_deleted_tokens_into_their_centre():
     attn = torch.zeros(1, 2, 19, 19)
     attn[..., 1:17] = torch.arange(1, 17).float() / 100  # every row: score grows with the index
     hidden = torch.randn(1, 19, 2)
-    ctx = make_ctx(sel, Stage(1, 8), layout, hidden=hidden, adapter=StubAdapter(attn))
+    ctx = make_ctx(sel, Stage(1, 8), layout, hidden=hidden, adapter=StubAdapter(attn), budget=[9])
     out = sel.select(ctx)
-    # 16 visual, budget 8 -> kept 7 (9..15), 9 deleted, top 30% = 2 recycled (7, 8), 1 cluster
-    idx = out.indices[0].tolist()
-    assert len(idx) == 8 and idx[1:] == list(range(9, 16)) and idx[0] in (7, 8)
-    torch.testing.assert_close(out.embeddings[0, 1:], hidden[0, 10:17])  # kept tokens unchanged
-    torch.testing.assert_close(out.embeddings[0, 0], hidden[0, 8:10].mean(0))  # mean of tokens 7, 8
+    # 16 visual, keep 8 (8..15); 8 deleted -> int(2.4) + 1 = 3 recycled (7, 6, 5) -> 1 cluster,
+    # appended after the kept tokens and carried by its centre (one of the recycled tokens)
+    idx = [i for i in out.indices[0].tolist() if i >= 0]
+    assert len(idx) == 9 and idx[:8] == list(range(8, 16)) and idx[8] in (5, 6, 7)
+    emb = out.embeddings[0, out.indices[0] >= 0]
+    torch.testing.assert_close(emb[:8], hidden[0, 9:17])  # kept tokens unchanged
+    torch.testing.assert_close(emb[8], hidden[0, 6:9].mean(0))  # mean of tokens 5, 6, 7
 
 
 def test_dart_pivots_and_lowest_similarity_picks():
@@ -298,28 +310,29 @@ def test_fastv_on_sdpa_equals_eager_attention_maps(model_cache, family, k):
 def test_sparsevlm_on_sdpa_equals_eager_attention_maps(model_cache, family):
     inputs, attentions, embeds = eager_reference(model_cache, family)
     eager = model_cache(family, "eager")
-    # the first in-LLM stage keeps every token, so layer 2's maps are those of the unpruned run
-    sel = SparseVLM(schedule=[(1, 1.0), (3, 5)])
-    picks, scores = record(sel), record(sel, "score")
-    model = model_cache(family, "sdpa")
-    with fvlm.prune(model, sel), torch.no_grad():
-        model(**inputs)
-    for b in range(2):
-        vis, text, _ = layout(eager, inputs, b)
-        rel = torch.softmax(embeds[b, vis] @ embeds[b, text].T, dim=-1).mean(0)  # spec, per sample
-        raters = [t for t, r in zip(text, rel.tolist()) if r > rel.mean()]
-        raters = raters or text  # documented fallback (llava's sample 0 has one text token after the image)
-        for stage, layer in ((0, 1), (1, 3)):
+    # one in-LLM stage: its layer's maps are those of the unpruned run (a stage after `layer` layers
+    # scores with the attention of layer index `layer - 1`, the layer that just ran)
+    for layer in (1, 3):
+        sel = SparseVLM(schedule=[(layer, 5)], recycle=False)
+        picks, scores = record(sel), record(sel, "score")
+        model = model_cache(family, "sdpa")
+        with fvlm.prune(model, sel), torch.no_grad():
+            model(**inputs)
+        for b in range(2):
+            vis, text, _ = layout(eager, inputs, b)
+            rel = torch.softmax(embeds[b, vis] @ embeds[b, text].T, dim=-1).mean(0)  # spec, per sample
+            raters = [t for t, r in zip(text, rel.tolist()) if r > rel.mean()]
+            raters = raters or text  # documented fallback (llava's sample 0 has one text token after the image)
             expected = attentions[layer - 1][b][:, raters][:, :, vis].mean(0).mean(0)
-            torch.testing.assert_close(scores[stage][b, : len(vis)], expected, atol=1e-5, rtol=1e-4)
-        assert as_indices(picks[2])[b] == top_k(expected.tolist(), 5)
+            torch.testing.assert_close(scores[0][b, : len(vis)], expected, atol=1e-5, rtol=1e-4)
+            assert as_indices(picks[1])[b] == top_k(expected.tolist(), 5)
 
 
 # ------------------------------------------------------------------------------ end to end
 CONFIGS = {
     "fastv": lambda: FastV(k=2, keep=6),
     "fastv_frac": lambda: FastV(k=1, keep=0.25),
-    "sparsevlm": lambda: SparseVLM(schedule=[(1, 12), (2, 8), (3, 4)]),
+    "sparsevlm": lambda: SparseVLM(schedule=[(1, 12), (2, 8), (3, 4)], recycle=False),
     "sparsevlm_recycle": lambda: SparseVLM(schedule=[(1, 12), (2, 7)], recycle=True),
     "dart": lambda: DART(layer=2, keep=8),
     "dart_authors": lambda: DART(layer=1, keep=8, pivots_visual=2, pivots_text=2, exact_budget=False),
@@ -333,8 +346,10 @@ def expected_counts(name, original):
         return [original] + [round(original * 0.25)] * 3
     if name == "sparsevlm":
         return [original, 12, 8, 4]
-    if name == "sparsevlm_recycle":
-        return [original, 12, 7, 7]
+    if name == "sparsevlm_recycle":  # the authors' recycling adds int(int(0.3 * deleted) + 1) / 10) + 1
+        first = 12 + int(recycled_clusters(original - 12)[1])
+        second = 7 + int(recycled_clusters(first - 7)[1])
+        return [original, first, second, second]
     if name == "dart":
         return [original, original, 8, 8]
     return [original, 10, 10, 10]  # 2 pivots + 4 * (8 // 4)
@@ -364,9 +379,13 @@ class Replay(TokenSelector):
 
     def __init__(self, inner):
         self.inner, self.recorded = inner, {}
+        self.positions = inner.positions  # the inner method's policy (SparseVLM v1.5: compact)
 
     def stages(self, info):
         return self.inner.stages(info)
+
+    def keep_count(self, stage, current, original, images):
+        return self.inner.keep_count(stage, current, original, images)
 
     def select(self, ctx):
         if ctx.stage_index not in self.recorded:
@@ -398,15 +417,18 @@ def test_sparsevlm_trace_layer_average_matches_schedule(model_cache):
     model = model_cache("llava", "sdpa", 16)
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
     schedule = [(2, 12), (6, 8), (15, 4)]
-    with fvlm.prune(model, SparseVLM(schedule=schedule)) as session, torch.no_grad():
+    with fvlm.prune(model, SparseVLM(schedule=schedule, recycle=False)) as session, torch.no_grad():
         model(**inputs)
     trace = session.trace
     assert trace.layer_average == [layer_average(schedule, 16, n) for n in trace.original_visual]
     assert [s.where for s in trace.stages] == ["input", 2, 6, 15]
     assert trace.stages[0].budget == trace.original_visual  # the rater stage keeps everything
-    with pytest.raises(fvlm.BudgetError, match="66"):  # v1.5's 64-token schedule needs >= 66 tokens
-        with fvlm.prune(model, "sparsevlm", budget=64), torch.no_grad():
-            model(**inputs)
+    with pytest.raises(fvlm.FVLMError, match="out of range"):  # the default stages need 17 layers
+        fvlm.prune(model, "sparsevlm", budget=64)
+    # the authors cap every stage at one below the current count: v1.5's "64" keeps 66 -> 15 of 16 here
+    with fvlm.prune(model, "sparsevlm", budget=64, layers=(2, 6, 15), recycle=False) as session, torch.no_grad():
+        model(**inputs)
+    assert [row[2] for row in session.trace.visual_per_layer] == [n - 1 for n in session.trace.original_visual]
 
 
 def test_prompt_without_image_is_left_alone(model_cache):
@@ -420,3 +442,14 @@ def test_prompt_without_image_is_left_alone(model_cache):
         assert torch.equal(out[0], reference[0]), name
         assert session.trace.visual_per_layer[0] == [0, 0, 0, 0]
         assert session.trace.visual_per_layer[1] == expected_counts(name, 16), name
+
+
+def test_budget_spelling_one_is_one_token_and_one_point_zero_is_all():
+    from fvlm.selectors.arguments import check_keep
+
+    assert FastV(keep=1).stages(INFO) == [Stage(2, 1)]  # an int is a count: one token
+    assert FastV(keep=1.0).stages(INFO) == [Stage(2, 1.0)]  # a float is a fraction: every token
+    assert check_keep("x", 2) == 2 and check_keep("x", 0.25) == 0.25
+    for bad in (0, 0.0, -1, 1.5, float("nan"), "1", None):
+        with pytest.raises(fvlm.SelectorArgumentError, match=r"`keep` must be an int count >= 1, or a float fraction in \(0, 1\]"):
+            check_keep("x", bad)

@@ -6,35 +6,14 @@ import torch
 
 import fvlm
 from fvlm.selectors.algorithms import max_min_diversity
-from fvlm.testing import tiny_inputs, tiny_model
-
-
-def _record(selector):
-    calls = []
-    original = selector.select
-
-    def recording(ctx):
-        out = original(ctx)
-        calls.append(out)
-        return out
-
-    selector.select = recording
-    return calls
-
-
-def _lm_input(model, inputs):
-    seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen["inputs_embeds"]
+from fvlm.testing import llm_input_embeddings, tiny_inputs, tiny_model
+from helpers import record as _record
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_visionzip_matches_eager_attention_maps(attn):
+    """Per image: CLS + the top dominant-1 patches, contextual targets over the rest, and the LLM input
+    [proj(CLS), dominant (spatial order), contextual (target order)], as the authors' code builds it."""
     dominant, contextual = 5, 3
     eager = tiny_model("llava", attn_implementation="eager")
     model = tiny_model("llava", attn_implementation=attn)  # same weights (same seed)
@@ -43,41 +22,44 @@ def test_visionzip_matches_eager_attention_maps(attn):
     with torch.no_grad():
         vis = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
     cls_attn = vis.attentions[layer][:, :, 0, 1:].sum(dim=1)  # [images, 16]
-    feats = vis.hidden_states[eager.config.vision_feature_layer][:, 1:]  # pre-projector, CLS dropped
+    feats = vis.hidden_states[eager.config.vision_feature_layer]  # pre-projector, CLS at 0
     block = eager.model.vision_tower.encoder.layers[layer]
     keys = block.self_attn.k_proj(block.layer_norm1(vis.hidden_states[layer]))
     keys = keys.view(*keys.shape[:2], block.self_attn.num_heads, -1).mean(dim=2)[:, 1:]
-    embeds = _lm_input(eager, inputs)
+    embeds = llm_input_embeddings(eager, inputs)
+    project = eager.model.multi_modal_projector
 
     selector = fvlm.create_selector("visionzip", dominant=dominant, contextual=contextual)
     calls = _record(selector)
-    with fvlm.prune(model, selector), torch.no_grad():
+    with fvlm.prune(model, selector) as session, torch.no_grad():
         model(**inputs)
+    assert session.positions == "compact"
     got = calls[0]
-    images = [[0], [1, 2]]
     visual = inputs["input_ids"] == model.config.image_token_index
-    for b, imgs in enumerate(images):
-        scores = torch.cat([cls_attn[i] for i in imgs])
-        sample_feats = torch.cat([feats[i] for i in imgs])
-        sample_keys = torch.nn.functional.normalize(torch.cat([keys[i] for i in imgs]).float(), dim=-1)
-        dom = set(scores.topk(dominant).indices.tolist())
-        rest = [i for i in range(len(scores)) if i not in dom]
-        stride = max(1, len(rest) // contextual)
-        targets = rest[::stride][:contextual]
-        assert sorted(got.indices[b].tolist()) == sorted(dom | set(targets))
-        # merged tokens: target + mean of the tokens whose keys are closest to it, then the projector
-        members = {t: [] for t in targets}
-        for i in rest:
-            if i not in targets:
-                members[targets[int((sample_keys[targets] @ sample_keys[i]).argmax())]].append(i)
+    for b, imgs in enumerate([[0], [1, 2]]):
         rows = got.indices[b].tolist()
-        for t in targets:
-            merged = sample_feats[t] + (sample_feats[members[t]].mean(0) if members[t] else 0)
-            expected = eager.model.multi_modal_projector(merged)
-            torch.testing.assert_close(got.embeddings[b, rows.index(t)], expected, atol=1e-4, rtol=1e-4)
+        assert len([i for i in rows if i >= 0]) == len(imgs) * (dominant + contextual)
         positions = visual[b].nonzero().flatten()
-        for d in dom:
-            torch.testing.assert_close(got.embeddings[b, rows.index(d)], embeds[b, positions[d]], atol=1e-5, rtol=1e-5)
+        for n, i in enumerate(imgs):
+            scores = cls_attn[i]
+            dom = sorted(scores.topk(dominant - 1).indices.tolist())  # + the CLS token: `dominant` tokens
+            rest = [j for j in range(16) if j not in dom]
+            stride = max(1, len(rest) // contextual)
+            targets = rest[::stride][:contextual]
+            unit = torch.nn.functional.normalize(keys[i].float(), dim=-1)
+            members = {t: [] for t in targets}
+            for j in rest:
+                if j not in targets:
+                    members[targets[int((unit[targets] @ unit[j]).argmax())]].append(j)
+            block_rows = rows[n * 8:(n + 1) * 8]
+            assert block_rows[1:] == [16 * n + j for j in dom + targets]  # carriers: dominant, then targets
+            emb = got.embeddings[b, n * 8:(n + 1) * 8]
+            torch.testing.assert_close(emb[0], project(feats[i, 0]), atol=1e-4, rtol=1e-4)  # the CLS token
+            for m, d in enumerate(dom):
+                torch.testing.assert_close(emb[1 + m], embeds[b, positions[16 * n + d]], atol=1e-5, rtol=1e-5)
+            for m, t in enumerate(targets):
+                merged = feats[i, 1 + t] + (feats[i, [1 + j for j in members[t]]].mean(0) if members[t] else 0)
+                torch.testing.assert_close(emb[dominant + m], project(merged), atol=1e-4, rtol=1e-4)
 
 
 def test_visionzip_is_rejected_where_unsupported():
@@ -88,7 +70,7 @@ def test_visionzip_is_rejected_where_unsupported():
 def test_divprune_picks_max_min_diverse_input_tokens(model_cache):
     model = model_cache("llava_next", "sdpa")
     inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
-    embeds = _lm_input(model, inputs)
+    embeds = llm_input_embeddings(model, inputs)
     selector = fvlm.create_selector("divprune", keep=7)
     calls = _record(selector)
     with fvlm.prune(model, selector), torch.no_grad():
@@ -116,11 +98,12 @@ def test_compose_runs_parts_in_one_schedule(model_cache):
         {"name": "visionzip", "args": {"dominant": 6, "contextual": 2}},
         {"name": "random", "args": {"keep": 4, "layer": 2}},
     ])
-    assert composed.needs == {fvlm.Need.VISION_ATTENTION}
+    assert composed.needs == {fvlm.Need.VISION_ATTENTION, fvlm.Need.GRID}
+    assert composed.positions == "original"  # visionzip is compact, random original: they differ
     with fvlm.prune(model, composed) as session, torch.no_grad():
         model.generate(**inputs, max_new_tokens=2)
     trace = session.trace
     assert [s.where for s in trace.stages] == ["vision", 2]
-    assert trace.visual_per_layer == [[8, 8, 4, 4], [8, 8, 4, 4]]
+    assert trace.visual_per_layer == [[8, 8, 4, 4], [16, 16, 4, 4]]  # visionzip keeps 6 + 2 per image
     with pytest.raises(fvlm.FVLMError, match="both prune at 'input'"):
         fvlm.prune(model, "compose", selectors=["random", "divprune"])

@@ -1,12 +1,13 @@
-"""Oracle tests of the pruning session on every supported family (tiny random models, CPU)."""
+"""Tests of the pruning session (tiny random models, CPU). The oracles every family passes (keep-all,
+sliced inputs, cached == recomputed decoding) are in test_family_matrix.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fvlm
-from fvlm.testing import FAMILIES, tiny_inputs, tiny_model
-from helpers import EveryOther, FixedSelector, GradientNorm, generation_positions, greedy_without_cache, hook_count
+from fvlm.testing import tiny_inputs
+from helpers import EveryOther, FixedSelector, GradientNorm, greedy_without_cache, hook_count
 
 IMPLS = ("eager", "sdpa")
 
@@ -15,88 +16,10 @@ def _generate(model, inputs, steps=5, **kw):
     return model.generate(**inputs, max_new_tokens=steps, do_sample=False, **kw)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", IMPLS)
-@pytest.mark.parametrize("where", ["input", 2])
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_keep_all_reproduces_unpruned_generate(model_cache, family, attn, where, padding_side):
-    model = model_cache(family, attn)
-    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side=padding_side)
-    reference = _generate(model, inputs)
-    with fvlm.prune(model, "keep_all", layer=where) as session:
-        pruned = _generate(model, inputs)
-    assert torch.equal(pruned, reference)
-    assert session.trace.original_visual == session.trace.llm_input_visual
-
-
-def _lm_inputs(model, inputs, positions):
-    """Capture what the unpruned language model receives (embeddings after the image splice)."""
-    seen = {}
-
-    def hook(module, args, kwargs):
-        seen.update(kwargs)
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs, position_ids=positions)
-    finally:
-        handle.remove()
-    return seen
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", IMPLS)
-def test_input_pruning_equals_plain_model_on_sliced_embeddings(model_cache, family, attn):
-    """Fixed picks at the LLM input, original positions: same logits as slicing by hand."""
-    model = model_cache(family, attn)
-    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    positions = generation_positions(model, ids, mask, inputs)
-    visual = ids == (model.config.image_token_id if hasattr(model.config, "image_token_id") and model.config.image_token_id is not None else model.config.image_token_index)
-    gen = torch.Generator().manual_seed(0)
-    picks = [sorted(torch.randperm(int(visual[b].sum()), generator=gen)[:5].tolist()) for b in range(2)]
-    seen = _lm_inputs(model, inputs, positions)
-
-    with fvlm.prune(model, FixedSelector(picks)), torch.no_grad():
-        pruned = model(**inputs, position_ids=positions).logits
-
-    lm = model.model.language_model
-    for b in range(2):
-        real = mask[b].nonzero().flatten()
-        vis_pos = visual[b].nonzero().flatten()
-        keep = sorted(set(real.tolist()) - set(vis_pos.tolist()) | set(vis_pos[picks[b]].tolist()))
-        keep = torch.tensor(keep)
-        pos = seen["position_ids"][..., b : b + 1, :][..., keep]
-        with torch.no_grad():
-            hidden = lm(
-                inputs_embeds=seen["inputs_embeds"][b : b + 1, keep],
-                position_ids=pos,
-                attention_mask=torch.ones(1, len(keep), dtype=torch.long),
-            ).last_hidden_state
-            expected = model.lm_head(hidden)[0]
-        got = pruned[b, -len(keep) :]  # left padding: the kept real tokens end the row
-        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
-
-
 SCHEDULES = {
     "layer2": [(2, 5)],
     "multi": [("input", 10), (1, 6), (2, 3)],
 }
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", IMPLS)
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-def test_cached_decoding_equals_recomputing_without_cache(model_cache, family, attn, schedule):
-    model = model_cache(family, attn)
-    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
-    with fvlm.prune(model, EveryOther(SCHEDULES[schedule])) as session, torch.no_grad():
-        cached = _generate(model, inputs, steps=6)
-        trace = session.trace
-        reference = greedy_without_cache(model, inputs, steps=6)
-    assert torch.equal(cached, reference)
-    assert trace.decode_steps == 5
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -141,6 +64,54 @@ def test_hooks_removed_on_exit_and_on_exception(model_cache):
     assert hook_count(model) == before
 
 
+class CountingRandom(fvlm.TokenSelector):
+    """Fresh random picks at every call, counting how often the session asks for them."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def stages(self, info):
+        return [fvlm.Stage(2, 4)]
+
+    def select(self, ctx):
+        self.calls += 1
+        return torch.stack([torch.randperm(int(n))[:4].sort().values for n in ctx.num_visual]).to(ctx.hidden.device)
+
+
+def test_only_a_cache_free_continuation_reuses_the_prompt_selection(model_cache):
+    """generate(use_cache=False) selects once; a new call, even one that extends the last prompt, selects again."""
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    selector = CountingRandom()
+    with fvlm.prune(model, selector) as session, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert selector.calls == 1 and session.trace.decode_steps == 3
+        longer = dict(inputs, input_ids=out, attention_mask=torch.ones_like(out))
+        longer["attention_mask"][:, : inputs["input_ids"].shape[1]] = inputs["attention_mask"]
+        model.generate(**longer, max_new_tokens=2, do_sample=False, use_cache=False)  # a new call: new images
+        assert selector.calls == 2
+        model.generate(**longer, max_new_tokens=2, do_sample=False)  # with a cache: a new prefill
+        assert selector.calls == 3
+
+
+def test_nested_sessions_on_one_model_are_refused_at_enter(model_cache):
+    model = model_cache("llava", "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 2), padding_side="left")
+    with fvlm.prune(model, "random", keep=4, seed=1) as outer:
+        hooks = hook_count(model)
+        inner = fvlm.prune(model, "uniform", keep=2)
+        with pytest.raises(fvlm.FVLMError, match="already pruning .*RandomSelector.*use compose"):
+            inner.__enter__()
+        assert hook_count(model) == hooks  # the refused session attached nothing
+        alone = _generate(model, inputs)
+    assert outer.trace.llm_input_visual == [4, 4]
+    with fvlm.prune(model, "random", keep=4, seed=1):  # free again after the outer session ended
+        assert torch.equal(_generate(model, inputs), alone)
+    other = model_cache("qwen2_vl", "sdpa")
+    with fvlm.prune(model, "random", keep=4), fvlm.prune(other, "random", keep=4):  # two models: fine
+        pass
+
+
 @pytest.mark.parametrize("where", ["input", 2])
 def test_compact_positions_match_renumbered_reference(model_cache, where):
     """Compact policy: kept tokens get contiguous positions; decode continues from the new end."""
@@ -175,6 +146,54 @@ def test_compact_input_positions_are_contiguous(model_cache):
 def test_compact_positions_rejected_for_mrope(model_cache):
     with pytest.raises(fvlm.FVLMError, match="M-RoPE"):
         fvlm.prune(model_cache("qwen2_vl", "sdpa"), "random", keep=4, positions="compact")
+
+
+def test_position_policy_is_the_selectors_unless_given(model_cache):
+    llava, qwen = model_cache("llava", "sdpa"), model_cache("qwen2_vl", "sdpa")
+    assert fvlm.prune(llava, "fastv").positions == "original"  # FastV's authors keep original ids
+    assert fvlm.prune(llava, "divprune", keep=4).positions == "compact"  # DivPrune's renumber
+    assert fvlm.prune(llava, "divprune", keep=4, positions="original").positions == "original"
+    assert fvlm.prune(llava, "fastv", positions="compact").positions == "compact"
+    assert fvlm.prune(qwen, "divprune", keep=4).positions == "original"  # compact is not defined for M-RoPE
+    inputs = tiny_inputs(llava, images_per_prompt=(1, 1))
+    with fvlm.prune(llava, "divprune", keep=4) as session, torch.no_grad():
+        llava(**inputs)
+    assert session.trace.positions == "compact"
+    with pytest.raises(ValueError, match="positions"):
+        fvlm.prune(llava, "fastv", positions="relative")
+
+
+class Reordered(EveryOther):
+    """Keeps every other visual token but puts them in reverse order (selections may reorder)."""
+
+    def select(self, ctx):
+        picks = super().select(ctx)
+        return torch.where(picks >= 0, picks, -1).flip(1).sort(dim=1, descending=True).values
+
+
+@pytest.mark.parametrize("family,positions", [("llava", "compact"), ("llava", "original"), ("qwen2_vl", "original")])
+def test_reordered_selection_is_causal_in_sequence_order(model_cache, family, positions):
+    """Masks follow the sequence order of a reordered selection: a padded batch answers like each
+    prompt alone, and cached decoding equals recomputing (compact ids are not defined for M-RoPE)."""
+    model = model_cache(family, "sdpa")
+    inputs = tiny_inputs(model, images_per_prompt=(1, 1), padding_side="left")
+    selector = Reordered([(2, 6)])
+    with fvlm.prune(model, selector, positions=positions), torch.no_grad():
+        batch = model(**inputs).logits[:, -1]
+        cached = _generate(model, inputs, steps=4)
+        reference = greedy_without_cache(model, inputs, steps=4)
+        for b in range(2):
+            keep = inputs["attention_mask"][b].bool()
+            single = {k: v[b:b + 1, keep] if v.dim() == 2 and v.shape[1] == keep.shape[0] else v
+                      for k, v in inputs.items()}
+            if family == "llava":
+                single["pixel_values"] = inputs["pixel_values"][b:b + 1]
+            else:  # qwen: one image per sample, patches in batch order
+                split = inputs["image_grid_thw"].prod(dim=1).tolist()
+                single["pixel_values"] = inputs["pixel_values"].split(split)[b]
+                single["image_grid_thw"] = inputs["image_grid_thw"][b:b + 1]
+            torch.testing.assert_close(model(**single).logits[0, -1], batch[b], atol=1e-4, rtol=1e-4)
+    assert torch.equal(cached, reference)
 
 
 def test_bad_inputs_raise_clear_errors(model_cache):

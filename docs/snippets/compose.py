@@ -7,7 +7,7 @@ from fvlm.testing import tiny_inputs, tiny_model
 model = tiny_model("llava")
 inputs = tiny_inputs(model, images_per_prompt=(1, 1))
 selector = fvlm.create_selector("compose", selectors=[
-    {"name": "visionzip", "args": {"dominant": 6, "contextual": 2}},  # 16 -> 8 before the LLM
+    {"name": "vscan_encoder", "args": {"keep": 8, "local_layer": 0, "window": 2}},  # 16 -> 8 before the LLM
     {"name": "random", "args": {"keep": 4, "layer": 2, "seed": 0}},  # 8 -> 4 after 2 layers
 ])
 with fvlm.prune(model, selector) as session, torch.no_grad():

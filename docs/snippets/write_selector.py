@@ -4,6 +4,7 @@ import torch
 
 import fvlm
 from fvlm import Need, ScoreSelector, Stage
+from fvlm.selectors.arguments import check_int, check_keep
 from fvlm.testing import tiny_inputs, tiny_model
 
 
@@ -13,8 +14,8 @@ class LastTokenAttention(ScoreSelector):
     needs = frozenset({Need.ATTENTION})  # declare every probe you read
 
     def __init__(self, keep: int | float = 0.5, layer: int = 2):  # the typed signature is the config
-        self.keep = keep
-        self.layer = layer
+        self.keep = check_keep(self, keep)  # an int count >= 1 or a fraction in (0, 1]
+        self.layer = check_int(self, layer, "layer", minimum=1)
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]  # prune once, after `layer` decoder layers

@@ -2,17 +2,26 @@
 
 A *budget* ``b`` is the number of visual tokens (of 576) that every selector keeps from its first
 pruning point on. Selectors that prune before the language model (``random``, ``uniform``,
-``divprune``, ``visionzip``) feed it ``b`` tokens; in-LLM selectors (``fastv``, ``sparsevlm``,
-``dart``, ``pio_fvlm``) run the first layers on all 576 and keep ``b`` after their pruning layer, so
-their layer-average token count is higher (the benchmark reports it). ``pio_fvlm_3stage`` is the
-multi-stage schedule: ``b`` after layer 1, then the authors' 218 : 128 : 54 shape after the next
-two stage layers.
+``divprune``, ``visionzip``, ``cdpruner``, ``vscan_encoder``) feed it ``b`` tokens; in-LLM selectors
+(``fastv``, ``sparsevlm``, ``dart``, ``pio_fvlm``) run the first layers on all 576 and keep ``b`` after
+their pruning layer, so their layer-average token count is higher (the benchmark reports it).
+``pio_fvlm_3stage`` is the multi-stage schedule: ``b`` after layer 1, then the authors' 218 : 128 : 54
+shape after the next two stage layers. Two-stage methods keep ``b`` from the encoder and a third of it
+after layer 2 (the authors' 96 : 32): ``vscan`` and ``pio_fvlm_ve`` (PIO-FVLM "w/ VE": VScan's encoder
+stage composed with PIO-FVLM). ``pool`` averages ``s x s`` blocks with ``s = round(sqrt(576 / b))``, so
+its real count differs from ``b`` (144 for 192 and 128, 64, 36): the benchmark reports it.
+
+The built-in model has no CLIP text tower, so ``cdpruner`` takes its relevance from the LLM input
+embeddings of the prompt text after the image (``relevance_source="llm_embed"``, the Qwen default),
+not from the authors' CLIP text rule; its vision tower has 3 layers, so VScan's local map reads layer
+0 (the authors' layer 5 of 24) and its global map layer 1, the one feeding the projector.
 
 Under the *layer-average* convention (:meth:`Setting.average_kwargs`, the papers' "64 tokens") a
 budget ``N`` is the visual-token count averaged over all decoder layers: pre-LLM selectors keep
 ``N``; in-LLM selectors prune where the authors do on the 32-layer LLaVA-1.5, scaled to the model's
 depth (:func:`scaled_layers`), keeping as many tokens as make the average ``N`` (multi-stage
-schedules in the authors' proportions, :func:`fvlm.selectors.schedules.counts_for_average`).
+schedules in the authors' proportions, :func:`fvlm.selectors.schedules.counts_for_average`; the
+two-stage methods at the same layer 2 and 3 : 1 ratio as above, the encoder count raised to meet it).
 """
 from __future__ import annotations
 
@@ -27,6 +36,8 @@ FAMILY = {
     "pio_fvlm": "gradient", "pio_fvlm_3stage": "gradient", "fastv": "text attention",
     "sparsevlm": "text attention", "dart": "key-norm pivots", "visionzip": "CLS attention",
     "divprune": "diversity", "random": "random", "uniform": "spatial grid", "keep_all": "no pruning",
+    "cdpruner": "conditional DPP", "vscan": "CLS scan + merge", "vscan_encoder": "CLS scan + merge",
+    "pio_fvlm_ve": "CLS scan + gradient", "pool": "average pooling",
 }
 
 
@@ -96,9 +107,10 @@ def _sparsevlm_average(average: float, num_layers: int, n_visual: int) -> dict:
     from fvlm.selectors.schedules import counts_for_average
 
     layers = scaled_layers(sparsevlm.DEFAULT_LAYERS, num_layers)
-    nearest = min(sparsevlm.V15_COUNTS, key=lambda b: abs(b * n_visual / 576 - average))  # the authors' shape
-    counts = counts_for_average(layers, average, num_layers, n_visual, shape=sparsevlm.V15_COUNTS[nearest])
-    return {"schedule": [(layer, count) for layer, count in zip(layers, counts)]}
+    shapes = sparsevlm.COUNTS["v1.5"]
+    nearest = min(shapes, key=lambda b: abs(b * n_visual / 576 - average))  # the authors' shape
+    counts = counts_for_average(layers, average, num_layers, n_visual, shape=shapes[nearest])
+    return {"schedule": [(layer, count) for layer, count in zip(layers, counts)], "recycle": False}
 
 
 def _pio_three_average(average: float, num_layers: int, n_visual: int) -> dict:
@@ -106,6 +118,36 @@ def _pio_three_average(average: float, num_layers: int, n_visual: int) -> dict:
 
     return {"layers": scaled_layers(AUTHORS_SCHEDULES["llava15_avg128"]["layers"], num_layers), "average": float(average),
             "n_visual": n_visual}
+
+
+def _stride(b: int, _: int) -> dict:
+    return {"stride": max(1, round((576 / b) ** 0.5))}
+
+
+def _two_stage(b: int) -> tuple[int, int]:
+    return b, max(1, round(b / 3))
+
+
+def _vscan(encoder: int, keep: int) -> dict:
+    return {"encoder_keep": encoder, "keep": keep, "layer": 2, "local_layer": 0}
+
+
+def _pio_ve(encoder: int, keep: int) -> dict:
+    return {"selectors": [{"name": "vscan_encoder", "args": {"keep": encoder, "local_layer": 0}},
+                          {"name": "pio_fvlm", "args": {"layers": [2], "keep": [keep]}}]}
+
+
+def _two_stage_average(make: Callable[[int, int], dict]):
+    """Layer-average kwargs of an encoder stage plus a third of it after layer 2: the encoder count
+    that makes the average (``2 e + (L - 2) e / 3 = N L``)."""
+    def kwargs(average: float, num_layers: int, n_visual: int) -> dict:
+        if num_layers <= 2:
+            raise ValueError(f"a two-stage schedule pruning after layer 2 needs more than {num_layers} layers")
+        encoder = round(average * num_layers / (2 + (num_layers - 2) / 3))
+        if encoder > n_visual:
+            raise ValueError(f"a layer average of {average} needs {encoder} encoder tokens, more than the {n_visual}")
+        return make(*_two_stage(encoder))
+    return kwargs
 
 
 def _visionzip(b: int, _: int) -> dict:
@@ -117,14 +159,20 @@ SETTINGS: dict[str, Setting] = {s.label: s for s in [
     Setting("keep_all", "keep_all", lambda b, n: {}, budgeted=False),
     Setting("random", "random", lambda b, n: {"keep": b, "seed": 0}),
     Setting("uniform", "uniform", lambda b, n: {"keep": b}),
+    Setting("pool", "pool", _stride),
     Setting("divprune", "divprune", lambda b, n: {"keep": b}),
     Setting("visionzip", "visionzip", _visionzip),
+    Setting("cdpruner", "cdpruner", lambda b, n: {"keep": b, "relevance_source": "llm_embed"}),
+    Setting("vscan_encoder", "vscan_encoder", lambda b, n: {"keep": b, "local_layer": 0}),
+    Setting("vscan", "vscan", lambda b, n: _vscan(*_two_stage(b)), average=_two_stage_average(_vscan)),
     Setting("fastv", "fastv", lambda b, n: {"k": 2, "keep": b}, average=_single("k", 2)),
-    Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)]}, average=_sparsevlm_average),
+    Setting("sparsevlm", "sparsevlm", lambda b, n: {"schedule": [(2, b)], "recycle": False},
+            average=_sparsevlm_average),
     Setting("dart", "dart", lambda b, n: {"layer": 2, "keep": b}, average=_single("layer", 2)),
     Setting("pio_fvlm", "pio_fvlm", lambda b, n: {"layers": [1], "keep": [b]},
             average=lambda a, n, v: {"layers": [1], "keep": [single_stage_keep(a, 1, n, v)]}),
     Setting("pio_fvlm_3stage", "pio_fvlm", _pio_three, average=_pio_three_average),
+    Setting("pio_fvlm_ve", "compose", lambda b, n: _pio_ve(*_two_stage(b)), average=_two_stage_average(_pio_ve)),
 ]}
 
 
@@ -144,9 +192,9 @@ def default_labels() -> list[str]:
     """Every registered selector except combinators, plus the extra rows of :data:`SETTINGS`, in table order."""
     import fvlm
 
-    registered = [n for n in fvlm.list_selectors() if n not in SKIP]
-    ordered = [label for label, s in SETTINGS.items() if s.selector in registered]
-    return ordered + [n for n in registered if n not in SETTINGS]
+    installed = fvlm.list_selectors()
+    ordered = [label for label, s in SETTINGS.items() if s.selector in installed]
+    return ordered + [n for n in installed if n not in SETTINGS and n not in SKIP]
 
 
 def describe(kwargs: dict) -> str:

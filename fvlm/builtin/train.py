@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fvlm.adapters import adapter_for
 from fvlm.builtin import model as M
 from fvlm.builtin import relational, synthetic
 
@@ -267,7 +268,7 @@ def lm_forward(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch
     side = int(round(n ** 0.5))
     if not bool((ids[:, first : first + n] == image_id).all()):
         raise ValueError("lm_forward needs the image span at the same offset in every sequence")
-    features = model.model.get_image_features(
+    features = adapter_for(model).image_features(
         pixel_values=batch["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
     ).pooler_output

@@ -13,7 +13,7 @@ import argparse
 
 import yaml
 
-from fvlm.errors import FVLMError
+from fvlm.errors import UsageError
 
 
 def add_parser(sub) -> None:
@@ -53,13 +53,13 @@ def _params(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise FVLMError(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
 
 def run(args: argparse.Namespace) -> int:
-    from fvlm.cli import _console
+    from fvlm.console import console as _console
     from fvlm.profiling import analytic, report
     from fvlm.profiling.arch import load_architecture, shipped_models
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"{name}: {load_architecture(name).description}")
         return 0
     if args.budget and not args.selector:
-        raise FVLMError("--budget needs at least one --selector (for explicit stages use --schedule)")
+        raise UsageError("--budget needs at least one --selector (for explicit stages use --schedule)")
     arch = load_architecture(args.model)
     common = dict(visual_tokens=args.visual, text_tokens=args.text_tokens, decode_tokens=args.decode_tokens,
                   kv_dtype=args.kv_dtype)
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             for budget in args.budget or [None]:
                 rows.append(analytic.profile_selector(arch, name, budget=budget, params=params, **common))
-    except ValueError as exc:
-        raise FVLMError(str(exc)) from None
+    except ValueError as exc:  # bad selector arguments or schedules
+        raise UsageError(str(exc)) from None
     report.print_report(arch, rows, console, decode_tokens=args.decode_tokens, kv_dtype=args.kv_dtype)
     if args.meta_check:
         _meta_check(arch, args, console)

@@ -12,8 +12,9 @@ fragment file (relative to the including file), and ``--section.key=value`` over
 ``--print_config`` prints the resolved, validated recipe and exits.
 
 Every run writes ``<output>/predictions.jsonl`` (one line per sample, resumable: re-running the
-same command only does the missing samples), ``<output>/summary.json`` (scores, fidelity,
-efficiency) and ``<output>/config.yaml``, and prints a summary table. Data-set runs scale with
+same command only does the samples without an answer), ``<output>/summary.json`` (scores, fidelity,
+efficiency) and ``<output>/config.yaml``, and prints a summary table. The exit code is 0 only when
+every requested sample has an answer (see :class:`~fvlm.commands.exit_codes.ExitCode`). Data-set runs scale with
 Lightning's strategies, e.g. ``--trainer.devices=8 --trainer.strategy=ddp`` (see
 docs/how-to/distributed-runs.md).
 """
@@ -27,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from fvlm.errors import FVLMError
+from fvlm.commands.exit_codes import ExitCode, for_error
+from fvlm.errors import FVLMError, SelectorArgumentError, UsageError
 
 HELP = "run a recipe: predictions, scores and efficiency figures for a data set (fvlm run --help)"
 _ARGV_PREFIX = "\x00"  # no real argument starts with NUL: argparse forwards everything to jsonargparse
@@ -35,7 +37,7 @@ _ARGV_PREFIX = "\x00"  # no real argument starts with NUL: argparse forwards eve
 _FINGERPRINT_SKIP = {"data.batch_size", "data.num_workers", "data.limit", "model.on_error"}
 
 
-class RecipeError(FVLMError):
+class RecipeError(UsageError):
     """A recipe that parses but cannot run as given (the message names the key)."""
 
 
@@ -69,8 +71,8 @@ def build_parser():
                         help="output folder (default: outputs/<last recipe file name>/<data file name>)")
     parser.add_argument("--overwrite", type=bool, default=False,
                         help="delete earlier predictions in the output folder instead of resuming")
-    parser.add_argument("--retry_errors", type=bool, default=False,
-                        help="re-run samples whose earlier line holds an error")
+    parser.add_argument("--retry_errors", type=bool, default=True,
+                        help="re-run samples whose earlier line holds an error (false: keep those lines)")
     parser.add_argument("--reference", type=Optional[str], default=None,
                         help="predictions.jsonl of an unpruned run: adds answer agreement by id to the summary")
     parser.add_argument("--show", type=int, default=5, help="print the answers of the first N samples")
@@ -127,7 +129,7 @@ def check_selector(cfg) -> Any:
             init_args = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
             return cls(**init_args)
         except Exception as exc:
-            raise RecipeError(f"model.selector ({section.class_path}): {type(exc).__name__}: {exc}") from None
+            raise RecipeError(f"model.selector ({section.class_path}): {_reason(exc)}") from None
     name, args = section.get("name"), section.get("args") or {}
     if not isinstance(args, dict):
         raise RecipeError(f"model.selector.args must be a mapping, got {args!r}")
@@ -135,6 +137,17 @@ def check_selector(cfg) -> Any:
         cls = resolve_selector_class(name)
     except Exception as exc:
         raise RecipeError(f"model.selector.name: {exc}") from None
+    from fvlm.lightning.module import SelectorSpec
+
+    try:  # the selector's own checks first: one line naming the parameter and its range
+        selector = SelectorSpec(name=name, args=args).build()
+    except SelectorArgumentError as exc:
+        where = "model.selector.args" + (f".{exc.parameter}" if exc.parameter else "")
+        raise RecipeError(f"{where} ({name}): {exc}") from None
+    except FVLMError:
+        selector = None  # e.g. an unknown key: jsonargparse names it below
+    except Exception as exc:
+        raise RecipeError(f"model.selector ({name!r}): {_reason(exc)}") from None
     key = "model.selector.args"
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, key, fail_untyped=False)
@@ -144,14 +157,19 @@ def check_selector(cfg) -> Any:
         raise RecipeError(f"selector {name!r}: {exc}") from None
     full = parsed.get(key)
     full = full.as_dict() if isinstance(full, Namespace) else dict(full or {})
-    from fvlm.lightning.module import SelectorSpec
-
-    try:
-        selector = SelectorSpec(name=name, args=args).build()
-    except Exception as exc:
-        raise RecipeError(f"model.selector ({name!r}): {type(exc).__name__}: {exc}") from None
+    if selector is None:
+        try:
+            selector = SelectorSpec(name=name, args=args).build()
+        except Exception as exc:
+            raise RecipeError(f"model.selector ({name!r}): {_reason(exc)}") from None
     section.args = {k: _plain(v) for k, v in full.items() if k in args or _is_plain(v)}
     return selector
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as one line: fvlm's own messages as they are, others with their type."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, (SelectorArgumentError, UsageError)) else f"{type(exc).__name__}: {text}"
 
 
 def _is_plain(value) -> bool:
@@ -181,6 +199,24 @@ def check_inference_mode(cfg, selector) -> bool:
                 "(fvlm run then turns it off for gradient selectors)")
         return False
     return True if wanted is None else bool(wanted)
+
+
+def check_data(data) -> None:
+    """The data file exists and parses, its ids are unique, and it holds records: read before any model."""
+    try:
+        data.setup()
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"data.path: {' '.join(str(exc).split())}") from None
+    if not data.records:
+        raise RecipeError(f"data.path: {data.path} holds no records: nothing to run")
+
+
+def check_backbone(backbone) -> None:
+    """The checkpoint exists and fvlm has an adapter for it: its config is read, no weights."""
+    try:
+        backbone.check()
+    except FVLMError as exc:
+        raise RecipeError(f"model.backbone.path: {exc}") from None
 
 
 # -- output folder -----------------------------------------------------------------------------
@@ -222,7 +258,10 @@ def prepare_output(output: Path, config: dict, dumped: str, overwrite: bool) -> 
         for path in (output / PREDICTIONS, output / "summary.json", previous):
             path.unlink(missing_ok=True)
         shutil.rmtree(output / SHARDS, ignore_errors=True)
-    elif prediction_files(output) and previous.is_file():
+    elif prediction_files(output) and not previous.is_file():
+        raise RecipeError(f"{output} holds predictions but no config.yaml: fvlm cannot tell which configuration "
+                          "wrote them. Use another --output, or --overwrite true to discard them.")
+    elif prediction_files(output):
         old, new = _fingerprint(yaml.safe_load(previous.read_text()) or {}), _fingerprint(config)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
@@ -234,6 +273,16 @@ def prepare_output(output: Path, config: dict, dumped: str, overwrite: bool) -> 
 
 
 # -- run ---------------------------------------------------------------------------------------
+def note_budget_spelling(cfg) -> None:
+    """Point out ``keep: 1`` in the selector's arguments: one visual token, where 1.0 means all of them."""
+    section = _selector_section(cfg)
+    args = None if section is None else section.get("args", section.get("init_args"))
+    keep = (args.as_dict() if hasattr(args, "as_dict") else dict(args or {})).get("keep")
+    if keep == 1 and isinstance(keep, int) and not isinstance(keep, bool):
+        _note("model.selector keep: 1 keeps ONE visual token per sample (an int is a count); "
+              "write keep: 1.0 to keep every token")
+
+
 def parse(argv: Sequence[str]):
     """``(parser, cfg, selector, print_config)`` for ``fvlm run`` arguments (validated)."""
     argv = list(argv)
@@ -243,6 +292,12 @@ def parse(argv: Sequence[str]):
     parser = build_parser()
     cfg = parser.parse_args(argv)
     selector = check_selector(cfg)
+    note_budget_spelling(cfg)
+    backbone = cfg.get("model.backbone")
+    if backbone is not None and (backbone.get("trust_remote_code") or any(
+            (backbone.get(k) or {}).get("trust_remote_code") for k in ("model_kwargs", "processor_kwargs"))):
+        _note("model.backbone.trust_remote_code is true: the checkpoint's own Python code will run; "
+              "use it only with checkpoints (and recipes) you trust")
     check_inference_mode(cfg, selector)
     return parser, cfg, selector, print_config
 
@@ -259,7 +314,7 @@ def _default_output(cfg) -> str:
 def _callbacks(trainer_cfg: dict, output: Path, retry_errors: bool) -> list:
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-    from fvlm.lightning.callbacks import EfficiencyMonitor, PredictionWriter
+    from fvlm.lightning.callbacks import EfficiencyMonitor, PredictionWriter, StopOnSigterm
 
     given = trainer_cfg.get("callbacks") or []
     given = list(given) if isinstance(given, (list, tuple)) else [given]
@@ -267,10 +322,12 @@ def _callbacks(trainer_cfg: dict, output: Path, retry_errors: bool) -> list:
     writers = [c for c in given if isinstance(c, PredictionWriter)]
     if not writers:
         writers = [PredictionWriter(str(output), retry_errors=retry_errors)]
-    others = [c for c in given if not isinstance(c, (EfficiencyMonitor, PredictionWriter))]
+    stops = [c for c in given if isinstance(c, StopOnSigterm)] or [StopOnSigterm()]
+    others = [c for c in given if not isinstance(c, (EfficiencyMonitor, PredictionWriter, StopOnSigterm))]
     if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in others):
         others.append(RichProgressBar())
-    return others + monitors + writers  # the monitor adds timings to the records before they are written
+    # the monitor adds timings to the records before they are written; a stop comes after the writing
+    return others + monitors + writers + stops
 
 
 def run(argv: Sequence[str]) -> int:
@@ -280,9 +337,15 @@ def run(argv: Sequence[str]) -> int:
         return 0
     from lightning.pytorch import Trainer, seed_everything
 
-    from fvlm.lightning.callbacks import PredictionWriter, merge_predictions
-    from fvlm.metrics.scoring import read_jsonl, summarize
-
+    try:
+        init = parser.instantiate(cfg)
+    except (ValueError, TypeError) as exc:  # a value the classes refuse, e.g. data.batch_size: 0
+        raise RecipeError(" ".join(str(exc).split())) from None
+    module, data = init.model, init.data
+    check_data(data)
+    if cfg.reference and not Path(cfg.reference).is_file():
+        raise RecipeError(f"reference: no such predictions file: {cfg.reference}")
+    check_backbone(module.backbone)
     output = Path(cfg.output or _default_output(cfg))
     cfg.output = str(output)
     inference_mode = check_inference_mode(cfg, selector)
@@ -291,34 +354,89 @@ def run(argv: Sequence[str]) -> int:
         import yaml
 
         prepare_output(output, yaml.safe_load(dumped), dumped, cfg.overwrite)
+        if not cfg.retry_errors:
+            from fvlm.lightning.callbacks import finished_ids
+
+            kept = finished_ids(output, retry_errors=False) - finished_ids(output, retry_errors=True)
+            if kept:
+                _note(f"keeping the error lines of {len(kept)} samples from an earlier run as final "
+                      "(--retry_errors false): they are not retried")
     if cfg.seed_everything is not False:
         seed_everything(int(cfg.seed_everything), workers=True, verbose=False)
 
-    init = parser.instantiate(cfg)
-    module, data = init.model, init.data
     trainer_cfg = dict(vars(init.trainer))
     trainer_cfg["callbacks"] = _callbacks(trainer_cfg, output, cfg.retry_errors)
     trainer_cfg["inference_mode"] = inference_mode
     trainer = Trainer(**trainer_cfg)
-    if cfg.mode == "test":
-        trainer.test(module, datamodule=data, verbose=False)
-    else:
-        trainer.predict(module, datamodule=data, return_predictions=False)
+    stopped = _run_trainer(trainer, module, data, cfg.mode, output)
+    if stopped is not None:
+        return stopped
     if not trainer.is_global_zero:
         return 0
-    writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
-    predictions = merge_predictions(writer.output_dir, data.ids)  # no-op after a normal end; completes a resumed one
-    records = read_jsonl(predictions)
-    reference = read_jsonl(cfg.reference) if cfg.reference else None
-    summary = summarize(records, reference)
-    missing = sorted(set(data.ids) - {str(r["id"]) for r in records})
-    summary.update(selector=module.selector_name, backbone=module.backbone.path, mode=cfg.mode,
-                   missing=len(missing), output=str(output))
+    return _summarize(trainer, module, data, cfg, output)
+
+
+def _run_trainer(trainer, module, data, mode: str, output: Path) -> ExitCode | None:
+    """``trainer.predict`` / ``trainer.test``; the exit code when a signal stopped it, else None."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from fvlm.lightning.callbacks import StopOnSigterm
+
+    stop = next(c for c in trainer.callbacks if isinstance(c, StopOnSigterm))
+    try:
+        if mode == "test":
+            trainer.test(module, datamodule=data, verbose=False)
+        else:
+            trainer.predict(module, datamodule=data, return_predictions=False)
+    except SystemExit as exc:  # SIGTERM (raised at a batch boundary), or Lightning's exit after Ctrl-C
+        terminated = isinstance(exc, SIGTERMException)
+        if not (terminated or stop.interrupted):
+            raise
+        signal = "SIGTERM" if terminated else "Ctrl-C (SIGINT)"
+        _note(f"stopped by {signal}; the answers written so far are kept in {output}: run the same command "
+              "again to resume", error=True)
+        return ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED
+    return None
+
+
+def _summarize(trainer, module, data, cfg, output: Path) -> ExitCode:
+    """Merge the predictions, write and print the summary of the requested samples; the exit code."""
     import json
 
+    from fvlm.lightning.callbacks import PredictionWriter, merge_predictions
+    from fvlm.metrics.scoring import read_jsonl, summarize
+
+    writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
+    predictions = merge_predictions(writer.output_dir, data.ids)  # no-op after a normal end; completes a resumed one
+    requested = set(data.ids)
+    lines = read_jsonl(predictions)
+    records = [r for r in lines if str(r["id"]) in requested]  # the summary covers the requested samples only
+    reference = read_jsonl(cfg.reference) if cfg.reference else None
+    summary = summarize(records, reference)
+    missing = sorted(requested - {str(r["id"]) for r in records})
+    summary.update(selector=module.selector_name, backbone=module.backbone.path, mode=cfg.mode,
+                   missing=len(missing), output=str(output))
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, output, records[: cfg.show])
-    return 0 if not missing else 1
+    if len(lines) > len(records):
+        _note(f"{predictions} also holds {len(lines) - len(records)} lines of samples this run did not request "
+              "(e.g. from an earlier run with a larger data.limit); the summary leaves them out")
+    unanswered = summary["errors"] + len(missing)
+    if unanswered:
+        _note(f"{unanswered} of {len(requested)} requested samples have no answer ({summary['errors']} errors, "
+              f"{len(missing)} missing); see {output / 'summary.json'}. Run the same command again to retry "
+              "them.", error=True)
+        return ExitCode.INCOMPLETE
+    return ExitCode.OK
+
+
+def _note(message: str, error: bool = False) -> None:
+    """One line on stderr (red for a reason the exit code is not 0)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, highlight=False).print(Text(f"fvlm run: {message}", style="red" if error else "yellow"),
+                                                soft_wrap=True)
 
 
 def print_summary(summary: dict, output: Path, examples: Sequence[dict] = ()) -> None:
@@ -382,9 +500,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return run(argv)
+        return int(run(argv))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (argparse.ArgumentError, RecipeError) as exc:
         Console(stderr=True, highlight=False).print(Text(f"fvlm run: recipe error: {exc}", style="red"), soft_wrap=True)
-        return 2
+        return ExitCode.USAGE
+    except FVLMError as exc:
+        Console(stderr=True, highlight=False).print(Text(f"fvlm run: error: {exc}", style="red"), soft_wrap=True)
+        return for_error(exc)

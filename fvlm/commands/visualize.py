@@ -4,7 +4,8 @@ Runs the built-in model (:func:`fvlm.builtin.load`) on one image and question on
 records the indices every stage of the selector keeps (by wrapping the instance's ``select``),
 maps the last stage's kept set back to the original 24 x 24 patch grid (stage ``s`` indexes the
 visual tokens left after stage ``s - 1``) and draws one panel per selector: kept patches in full
-colour with an outline, dropped patches dimmed, the selector's answer under the title.
+colour with an outline, dropped patches dimmed, the selector's answer under the title. Merging
+selectors show the tokens that carry the merged values (``pool``: each block's top-left patch).
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fvlm.errors import FVLMError
+from fvlm.commands.exit_codes import ExitCode
+from fvlm.errors import UsageError
 
-DEFAULT_SELECTORS = ("pio_fvlm", "fastv", "visionzip", "divprune")
+DEFAULT_SELECTORS = ("pio_fvlm", "fastv", "visionzip", "vscan", "cdpruner", "divprune")
 PANEL = 336  # px, the model's input size
 TITLE_HEIGHT = 46
 
@@ -102,7 +104,7 @@ def draw_panel(image: Image.Image, kept: list[int] | None, title: str, subtitle:
 
 
 def render(model, processor, image: Image.Image, question: str, labels: list[str], keep: int,
-           reference: str | None = None) -> tuple[Image.Image, list[dict]]:
+           reference: str | None = None, positions: str | None = None) -> tuple[Image.Image, list[dict]]:
     """The side-by-side PNG and, per panel, ``{label, answer, kept}`` (``kept`` None for the unpruned panel)."""
     import fvlm
     from fvlm.builtin import budgets as B
@@ -119,7 +121,7 @@ def render(model, processor, image: Image.Image, question: str, labels: list[str
             if selector is None:
                 out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
             else:
-                with fvlm.prune(model, selector):
+                with fvlm.prune(model, selector, positions=positions, instructions=[question]):
                     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
@@ -163,20 +165,21 @@ def run(args: argparse.Namespace) -> int:
     reference = None
     if args.sample is not None:
         if args.split not in synthetic.SPLITS:
-            raise FVLMError(f"--split must be one of {', '.join(synthetic.SPLITS)}")
+            raise UsageError(f"--split must be one of {', '.join(synthetic.SPLITS)}")
         record = synthetic.sample(args.split, args.sample)
         image, question = record["image"], args.question or record["question"]
         reference = record["answer"] if args.question is None else None
     else:
         if not args.question:
-            raise FVLMError("--image needs --question")
+            raise UsageError("--image needs --question")
         try:
             image = Image.open(args.image)
         except OSError as exc:
-            raise FVLMError(f"cannot read image {args.image}: {exc}") from exc
+            raise UsageError(f"cannot read image {args.image}: {exc}") from exc
         question = args.question
     if not 1 <= args.keep <= 576:
-        raise FVLMError("--keep must be between 1 and 576")
+        raise UsageError("--keep must be between 1 and 576")
+    check_labels(args.selectors)
     model, processor = builtin.load(args.checkpoint)
     sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,4 +192,21 @@ def run(args: argparse.Namespace) -> int:
             "" if item["kept"] is None else f", {len(item['kept'])} patches kept")
         console.print(f"{item['label']}: {status}", markup=False)
     console.print(f"wrote {args.out}", markup=False)
-    return 0
+    failed = [item["label"] for item in info if item.get("error")]
+    if failed:
+        Console(stderr=True, highlight=False).print(
+            f"fvlm visualize: {len(failed)} of {len(info) - 1} selectors failed ({', '.join(failed)}): "
+            "their panels show the error", style="red", soft_wrap=True)
+        return ExitCode.INCOMPLETE
+    return ExitCode.OK
+
+
+def check_labels(labels: list[str]) -> None:
+    """Every label names a registered selector with a budget mapping (before the model is loaded)."""
+    from fvlm.builtin import budgets as B
+
+    for label in labels:
+        try:
+            B.setting(label)
+        except ValueError as exc:  # no budget mapping; unknown names raise UnknownSelectorError
+            raise UsageError(f"--selectors {label}: {exc}") from None

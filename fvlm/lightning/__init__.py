@@ -1,7 +1,7 @@
 """Lightning integration: the pruning module, VQA data, and run callbacks (``fvlm run`` builds on these)."""
 from __future__ import annotations
 
-from fvlm.lightning.callbacks import EfficiencyMonitor, PredictionWriter
+from fvlm.lightning.callbacks import EfficiencyMonitor, PredictionWriter, StopOnSigterm
 from fvlm.lightning.data import VQADataModule, VQADataset
 from fvlm.lightning.module import BackboneSpec, FVLMModule, GenerationSpec, SelectorSpec
 
@@ -12,6 +12,7 @@ __all__ = [
     "GenerationSpec",
     "PredictionWriter",
     "SelectorSpec",
+    "StopOnSigterm",
     "VQADataModule",
     "VQADataset",
 ]

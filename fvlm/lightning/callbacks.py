@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 from lightning.pytorch import Callback
 
+from fvlm.adapters.base import BackboneAdapter
 from fvlm.metrics.scoring import read_jsonl, summarize_efficiency
 
 PREDICTIONS = "predictions.jsonl"
@@ -47,8 +48,8 @@ def _lines(files: Iterable[Path]) -> Iterable[dict]:
         yield from read_jsonl(path)
 
 
-def finished_ids(output_dir: str | os.PathLike, retry_errors: bool = False) -> set[str]:
-    """Ids that already have a line (error lines count unless ``retry_errors``)."""
+def finished_ids(output_dir: str | os.PathLike, retry_errors: bool = True) -> set[str]:
+    """Ids that already have a line (error lines count only without ``retry_errors``)."""
     return {str(r["id"]) for r in _lines(prediction_files(output_dir)) if not (retry_errors and r.get("error"))}
 
 
@@ -90,10 +91,11 @@ class PredictionWriter(Callback):
     * Resuming: at setup, rank 0 reads the ids already written (merged file and shards of an
       interrupted run, a truncated last line dropped) and broadcasts them; the data module leaves
       them out (``datamodule.skip_ids``), so a re-run only does the missing samples. Samples whose
-      line has an ``error`` are done too, unless ``retry_errors``.
+      line has an ``error`` are re-run too (``retry_errors``, default); ``retry_errors=False`` keeps
+      those lines as final.
     """
 
-    def __init__(self, output_dir: str, retry_errors: bool = False):
+    def __init__(self, output_dir: str, retry_errors: bool = True):
         super().__init__()
         self.output_dir = Path(output_dir)
         self.retry_errors = retry_errors
@@ -167,6 +169,35 @@ class PredictionWriter(Callback):
         self.close()
 
 
+class StopOnSigterm(Callback):
+    """Ends predict / test at the next batch boundary after SIGTERM (``kill``, a scheduler's grace signal).
+
+    Lightning's handler only sets ``trainer.received_sigterm``, which its predict loop never reads;
+    this raises Lightning's ``SIGTERMException`` once the batch's lines are written (list it after
+    :class:`PredictionWriter`), so the run stops with everything so far flushed and a rerun resumes.
+    ``interrupted`` records a Ctrl-C (Lightning shuts down and exits on its own).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+
+    def _check(self, trainer) -> None:
+        if trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.interrupted = self.interrupted or isinstance(exception, KeyboardInterrupt)
+
+
 def _jsonable(value):
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -208,8 +239,7 @@ class _GenerateTimer:
     def _pre(self, module, args, kwargs):
         if not self._active():
             return
-        cache = kwargs.get("past_key_values")
-        self._prefill = cache is None or cache.get_seq_length() == 0
+        self._prefill = BackboneAdapter.is_prefill(kwargs)
         self._sync()
         self._start = time.perf_counter()
 

@@ -95,6 +95,16 @@ def load_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
     return records
 
 
+def instruction_text(rec: dict) -> str:
+    """The sample's instruction as instruction-conditioned selectors read it (CDPruner's CLIP text):
+    the question and, for multiple choice, the ``A. ...`` option lines; no chat template and no
+    answer-format prompt."""
+    parts = [rec["question"]]
+    if rec.get("choices"):
+        parts += [f"{choice_letter(i)}. {c}" for i, c in enumerate(rec["choices"])]
+    return "\n".join(parts)
+
+
 def load_image(path: str):
     """An RGB PIL image, fully decoded (a truncated file fails here, not in the processor)."""
     from PIL import Image
@@ -152,14 +162,9 @@ class VQACollator:
             tokenizer.padding_side = "left"  # batched generation appends on the right
 
     def prompt_text(self, rec: dict) -> str:
-        parts = [rec["question"]]
-        if rec.get("choices"):
-            parts += [f"{choice_letter(i)}. {c}" for i, c in enumerate(rec["choices"])]
-            if self.choice_prompt:
-                parts.append(self.choice_prompt)
-        elif self.short_answer_prompt:
-            parts.append(self.short_answer_prompt)
-        return "\n".join(parts)
+        """The user turn: :func:`instruction_text` plus the answer-format prompt."""
+        suffix = self.choice_prompt if rec.get("choices") else self.short_answer_prompt
+        return "\n".join([instruction_text(rec), suffix]) if suffix else instruction_text(rec)
 
     def messages(self, rec: dict) -> list[dict]:
         content = [{"type": "image"} for _ in rec["image_paths"]]
@@ -221,8 +226,11 @@ class VQADataModule(LightningDataModule):
                  short_answer_prompt: str = SHORT_ANSWER_PROMPT, choice_prompt: str = CHOICE_PROMPT,
                  system_prompt: Optional[str] = None):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for key, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                  ("limit", 1 if limit is None else limit, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"data.{key} must be an int >= {least}" + (" (or null: every record)" if key == "limit"
+                                 else "") + f", got {value!r}")
         self.path = os.fspath(path)
         self.image_root = None if image_root is None else os.fspath(image_root)
         self.batch_size = batch_size

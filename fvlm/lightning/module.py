@@ -15,13 +15,36 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import torch
+from jsonargparse.typing import path_type
 from lightning.pytorch import LightningModule
 
-from fvlm.errors import FVLMError, UnknownSelectorError
+from fvlm.errors import FVLMError, UnknownSelectorError, UsageError
 from fvlm.metrics.scoring import first_token_fidelity, score_sample
 from fvlm.selectors.base import Need, TokenSelector
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+Path_any = path_type("")  # a path or a name, no checks: relative paths in a recipe remember its folder
+
+
+def _locate(path) -> tuple[str, list[str]]:
+    """``(folder or name, places looked in)``: a relative folder next to the recipe that named it
+    first, then in the working directory; anything else is returned as given (a hub id, ``builtin``)."""
+    import os
+
+    relative = os.fspath(getattr(path, "relative", path))
+    if os.path.isabs(relative):
+        return relative, [relative]
+    places = [os.path.abspath(relative)]
+    if isinstance(path, Path_any):
+        places.insert(0, os.fspath(path.absolute))
+    places = list(dict.fromkeys(places))
+    return next((p for p in places if os.path.isdir(p)), relative), places
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @dataclass
@@ -30,7 +53,10 @@ class BackboneSpec:
 
     ``path``: a local checkpoint folder, a hub id, ``"builtin"`` (the trained model shipped with
     fvlm, :mod:`fvlm.builtin`), or ``"tiny:llava"`` / ``"tiny:llava_next"`` / ``"tiny:qwen2_vl"`` /
-    ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no download).
+    ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no download). In a recipe, a
+    relative folder is looked up next to the recipe file first, then in the working directory (as
+    ``data.path``); a name that is neither is a hub id. :meth:`check` reads the checkpoint's config
+    before anything is loaded.
     ``dtype``: ``auto`` (the checkpoint's; float32 for tiny models), ``float32``,
     ``float16`` or ``bfloat16``. ``attn_implementation``: ``sdpa``, ``eager``,
     ``flash_attention_2``, ... (``None``: transformers' default). ``processor_path`` defaults to
@@ -38,21 +64,70 @@ class BackboneSpec:
     ``num_layers`` apply to tiny models only.
     """
 
-    path: str
+    path: Union[Path_any, str]
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     attn_implementation: Optional[str] = "sdpa"
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    processor_path: Optional[str] = None
+    processor_path: Optional[Union[Path_any, str]] = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     num_layers: Optional[int] = None
 
+    def __post_init__(self):
+        self.path, self._looked_in = _locate(self.path)
+        if self.processor_path is not None:
+            self.processor_path = _locate(self.processor_path)[0]
+
+    def check(self):
+        """Read the checkpoint's config and check that fvlm can prune it, before loading any weights.
+
+        Raises :class:`~fvlm.errors.UsageError` for a folder that does not exist (naming where it
+        was looked for) or a hub id that can be read neither from the local cache nor the hub, and
+        :class:`~fvlm.errors.UnsupportedModelError` for a model family without a backbone adapter.
+        Returns the config (``None`` for ``builtin`` and ``tiny:`` backbones).
+        """
+        from fvlm.adapters import adapter_class_for_config
+        from fvlm.tiny_backbones import parse_tiny
+
+        if self.path == "builtin" or parse_tiny(self.path) is not None:
+            return None
+        config = self._read_config()
+        adapter_class_for_config(config)
+        return config
+
+    def _read_config(self):
+        import os
+
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        from transformers import AutoConfig
+
+        kwargs = dict(revision=self.revision, trust_remote_code=self.trust_remote_code)
+        missing = f"no such checkpoint folder: {self.path} (looked in {', '.join(self._looked_in)})"
+        if os.path.isdir(self.path):
+            try:
+                return AutoConfig.from_pretrained(self.path, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"checkpoint folder {self.path}: cannot read its config: {_first_line(exc)}") from None
+        try:
+            validate_repo_id(self.path)
+        except HFValidationError:
+            raise UsageError(missing) from None
+        cached = isinstance(try_to_load_from_cache(self.path, "config.json", revision=self.revision), str)
+        if not cached and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise UsageError(f"{missing}; nor is {self.path!r} a hub model in the local cache (HF_HUB_OFFLINE is set)")
+        try:
+            return AutoConfig.from_pretrained(self.path, local_files_only=cached, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{missing}; as a hub id: {_first_line(exc)}") from None
+
     def load(self):
         """``(model, processor)``; the model is in eval mode with gradients off for its weights."""
         from fvlm.tiny_backbones import parse_tiny, tiny_backbone
 
+        self.check()
         family = parse_tiny(self.path)
         if self.path == "builtin":
             from fvlm import builtin
@@ -83,7 +158,7 @@ class BackboneSpec:
 
 
     def _load_processor(self, auto):
-        from fvlm.tiny_backbones import load_processor_without_video
+        from fvlm.processors import load_processor_without_video
 
         path = self.processor_path or self.path
         kwargs = dict(revision=self.revision, trust_remote_code=self.trust_remote_code, **self.processor_kwargs)
@@ -181,7 +256,8 @@ def sample_efficiency(adapter, input_ids: torch.Tensor, attention_mask: torch.Te
     ``trace`` is the session's :class:`~fvlm.trace.Trace` (``None`` for an unpruned run: every
     layer sees every visual token). ``steps`` is the number of decode tokens that entered the
     cache (generated length - 1). KV counts exclude padding: per layer, the sample's text tokens,
-    its visual tokens in that layer's input and the decode tokens.
+    its visual tokens in that layer's input and the decode tokens. When ``generate`` repeated every
+    prompt (beams, several returns), the trace has that many rows per sample: the first is used.
     """
     info = adapter.info()
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
@@ -189,10 +265,11 @@ def sample_efficiency(adapter, input_ids: torch.Tensor, attention_mask: torch.Te
     prompt = valid.sum(dim=1).tolist()
     per_token = 2 * info.num_kv_heads * info.head_dim * torch.empty((), dtype=dtype).element_size()  # K+V, one layer
     out = []
+    copies = len(trace.original_visual) // max(len(visual), 1) if trace is not None else 1
     for b, n_vis in enumerate(visual):
         if trace is not None:
-            per_layer = list(trace.visual_per_layer[b])
-            llm_input = trace.llm_input_visual[b]
+            per_layer = list(trace.visual_per_layer[b * copies])
+            llm_input = trace.llm_input_visual[b * copies]
         else:
             per_layer = [n_vis] * info.num_layers
             llm_input = n_vis
@@ -219,7 +296,8 @@ class FVLMModule(LightningModule):
         selector: ``{name: ..., args: {...}}`` (:class:`SelectorSpec`), a ``TokenSelector`` instance
             (``class_path`` / ``init_args`` in a recipe), or ``None`` for the unpruned reference.
         generation: ``generate`` settings.
-        positions: position ids of kept tokens: ``original`` (default) or ``compact``.
+        positions: position ids of kept tokens: ``original`` or ``compact`` for any selector; ``None``
+            (default) uses the selector's own (its authors' policy, what the paper recipes reproduce).
         fidelity: also run the unpruned model on every batch and record its answer, the KL
             divergence and top-1 agreement of the first generated token (judges a method without
             reference answers; doubles the generation cost).
@@ -231,7 +309,8 @@ class FVLMModule(LightningModule):
     """
 
     def __init__(self, backbone: BackboneSpec, selector: Optional[Union[SelectorSpec, TokenSelector]] = None,
-                 generation: GenerationSpec = GenerationSpec(), positions: Literal["original", "compact"] = "original",
+                 generation: GenerationSpec = GenerationSpec(),
+                 positions: Optional[Literal["original", "compact"]] = None,
                  fidelity: bool = False, on_error: Literal["raise", "record"] = "raise"):
         super().__init__()
         if isinstance(backbone, dict):
@@ -261,6 +340,12 @@ class FVLMModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model, self.processor = self.backbone.load()
+            if self.selector is not None:  # a missing auxiliary model fails now, not at the first batch
+                from fvlm.auxiliary import load_auxiliary
+
+                self.selector.stages(self._adapter().info())
+                for spec in self.selector.auxiliary_models():
+                    load_auxiliary(spec, self.model)
 
     def _adapter(self):
         if self._adapter_cache is None:
@@ -294,7 +379,10 @@ class FVLMModule(LightningModule):
                 "torch.inference_mode(): use Trainer(inference_mode=False) (fvlm run does this unless the "
                 "recipe sets trainer.inference_mode: true)")
         try:
-            return records + self._generate(batch["inputs"], samples)
+            try:
+                return records + self._generate(batch["inputs"], samples)
+            except StopIteration as exc:  # would end Lightning's loop as if the data ran out
+                raise RuntimeError(f"generation raised StopIteration {exc!r}") from exc
         except Exception as exc:
             if self.on_error == "raise":
                 raise
@@ -339,6 +427,7 @@ class FVLMModule(LightningModule):
         return [t.strip() for t in texts], lengths
 
     def _generate(self, inputs: dict, samples: list[dict]) -> list[dict]:
+        from fvlm.lightning.data import instruction_text
         from fvlm.session import prune
 
         inputs = self._inputs(inputs)
@@ -351,20 +440,25 @@ class FVLMModule(LightningModule):
                 reference = self.model.generate(**inputs, **kwargs)
             finally:
                 self.measuring = True
-        session = prune(self.model, self.selector, positions=self.positions) if self.selector is not None else None
+        session = None if self.selector is None else prune(
+            self.model, self.selector, positions=self.positions, instructions=[instruction_text(s) for s in samples])
         with session if session is not None else contextlib.nullcontext():
             out = self.model.generate(**inputs, **kwargs)
         texts, lengths = self._decode(out.sequences, prompt_len)
+        n = len(texts) // len(samples)  # num_return_sequences: each sample's returns in a row, best first
         steps = max(out.sequences.shape[1] - prompt_len - 1, 0)
         eff = sample_efficiency(self._adapter(), inputs["input_ids"], inputs.get("attention_mask"),
-                                session.trace if session is not None else None, steps, lengths, self.model.dtype)
+                                session.trace if session is not None else None, steps, lengths[::n], self.model.dtype)
         records = []
         for b, sample in enumerate(samples):
-            fields: dict[str, Any] = {"answer": texts[b], "efficiency": eff[b]}
+            fields: dict[str, Any] = {"answer": texts[b * n], "efficiency": eff[b]}
+            if n > 1:
+                fields["returns"] = texts[b * n:(b + 1) * n]
             records.append(fields)
         if reference is not None:
             ref_texts, _ = self._decode(reference.sequences, prompt_len)
-            kl, top1 = first_token_fidelity(reference.logits[0], out.logits[0])
+            rows = out.logits[0].shape[0] // len(samples)  # beams: every row of a sample starts alike
+            kl, top1 = first_token_fidelity(reference.logits[0][::rows], out.logits[0][::rows])
             for b, fields in enumerate(records):
-                fields.update(reference_answer=ref_texts[b], first_token_kl=kl[b], first_token_top1=top1[b])
+                fields.update(reference_answer=ref_texts[b * n], first_token_kl=kl[b], first_token_top1=top1[b])
         return [self._record(s, **f) for s, f in zip(samples, records)]

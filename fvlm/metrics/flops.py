@@ -27,13 +27,15 @@ product; element-wise work such as norms, rotary, softmax and activations is not
 * selector overhead (e.g. PIO-FVLM's proxy forward + backward), passed in by the caller (see
   :func:`selector_overhead_flops`).
 
-The architecture is described by the small frozen dataclasses :class:`TextArch` and
-:class:`VisionArch` (build them from a transformers config with :mod:`fvlm.profiling.arch`).
+The architecture is described by the small frozen dataclasses :class:`TextArch` (the shared
+:class:`fvlm.types.ModelInfo`) and :class:`VisionArch` (build them from a transformers config with :mod:`fvlm.profiling.arch`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
+
+from fvlm.types import ModelInfo
 
 # ---------------------------------------------------------------------------------------------
 # Paper convention
@@ -60,31 +62,19 @@ def paper_flops(visual_per_layer: Iterable[float], hidden: int, intermediate: in
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TextArch:
-    """The language model: what the full convention needs to know."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    gated_mlp: bool = True  # SwiGLU (gate, up, down) vs. two matrices
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+TextArch = ModelInfo  # the language model: one architecture record for selectors and FLOP counts
 
 
 @dataclass(frozen=True)
 class VisionArch:
     """The vision tower and projector.
 
-    ``kind``: ``"clip"`` (ViT with a CLS token, LLaVA / LLaVA-NeXT) or ``"qwen"`` (Qwen2-VL /
-    Qwen2.5-VL: 3-D patch embedding, optional windowed attention, 2x2 patch merger).
+    ``kind``: ``"clip"`` (a ViT over fixed-size tiles, with a CLS token or without one as SigLIP:
+    LLaVA, LLaVA-NeXT, LLaVA-OneVision) or ``"qwen"`` (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: 3-D patch
+    embedding, optional windowed attention, 2x2 patch merger).
     ``projector``: the ``(fan_in, fan_out)`` of each linear layer the projector/merger applies per
-    output token (LLaVA: ``[(1024, 4096), (4096, 4096)]``; Qwen: ``[(4*1280, 4*1280), (4*1280, 3584)]``).
+    output token (LLaVA: ``[(1024, 4096), (4096, 4096)]``; Qwen: ``[(4*1280, 4*1280), (4*1280, 3584)]``;
+    Qwen3-VL adds its DeepStack mergers).
     """
 
     kind: str
@@ -96,6 +86,7 @@ class VisionArch:
     in_channels: int = 3
     gated_mlp: bool = False
     image_size: int = 0  # clip: the tile size in pixels
+    has_cls: bool = True  # clip: the tower adds a CLS token (CLIP; SigLIP has none)
     keep_cls: bool = False  # clip: vision_feature_select_strategy "full" projects the CLS token too
     temporal_patch_size: int = 1  # qwen
     spatial_merge_size: int = 1  # qwen
@@ -193,10 +184,10 @@ def vision_flops(vision: VisionArch, images: Sequence[Mapping]) -> dict[str, flo
         if vision.kind == "clip":
             tiles = int(image.get("tiles", 1))
             patches = (vision.image_size // vision.patch_size) ** 2
-            tokens = patches + 1  # CLS
+            tokens = patches + int(vision.has_cls)
             embed += tiles * linear_flops(patches, vision.in_channels * vision.patch_size**2, d)
             encoder += tiles * vision.num_layers * vit_layer_flops(tokens, vision)
-            out_tokens = tiles * (tokens if vision.keep_cls else patches)
+            out_tokens = tiles * (tokens if vision.keep_cls and vision.has_cls else patches)
         elif vision.kind == "qwen":
             t, h, w = (int(x) for x in image["grid_thw"])
             patches = t * h * w
@@ -300,6 +291,37 @@ def nms_similarity_flops(n_visual: float, kept: float | None, hidden: int) -> fl
     where NMS suppresses more than k of them recomputes a bigger block, which this does not count."""
     m = n_visual if kept is None else min(n_visual, 2 * kept)
     return similarity_flops(m, hidden)
+
+
+def dpp_map_flops(n: float, dim: int, k: float) -> float:
+    """CDPruner's greedy DPP MAP on one view of ``n`` tokens: the ``2 n^2 d`` similarity kernel and
+    the Cholesky-row updates (``2 t n`` at step ``t``, about ``n k^2`` for ``k`` picks)."""
+    return similarity_flops(n, dim) + n * k * k
+
+
+def clip_text_flops(rows: float = 1, tokens: int = 77, layers: int = 12, width: int = 768, mlp: int = 3072) -> float:
+    """A CLIP text tower on ``rows`` rows of ``tokens`` tokens, with its projection (defaults: the
+    ViT-L/14 text tower CDPruner uses: 12 layers, width 768, MLP 3072)."""
+    per_row = layers * (4 * linear_flops(tokens, width, width) + 2 * linear_flops(tokens, width, mlp)
+                        + attention_flops(tokens, tokens, 1, width)) + linear_flops(1, width, width)
+    return rows * per_row
+
+
+def merge_flops(n: float, kept: float, dim: int) -> float:
+    """Assigning each of the ``n - kept`` dropped tokens to its most similar kept token (VScan)."""
+    return 2 * (n - kept) * kept * dim
+
+
+def cls_rows_flops(tokens: float, width: int) -> float:
+    """One CLS-query attention row of a vision layer recomputed from its input: keys of all
+    ``tokens``, the CLS query and the scores."""
+    return linear_flops(tokens, width, width) + linear_flops(1, width, width) + 2 * tokens * width
+
+
+def received_attention_flops(patches: float, width: int) -> float:
+    """The attention every patch receives in one full-attention vision block (Qwen2.5-VL): queries and
+    keys of all ``patches`` and the ``patches x patches`` scores."""
+    return 2 * linear_flops(patches, width, width) + 2 * patches * patches * width
 
 
 def selector_overhead_flops(needs: Iterable, seq_len: float, text: TextArch, n_visual: float = 0,

@@ -2,21 +2,22 @@
 
 The same rules as :class:`fvlm.PruningSession`: a ``"vision"`` / ``"input"`` stage sets the count
 that enters the LLM; a stage at ``l`` (after ``l`` decoder layers) sets the count of layers ``l``
-and later; a float ``keep`` is a fraction of the *original* count (rounded, at least 1).
+and later; a stage keeps :meth:`Stage.count <fvlm.selectors.base.Stage.count>` tokens, or what the
+selector's :meth:`~fvlm.selectors.base.TokenSelector.keep_count` says when one is given.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
-from fvlm.selectors.base import Stage
+import torch
+
+from fvlm.types import Stage
 
 
 def stage_count(keep: int | float, original: int) -> int:
-    """Visual tokens a stage keeps: an int count, or a float fraction of ``original``."""
-    if isinstance(keep, float):
-        return max(1, round(original * keep)) if original else 0
-    return int(keep)
+    """Visual tokens a stage keeps: an int count, or a float fraction of ``original`` (:meth:`Stage.count`)."""
+    return int(Stage("input", keep).count(original))
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,18 @@ class VisualCounts:
         return layer_average(self.per_layer)
 
 
-def visual_counts(stages: Sequence[Stage], num_layers: int, original: int) -> VisualCounts:
-    """Expand a stage schedule into per-layer visual-token counts for ``original`` visual tokens."""
+def visual_counts(stages: Sequence[Stage], num_layers: int, original: int, selector=None,
+                  images: int = 1) -> VisualCounts:
+    """Expand a stage schedule into per-layer visual-token counts for ``original`` visual tokens in
+    ``images`` images (a ``selector`` gives each stage's count with its ``keep_count``)."""
     count = llm_input = original
     changes: dict[int, int] = {}
     for stage in sorted(stages, key=lambda s: s.order):
-        keep = stage_count(stage.keep, original)
+        if selector is None:
+            keep = stage_count(stage.keep, original)
+        else:
+            keep = int(selector.keep_count(stage, torch.tensor([count]), torch.tensor([original]),
+                                           torch.tensor([images]))[0])
         if keep > count:
             raise ValueError(f"stage at {stage.where!r} keeps {keep} visual tokens but only {count} remain")
         if isinstance(stage.where, int):

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from fvlm.adapters.base import ModelInfo
-from fvlm.errors import FVLMError
+from fvlm.errors import FVLMError, UsageError
 from fvlm.metrics.flops import (
     FlopsBreakdown,
     TextArch,
@@ -22,7 +21,7 @@ from fvlm.metrics.flops import (
 from fvlm.metrics.kv import dtype_bytes, kv_bytes
 from fvlm.metrics.tokens import VisualCounts, stage_count, visual_counts
 from fvlm.profiling.arch import Architecture, model_info
-from fvlm.selectors.base import Stage
+from fvlm.types import ModelInfo, Stage
 
 # Parameters a layer-average budget sets, in this order of preference. AVERAGE_PARAMETERS take the
 # target itself (the selector maps it to its own stage counts); COUNT_PARAMETERS are a kept-token
@@ -80,16 +79,16 @@ def parse_schedule(text: str) -> list[Stage]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         where, sep, keep = part.partition(":")
         if not sep:
-            raise FVLMError(f"bad schedule entry {part!r}: expected WHERE:KEEP, e.g. 1:218 or input:64")
+            raise UsageError(f"bad schedule entry {part!r}: expected WHERE:KEEP, e.g. 1:218 or input:64")
         where = where.strip()
         try:
             where_v: Any = where if where in ("vision", "input") else int(where)
             keep_v: Any = float(keep) if "." in keep else int(keep)
             stages.append(Stage(where_v, keep_v))
         except (TypeError, ValueError) as exc:
-            raise FVLMError(f"bad schedule entry {part!r}: {exc}") from None
+            raise UsageError(f"bad schedule entry {part!r}: {exc}") from None
     if not stages:
-        raise FVLMError(f"empty schedule {text!r}")
+        raise UsageError(f"empty schedule {text!r}")
     return stages
 
 
@@ -158,7 +157,7 @@ def profile_stages(
     """Profile one stage schedule (optionally produced by ``selector``) on ``arch``."""
     original = arch.visual_tokens if visual_tokens is None else int(visual_tokens)
     text_n = arch.text_tokens if text_tokens is None else int(text_tokens)
-    counts = visual_counts(list(stages), arch.text.num_layers, original)
+    counts = visual_counts(list(stages), arch.text.num_layers, original, selector, max(1, len(arch.images)))
     tokens = [text_n + v for v in counts.per_layer]
     overhead = _overhead(selector, counts, stages, text_n, tokens, arch)
     full = full_flops(arch.text, tokens, vision=arch.vision, images=arch.images, lm_head_rows=1, overhead=overhead)
@@ -186,8 +185,15 @@ def _visionzip_split(average: float) -> dict:
     return {"dominant": dominant, "contextual": total - dominant}
 
 
+def _vscan_split(average: float) -> dict:
+    """VScan's two stages from a layer average: the authors' LLaVA-1.5 schedule (96 from the encoder,
+    32 after layer 16 of 32: average 64) scaled, encoder 1.5x and LLM stage 0.5x the average (the spec's
+    labelled guess beyond 64; exact on 32 layers with the stage after layer 16)."""
+    return {"encoder_keep": int(round(1.5 * average)), "layer": 16, "keep": int(round(0.5 * average))}
+
+
 # Selectors whose budget is not one parameter: name -> (layer average -> kwargs).
-BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split}
+BUDGET_MAPS: dict[str, Callable[[float], dict]] = {"visionzip": _visionzip_split, "vscan": _vscan_split}
 
 
 def budget_parameter(name: str) -> str | None:
@@ -226,10 +232,13 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
     """
     from fvlm.registry import create_selector
 
+    if not 0 < target <= original:
+        raise UsageError(f"a layer-average budget of {target:g} visual tokens is outside (0, {original}]: "
+                         f"the model has {original} visual tokens per sample")
     params = _with_input_size(name, dict(params or {}), original)
     param = budget_parameter(name)
     if param is None:
-        raise FVLMError(
+        raise UsageError(
             f"selector {name!r} has none of the budget parameters {', '.join(BUDGET_PARAMETERS)}; "
             "give its own parameters with --set instead of --budget"
         )
@@ -237,15 +246,15 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
         return {**params, **BUDGET_MAPS[name](target)}
 
     def average(value) -> float:
-        stages = list(create_selector(name, **{**params, param: value}).stages(info))
-        return visual_counts(stages, info.num_layers, original).layer_average
+        selector = create_selector(name, **{**params, param: value})
+        return visual_counts(list(selector.stages(info)), info.num_layers, original, selector).layer_average
 
     if param in AVERAGE_PARAMETERS:
         value = int(target) if float(target).is_integer() else target
         try:
             average(value)
         except (ValueError, TypeError) as exc:
-            raise FVLMError(f"selector {name!r} with {param}={value}: {exc}") from None
+            raise UsageError(f"selector {name!r} with {param}={value}: {exc}") from None
         return {**params, param: value}
 
     def safe(value: int) -> float | None:
@@ -268,7 +277,12 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
         if avg is not None and (best is None or abs(avg - target) < best[0]):
             best = (abs(avg - target), value)
     if best is None:
-        raise FVLMError(f"selector {name!r}: no value of {param!r} gives a valid schedule")
+        raise UsageError(f"selector {name!r}: no value of {param!r} gives a valid schedule")
+    ends = [safe(1), safe(original)]
+    step = abs(ends[1] - ends[0]) / (original - 1) if None not in ends and original > 1 else 1.0
+    if best[0] > max(1.0, step):  # more than a rounding gap: the target is out of this selector's reach
+        raise UsageError(f"selector {name!r} cannot reach a layer average of {target:g} through {param!r}: "
+                         f"the nearest it gets is {average(best[1]):.1f} ({param}={best[1]})")
     return {**params, param: best[1]}
 
 

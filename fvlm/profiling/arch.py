@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fvlm.adapters.base import ModelInfo
-from fvlm.errors import FVLMError
+from fvlm.errors import FVLMError, UsageError
 from fvlm.metrics.flops import TextArch, VisionArch
+from fvlm.types import ModelInfo
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -68,7 +68,7 @@ def _read(name_or_path: str) -> tuple[str, dict]:
     if not path.suffix == ".json" or not path.exists():
         path = CONFIG_DIR / f"{name_or_path}.json"
     if not path.exists():
-        raise FVLMError(
+        raise UsageError(
             f"unknown model {name_or_path!r}: not a shipped architecture ({', '.join(shipped_models())}) "
             "and not a path to a config .json"
         )
@@ -107,62 +107,61 @@ def load_architecture(name_or_path: str) -> Architecture:
 
 
 def text_arch(hf_config) -> TextArch:
-    """:class:`TextArch` of a VLM (or plain LM) transformers config."""
-    tc = hf_config.get_text_config()
-    heads = tc.num_attention_heads
-    return TextArch(
-        num_layers=tc.num_hidden_layers,
-        hidden_size=tc.hidden_size,
-        intermediate_size=tc.intermediate_size,
-        num_heads=heads,
-        num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
-        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
-        vocab_size=tc.vocab_size,
-        gated_mlp=True,  # Llama / Qwen2 decoder layers: gate, up, down
-    )
+    """:class:`TextArch` of a VLM (or plain LM) transformers config (Llama / Qwen / Mistral decoder
+    layers: gated MLP)."""
+    return ModelInfo.from_config(hf_config, family=hf_config.model_type)
 
 
 def vision_arch(hf_config) -> VisionArch | None:
-    """:class:`VisionArch` of a LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL config (None otherwise)."""
+    """:class:`VisionArch` of a LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+    config (None otherwise)."""
     vc = getattr(hf_config, "vision_config", None)
     if vc is None:
         return None
     model_type = hf_config.model_type
     text_hidden = hf_config.get_text_config().hidden_size
-    if model_type in ("llava", "llava_next"):
+    if model_type in CLIP_TILED:
         d = vc.hidden_size
         return VisionArch(
             kind="clip", num_layers=vc.num_hidden_layers, hidden_size=d, intermediate_size=vc.intermediate_size,
             num_heads=vc.num_attention_heads, patch_size=vc.patch_size, in_channels=vc.num_channels,
-            image_size=vc.image_size, keep_cls=hf_config.vision_feature_select_strategy == "full",
+            image_size=vc.image_size, has_cls=vc.model_type != "siglip_vision_model",
+            keep_cls=hf_config.vision_feature_select_strategy == "full",
             projector=((d, text_hidden), (text_hidden, text_hidden)),
         )
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         merge = vc.spatial_merge_size
+        mergers = 1
         if model_type == "qwen2_vl":
             d, inter, gated, out = vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), False, vc.hidden_size
             window, full = 0, ()
-        else:
+        elif model_type == "qwen2_5_vl":
             d, inter, gated, out = vc.hidden_size, vc.intermediate_size, True, vc.out_hidden_size
             window, full = vc.window_size, tuple(vc.fullatt_block_indexes)
+        else:  # Qwen3-VL: full attention everywhere, one more merger per DeepStack layer
+            d, inter, gated, out = vc.hidden_size, vc.intermediate_size, False, vc.out_hidden_size
+            window, full, mergers = 0, (), 1 + len(vc.deepstack_visual_indexes)
         wide = d * merge * merge
         return VisionArch(
             kind="qwen", num_layers=vc.depth, hidden_size=d, intermediate_size=inter, num_heads=vc.num_heads,
             patch_size=vc.patch_size, in_channels=vc.in_channels, gated_mlp=gated,
             temporal_patch_size=vc.temporal_patch_size, spatial_merge_size=merge, window_size=window,
-            fullatt_layers=full, projector=((wide, wide), (wide, out)),
+            fullatt_layers=full, projector=((wide, wide), (wide, out)) * mergers,
         )
     return None
 
 
+CLIP_TILED = ("llava", "llava_next", "llava_onevision")  # towers over fixed-size tiles
+
+
 def _default_images(hf_config) -> list[dict]:
-    if hf_config.model_type in ("llava", "llava_next"):
+    if hf_config.model_type in CLIP_TILED:
         return [{"tiles": 1}]
     return []
 
 
 def _default_visual_tokens(hf_config, images) -> int:
-    if hf_config.model_type in ("llava", "llava_next"):
+    if hf_config.model_type in CLIP_TILED:
         vc = hf_config.vision_config
         return sum(int(i.get("tiles", 1)) for i in images) * (vc.image_size // vc.patch_size) ** 2
     merge = getattr(getattr(hf_config, "vision_config", None), "spatial_merge_size", 2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fvlm.adapters import adapter_for
 from fvlm.metrics.flops import lm_head_flops, llm_prefill_flops, vision_flops
 from fvlm.metrics.kv import dtype_bytes, kv_bytes, kv_cache_bytes
 from fvlm.profiling.arch import Architecture, build_meta_model
@@ -19,8 +20,9 @@ def meta_check(arch: Architecture, visual_tokens: int | None = None, text_tokens
 
     Returns ``{"llm": (measured, analytic), "kv_bytes": (measured, analytic), "vision": (measured,
     analytic) or None}``; ``llm`` covers the decoder layers and the LM head on the last position.
-    The vision tower is run for CLIP towers (LLaVA, LLaVA-NeXT); Qwen's vision tower computes window
-    indices from data and does not run on the meta device.
+    The vision tower is run for the tile-based towers (LLaVA, LLaVA-NeXT, LLaVA-OneVision); Qwen's
+    vision tower computes window indices / position interpolation from data and does not run on the
+    meta device.
     """
     seq = (arch.visual_tokens if visual_tokens is None else visual_tokens) + (
         arch.text_tokens if text_tokens is None else text_tokens)
@@ -32,7 +34,7 @@ def meta_check(arch: Architecture, visual_tokens: int | None = None, text_tokens
         out, measured = measure_flops(model, inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
     result = {
         "llm": (measured.total, llm_prefill_flops([seq] * t.num_layers, t) + lm_head_flops(1, t)),
-        "kv_bytes": (kv_cache_bytes(out.past_key_values),
+        "kv_bytes": (kv_cache_bytes(adapter_for(model).cache_of(out)),
                      kv_bytes([seq] * t.num_layers, t.num_kv_heads, t.head_dim, dtype_bytes(dtype))),
         "vision": None,
     }
@@ -40,7 +42,7 @@ def meta_check(arch: Architecture, visual_tokens: int | None = None, text_tokens
     if v is not None and v.kind == "clip" and arch.images:
         tiles = int(arch.images[0].get("tiles", 1))
         kwargs = {}
-        if arch.model_type == "llava_next":
+        if arch.model_type in ("llava_next", "llava_onevision"):  # any-res: the tiles of one image
             side = v.image_size
             pixels = torch.empty(1, tiles, v.in_channels, side, side, device="meta", dtype=dtype)
             grid = {1: (1, 1), 3: (1, 2), 5: (2, 2)}.get(tiles, (1, 1))
@@ -48,6 +50,6 @@ def meta_check(arch: Architecture, visual_tokens: int | None = None, text_tokens
         else:
             pixels = torch.empty(tiles, v.in_channels, v.image_size, v.image_size, device="meta", dtype=dtype)
         with torch.no_grad():
-            _, vis = measure_flops(model.model.get_image_features, pixel_values=pixels, **kwargs)
+            _, vis = measure_flops(adapter_for(model).image_features, pixel_values=pixels, **kwargs)
         result["vision"] = (vis.total, sum(vision_flops(v, arch.images[:1]).values()))
     return result

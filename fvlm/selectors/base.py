@@ -2,73 +2,23 @@
 from __future__ import annotations
 
 import abc
-import enum
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Sequence, Union
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
+from fvlm.types import (  # noqa: F401  (the selector API's types)
+    POSITION_POLICIES,
+    ROUNDING,
+    ModelInfo,
+    Need,
+    Selection,
+    Stage,
+    Where,
+)
+
 if TYPE_CHECKING:
-    from fvlm.adapters.base import ModelInfo
+    from fvlm.auxiliary import AuxiliarySpec
     from fvlm.context import SelectionContext
-
-
-class Need(str, enum.Enum):
-    """Inputs a selector may read beyond the visual hidden states (always available)."""
-
-    ATTENTION = "attention"  # attention rows of the pruning layer, recomputed from its q/k
-    KEYS = "keys"  # post-rotary key states of the pruning layer
-    GRADIENT = "gradient"  # gradient of an objective w.r.t. the hidden states (local autograd)
-    VISION_ATTENTION = "vision_attention"  # CLS-row attention inside the vision tower
-    TEXT = "text"  # hidden states of the text tokens of the prompt
-    GRID = "grid"  # the 2-D patch grid of every image
-    LAYERS = "layers"  # direct use of decoder layers / final norm / LM head (proxy models)
-
-
-Where = Union[str, int]  # "vision", "input", or l >= 1: after l decoder layers
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One pruning point: where it fires and how many visual tokens survive it.
-
-    ``where`` is ``"vision"`` (on the vision tower's output, applied as the LLM input is formed),
-    ``"input"`` (on the LLM input embeddings) or an int ``l >= 1`` (on the output of the first ``l``
-    decoder layers; layer ``l`` and later see the reduced sequence). ``keep`` is an absolute count
-    (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float).
-    """
-
-    where: Where
-    keep: Union[int, float]
-
-    def __post_init__(self):
-        if self.where not in ("vision", "input") and not (isinstance(self.where, int) and self.where >= 1):
-            raise ValueError(f"Stage.where must be 'vision', 'input' or an int >= 1, got {self.where!r}")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
-            raise TypeError(f"Stage.keep must be an int count or a float fraction, got {self.keep!r}")
-        if isinstance(self.keep, int) and self.keep < 0:
-            raise ValueError(f"Stage.keep must be >= 0, got {self.keep}")
-        if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"a fractional Stage.keep must be in (0, 1], got {self.keep}")
-
-    @property
-    def order(self) -> float:
-        """Sort key: vision < input < layer 1 < layer 2 ..."""
-        return {"vision": -1.0, "input": 0.0}.get(self.where, self.where)  # type: ignore[arg-type]
-
-
-@dataclass
-class Selection:
-    """What a selector returns for one stage.
-
-    ``indices``: LongTensor ``[B, K]`` of indices into each sample's current visual tokens, in the
-    order the kept tokens should appear in the sequence (usually ascending), padded with ``-1``
-    where a sample keeps fewer than ``K``. ``embeddings`` (optional, ``[B, K, D]``) replaces the
-    hidden state of each kept token (merging methods); its position stays that of the index.
-    """
-
-    indices: torch.Tensor
-    embeddings: torch.Tensor | None = None
 
 
 class TokenSelector(abc.ABC):
@@ -82,6 +32,12 @@ class TokenSelector(abc.ABC):
     #: Keyword arguments that fit fvlm's tiny test backbones (4 layers, 8-88 visual tokens per image);
     #: the contract tests and docs create the selector with them.
     example_kwargs: ClassVar[dict] = {}
+    #: Position ids of the kept tokens in the method's authors' code: ``"original"`` (kept tokens keep
+    #: their ids, with gaps; the default for a selector that does not say) or ``"compact"`` (renumbered
+    #: contiguously in sequence order). A session uses it unless given ``positions=`` explicitly;
+    #: ``"compact"`` resolves to ``"original"`` on M-RoPE backbones (Qwen), where fvlm keeps ids. An
+    #: instance may set its own when the policy depends on an option (SparseVLM's ``version``).
+    positions: str = "original"
 
     @abc.abstractmethod
     def stages(self, info: "ModelInfo") -> Sequence[Stage]:
@@ -90,6 +46,33 @@ class TokenSelector(abc.ABC):
     @abc.abstractmethod
     def select(self, ctx: "SelectionContext") -> Selection | torch.Tensor:
         """Choose the visual tokens to keep at ``ctx.stage`` (``ctx.budget[b]`` per sample)."""
+
+    def keep_count(self, stage: Stage, current: torch.Tensor, original: torch.Tensor,
+                   images: torch.Tensor) -> torch.Tensor:
+        """``[B]`` visual tokens each sample keeps at ``stage`` (the session's ``ctx.budget``).
+
+        ``current``: visual tokens entering the stage, ``original``: before any stage, ``images``:
+        images in the prompt (all ``[B]`` long). Default :meth:`Stage.count` of ``original``; override
+        when the authors' count depends on more (SparseVLM's recycled clusters, VisionZip per image).
+        """
+        return stage.count(original)
+
+    def stage_budget(self, ctx: "SelectionContext") -> torch.Tensor:
+        """``[B]`` visual tokens each sample keeps at ``ctx.stage`` when the model runs: by default
+        :meth:`keep_count`; override when the count depends on the visual layout (``ctx.layout``:
+        CDPruner and VScan count per view of the vision tower, LLaVA-NeXT crops and newlines)."""
+        return self.keep_count(ctx.stage, ctx.num_visual, ctx.original_visual, ctx.images)
+
+    def vision_layers(self, info: "ModelInfo") -> frozenset[int]:
+        """Vision-tower layers (0-based) whose attention :meth:`SelectionContext.vision_attention`
+        reads; the session records their inputs while the tower runs."""
+        return frozenset()
+
+    def auxiliary_models(self) -> Sequence["AuxiliarySpec"]:
+        """Models this selector loads next to the backbone (see :mod:`fvlm.auxiliary`): loaded once
+        per backbone when a session starts, on the backbone's device; read with
+        :meth:`SelectionContext.auxiliary`."""
+        return ()
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

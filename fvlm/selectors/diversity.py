@@ -5,6 +5,7 @@ import torch
 
 from fvlm.errors import UnsupportedModelError
 from fvlm.selectors.algorithms import cls_dominant_and_contextual, max_min_diversity
+from fvlm.selectors.arguments import check_int, check_keep, check_where, fail
 from fvlm.selectors.base import Need, Selection, Stage, TokenSelector
 
 
@@ -13,13 +14,17 @@ class DivPrune(TokenSelector):
 
     Runs on the LLM input embeddings by default (any stage works). The first pick is the token whose
     nearest neighbour is farthest; each next pick maximises its minimum distance to the picks.
-    A running minimum makes it O(kN) with the same picks as the official O(k^2 N) loop.
-    Default keep 0.098 of the visual tokens (the paper's ratio, about 56 of 576).
+    A running minimum makes it O(kN) with the same picks as the official O(k^2 N) loop; distances
+    in float32 (the authors: the model dtype, whose fp16 ties change a few picks). Default keep
+    0.098 of the visual tokens (the paper's ratio, 56 of 576 by :meth:`~fvlm.selectors.base.Stage.count`).
+    Positions: compact, like the authors' LLaVA (the kept tokens are followed directly by the text).
     """
 
+    positions = "compact"
+
     def __init__(self, keep: int | float = 0.098, layer: int | str = "input"):
-        self.keep = keep
-        self.layer = layer
+        self.keep = check_keep(self, keep)
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]
@@ -31,24 +36,29 @@ class DivPrune(TokenSelector):
 class VisionZip(TokenSelector):
     """VisionZip (CVPR'25, arXiv 2412.04467): dominant CLS-attention tokens + merged contextual tokens.
 
-    At the vision stage (text-agnostic): CLS->patch attention of the vision layer that feeds the
-    projector, summed over heads, picks ``dominant`` tokens; ``contextual`` targets at a uniform
-    stride over the rest absorb every other remaining token by key similarity (target + mean of its
-    members, merged before the projector and then projected). Supports LLaVA-1.5-style backbones
-    (CLS token, one tile per image); LLaVA-NeXT and Qwen raise a clear error.
+    At the vision stage (text-agnostic), per image, from the vision layer that feeds the projector:
+    ``dominant`` counts the CLS token as the authors do, so the top ``dominant - 1`` patches by
+    CLS attention (summed over heads) plus the CLS token itself (54 = 53 patches + CLS);
+    ``contextual`` targets at a uniform stride over the remaining patches absorb every other one
+    by key similarity (target + mean of its members, merged before the projector).
 
-    Differences from the official code: HF LLaVA has no placeholder for the CLS token, so fvlm keeps
-    ``dominant`` patches where the authors keep ``dominant - 1`` patches plus CLS; kept tokens stay in
-    spatial order (with their original positions) instead of dominant-then-contextual; with several
-    images in one prompt the budget is shared across them (the authors handle one image).
+    The LLM sees, per image and exactly as in the authors' code, ``[projected CLS, dominant patches
+    (spatial order), contextual tokens (target order)]`` in place of the image's 576 tokens, with
+    compact positions (``positions = "compact"``, LLaVA rebuilds them). HF LLaVA drops the CLS token
+    before the projector, so fvlm projects the CLS feature itself; the kept slots are carried by the
+    dominant and target patches plus one unused patch for the CLS token (so ``positions="original"``
+    gives each token its carrier's id). Each image keeps ``dominant + contextual`` tokens
+    (:meth:`keep_count`). Supports LLaVA-1.5-style backbones (CLS token, one tile per image);
+    LLaVA-NeXT and Qwen raise a clear error.
     """
 
-    needs = frozenset({Need.VISION_ATTENTION})
+    needs = frozenset({Need.VISION_ATTENTION, Need.GRID})
+    positions = "compact"
     example_kwargs = {"dominant": 5, "contextual": 3}
 
     def __init__(self, dominant: int = 54, contextual: int = 10):
-        self.dominant = dominant
-        self.contextual = contextual
+        self.dominant = check_int(self, dominant, "dominant", minimum=1)  # counts the CLS token
+        self.contextual = check_int(self, contextual, "contextual", minimum=0)
 
     def stages(self, info):
         if info.family != "llava":
@@ -58,15 +68,29 @@ class VisionZip(TokenSelector):
             )
         return [Stage("vision", self.dominant + self.contextual)]
 
+    def keep_count(self, stage, current, original, images):
+        return images * (self.dominant + self.contextual)
+
     def select(self, ctx):
         probe = ctx.vision
-        dom, tgt, merged = cls_dominant_and_contextual(
-            probe.cls_attention, probe.keys, probe.features, ctx.visual_valid, self.dominant, self.contextual
-        )
-        index = torch.cat([dom, tgt], dim=1)
-        embeds = torch.cat([ctx.visual_hidden.gather(1, dom.clamp(min=0)[..., None].expand(-1, -1, ctx.hidden.shape[-1])),
-                            ctx.project(merged).to(ctx.hidden.dtype)], dim=1)
-        order = torch.where(index >= 0, index, index.shape[1] + ctx.visual_index.shape[1]).argsort(dim=1)
-        index = index.gather(1, order)
-        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
-        return Selection(index, embeds)
+        if probe.cls_features is None:
+            raise UnsupportedModelError("visionzip: the backbone adapter does not expose the vision CLS feature")
+        rows, embeds = [], []
+        for b, grids in enumerate(ctx.grids):
+            index, parts = [], []
+            for i, grid in enumerate(grids):
+                span = slice(grid.offset, grid.offset + grid.length)
+                dom, tgt, merged = cls_dominant_and_contextual(
+                    probe.cls_attention[b:b + 1, span], probe.keys[b:b + 1, span], probe.features[b:b + 1, span],
+                    ctx.visual_valid[b:b + 1, span], self.dominant - 1, self.contextual)
+                dom, tgt = dom[0][dom[0] >= 0], tgt[0][tgt[0] >= 0]
+                used = set(dom.tolist()) | set(tgt.tolist())
+                cls_slot = next(j for j in range(grid.length) if j not in used)
+                index += [grid.offset + j for j in [cls_slot, *dom.tolist(), *tgt.tolist()]]
+                parts += [ctx.project(probe.cls_features[b, i:i + 1]).to(ctx.hidden.dtype),
+                          ctx.visual_hidden[b, grid.offset + dom],
+                          ctx.project(merged[0, : len(tgt)]).to(ctx.hidden.dtype)]
+            rows.append(torch.tensor(index, dtype=torch.long))
+            embeds.append(torch.cat(parts) if parts else ctx.hidden.new_zeros(0, ctx.hidden.shape[-1]))
+        index = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(ctx.hidden.device)
+        return Selection(index, torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True))

@@ -15,8 +15,12 @@ projections and rotary embedding, so the model may run SDPA or FlashAttention (n
 
 Defaults: ``k=2`` and ``keep=0.5`` (the paper's K=2, drop 50%). ``keep`` is a keep *count* (int)
 or a fraction of each sample's original visual-token count (float in (0, 1]); ``keep=1.0`` is the
-identity. The HF demo setting is ``FastV(k=3, keep=0.25)``; the lmms-eval drop-in is
-``FastV(k=3, keep=0.5)``.
+identity. A fraction becomes a count by ``rounding``: ``"round"`` (default, half to even) or
+``"floor"``, the lmms-eval drop-in's ``int(N * ratio)``. The HF demo setting is
+``FastV(k=3, keep=0.25)`` (it rounds the *drop* fraction, ``N - round(0.75 N)``, equal to
+``round(0.25 N)`` unless ``0.75 N`` is a half-integer); the lmms-eval drop-in is
+``FastV(k=3, keep=0.5, rounding="floor")``. For LLaVA's 576 tokens all of these give the same
+counts. Positions: original ids with gaps (the authors' ``position_ids = keep_indexs``).
 
 Deviations from the official code:
 
@@ -33,7 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from fvlm.selectors.base import Need, ScoreSelector, Stage
+from fvlm.selectors.arguments import check_choice, check_int, check_keep
+from fvlm.selectors.base import ROUNDING, Need, ScoreSelector, Stage
 
 
 class FastV(ScoreSelector):
@@ -41,21 +46,19 @@ class FastV(ScoreSelector):
 
     ``k``: prune after ``k`` decoder layers (layer ``k-1``'s attention scores, layer ``k`` and later
     see the reduced sequence); ``keep``: visual tokens kept (int count, or float fraction of the
-    original count).
+    original count); ``rounding``: how a fraction becomes a count (``"round"`` or ``"floor"``).
     """
 
     needs = frozenset({Need.ATTENTION})
     example_kwargs = {"k": 2, "keep": 0.5}
 
-    def __init__(self, k: int = 2, keep: int | float = 0.5):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"FastV k must be an int >= 1 (prune after k decoder layers), got {k!r}")
-        Stage(k, keep)  # validates keep (type, range)
-        self.k = k
-        self.keep = keep
+    def __init__(self, k: int = 2, keep: int | float = 0.5, rounding: str = "round"):
+        self.k = check_int(self, k, "k", minimum=1)  # prune after k decoder layers
+        self.keep = check_keep(self, keep)
+        self.rounding = check_choice(self, rounding, "rounding", ROUNDING)
 
     def stages(self, info):
-        return [Stage(self.k, self.keep)]
+        return [Stage(self.k, self.keep, self.rounding)]
 
     def score(self, ctx) -> torch.Tensor:
         # [B, H, 1, N]: last prompt token -> visual tokens, layer k-1 (the layer that just ran)

@@ -19,25 +19,36 @@ from torch import nn
 CHUNK_BYTES = 4 * 2**20  # weight rows per chunk: about 4 MiB, so a chunk stays in cache for its second use
 
 
-def self_argmax_cross_entropy(x: torch.Tensor, head: nn.Module, *, fused: bool | None = None) -> torch.Tensor:
+def self_argmax_cross_entropy(x: torch.Tensor, head: nn.Module | torch.Tensor, *, fused: bool | None = None
+                              ) -> torch.Tensor:
     """Per-row ``CE(head(x), argmax)`` (``[...]`` for ``x`` ``[..., D]``), in at least float32.
 
-    Logits are computed in the head's dtype and promoted like ``logits.float()``; differentiable
-    w.r.t. ``x`` only (the head gets no gradient). ``fused`` (default: a plain ``nn.Linear`` head on
-    the CPU) computes the gradient in the forward pass with one read of the weight; otherwise plain
-    autograd. Both give the same loss and gradient up to float rounding.
+    ``head``: a module, or a weight matrix ``[V, D]`` used as a bias-free linear head (e.g. the
+    input-embedding matrix). Logits are computed in the head's dtype and promoted like
+    ``logits.float()``; differentiable w.r.t. ``x`` only (the head gets no gradient). ``fused``
+    (default: a plain ``nn.Linear`` head or a weight matrix, on the CPU) computes the gradient in the
+    forward pass with one read of the weight; otherwise plain autograd. Both give the same loss and
+    gradient up to float rounding.
     """
+    weight_only = isinstance(head, torch.Tensor)
     if fused is None:
-        fused = type(head) is nn.Linear and x.device.type == "cpu"
+        fused = (weight_only or type(head) is nn.Linear) and x.device.type == "cpu"
+    if weight_only:
+        weight = head.detach()
+        head = lambda rows: F.linear(rows, weight)  # noqa: E731
     if not fused:
         logits = head(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         labels = logits.detach().argmax(dim=-1)
         return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
-    if type(head) is not nn.Linear:
+    if weight_only:
+        weight, bias = weight, None
+    elif type(head) is nn.Linear:
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+    else:
         raise TypeError(f"self_argmax_cross_entropy(fused=True) needs a plain nn.Linear head, got {type(head).__name__}")
     flat = x.reshape(-1, x.shape[-1])
-    loss = _FusedHeadLoss.apply(flat, head.weight.detach(), None if head.bias is None else head.bias.detach())
+    loss = _FusedHeadLoss.apply(flat, weight, bias)
     return loss.view(x.shape[:-1])
 
 

@@ -22,7 +22,14 @@ Differences from the authors' code (deliberate; see ``docs`` and the spec):
   like the authors, with ``head_rows="loss"`` (norm and head on the ``K`` rows; identical
   gradients) or ``head_rows="all"`` (float32 logits for every row, as the authors materialise);
 - NMS runs batched on the device, with the same result as their CPU loop;
-- the proxy defaults to the LLaVA variant (next block, real LM head, final norm) on every backbone.
+- the proxy defaults to the LLaVA variant (next block, real LM head, final norm) on every backbone;
+  their Qwen variant is ``proxy_block="current", proxy_head="embed"`` (the layer that just ran, and
+  the input-embedding matrix as head after the final norm), used by the Qwen paper recipes;
+- saliency norms in float32 with ties to the lower index (their norm in the model dtype creates
+  ties that their unstable sort orders arbitrarily).
+
+Positions: compact (``positions = "compact"``, their LLaVA code renumbers kept tokens); on Qwen's
+M-RoPE fvlm keeps the original ids, which is what their Qwen code does.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
-from fvlm.errors import BudgetError, FVLMError
+from fvlm.errors import BudgetError, FVLMError, SelectorArgumentError
 from fvlm.selectors.base import Need, Stage, TokenSelector
 from fvlm.selectors.head_loss import self_argmax_cross_entropy
 
@@ -52,6 +59,7 @@ DEFAULT_AVERAGE = 128.0
 DEFAULT_N_VISUAL = 576  # LLaVA-1.5: 24 x 24 patches
 
 PROXY_BLOCKS = ("next", "current")
+PROXY_HEADS = ("lm_head", "embed")
 PROXIES = ("rows", "block")
 HEAD_ROWS = ("loss", "all")
 
@@ -59,12 +67,14 @@ HEAD_ROWS = ("loss", "all")
 class PIOFVLM(TokenSelector):
     """PIO-FVLM: proxy-loss gradient saliency + feature NMS + fill, at one or more in-LLM stages.
 
-    Budgets (give at most one of ``keep``, ``keep_fraction``, ``average``; one entry per stage):
+    Budgets (give at most one of ``keep``, ``keep_fraction``, ``keep_ratio``, ``average``; one entry
+    per stage):
 
     - ``keep``: absolute visual-token counts kept after each of ``layers``;
     - ``keep_fraction``: fractions in (0, 1] of each sample's *original* visual-token count (not of
-      the count entering the stage; convert multiplicative ratios with
-      :func:`fvlm.selectors.schedules.fractions_of_current_to_original`);
+      the count entering the stage), rounded half to even;
+    - ``keep_ratio``: fractions in (0, 1] of the count *entering each stage*, truncated
+      (``int(ratio * current)``, at least 1), as the authors' Qwen code applies its ratio lists;
     - ``average``: a target *layer average* of the visual-token count (PyramidDrop convention, the
       paper's "64 / 128 / 192 tokens") for an input of ``n_visual`` visual tokens. Per-stage counts
       are derived for the model's depth with :func:`~fvlm.selectors.schedules.counts_for_average`
@@ -80,7 +90,9 @@ class PIOFVLM(TokenSelector):
     (1-based; must be below the model's layer count). ``k_last``: number of shifted prompt
     positions in the loss (K). ``tau``: cosine threshold of the NMS. ``nms=False``: plain top-k by
     saliency. ``proxy_block``: ``"next"`` runs decoder layer ``l`` (0-based index; the authors'
-    LLaVA code), ``"current"`` re-runs layer ``l - 1`` (their Qwen code). ``proxy``: ``"rows"``
+    LLaVA code), ``"current"`` re-runs layer ``l - 1`` (their Qwen code). ``proxy_head``:
+    ``"lm_head"`` (default) or ``"embed"``, the input-embedding matrix as the head after the final
+    norm (their Qwen code). ``proxy``: ``"rows"``
     (default) computes the proxy block's output at the ``K`` loss rows only (keys for every row,
     everything else for ``K`` rows: same gradient up to float rounding, a fraction of the cost;
     see ``docs/benchmarks-performance.md``), ``"block"`` runs the full block on every row (the
@@ -90,6 +102,7 @@ class PIOFVLM(TokenSelector):
     """
 
     needs = frozenset({Need.GRADIENT, Need.LAYERS})
+    positions = "compact"
     example_kwargs = {"layers": [1, 2], "keep_fraction": [0.5, 0.25]}
 
     def __init__(
@@ -97,6 +110,7 @@ class PIOFVLM(TokenSelector):
         layers: list[int] = [1, 10, 15],  # noqa: B006 (copied; the default is the recipe schema)
         keep: list[int] | None = None,
         keep_fraction: list[float] | None = None,
+        keep_ratio: list[float] | None = None,
         average: float | None = None,
         n_visual: int = DEFAULT_N_VISUAL,
         k_last: int = 4,
@@ -105,77 +119,97 @@ class PIOFVLM(TokenSelector):
         proxy_block: str = "next",
         head_rows: str = "loss",
         proxy: str = "rows",
+        proxy_head: str = "lm_head",
     ):
         self.layers = _int_list("layers", layers)
         if not self.layers:
-            raise ValueError("PIOFVLM: `layers` needs at least one stage")
+            raise SelectorArgumentError("PIOFVLM: `layers` needs at least one stage")
         if self.layers[0] < 1 or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
-            raise ValueError(f"PIOFVLM: `layers` must be strictly increasing integers >= 1, got {self.layers}")
-        given = [name for name, v in (("keep", keep), ("keep_fraction", keep_fraction), ("average", average)) if v is not None]
+            raise SelectorArgumentError(f"PIOFVLM: `layers` must be strictly increasing integers >= 1, got {self.layers}")
+        given = [name for name, v in (("keep", keep), ("keep_fraction", keep_fraction), ("keep_ratio", keep_ratio),
+                                      ("average", average)) if v is not None]
         if len(given) > 1:
-            raise ValueError(f"PIOFVLM: give only one of keep / keep_fraction / average, got {' and '.join(given)}")
+            raise SelectorArgumentError(
+                f"PIOFVLM: give only one of keep / keep_fraction / keep_ratio / average, got {' and '.join(given)}")
         if not given:
             average = DEFAULT_AVERAGE
-        self.keep = self.keep_fraction = self.average = None
+        self.keep = self.keep_fraction = self.keep_ratio = self.average = None
         if keep is not None:
             self.keep = _int_list("keep", keep)
             self._check_budgets("keep", self.keep)
             if min(self.keep) < 1:
-                raise BudgetError(f"PIOFVLM: `keep` counts must be >= 1, got {self.keep}")
+                raise SelectorArgumentError(f"PIOFVLM: `keep` counts must be >= 1, got {self.keep}")
         elif keep_fraction is not None:
             self.keep_fraction = [_float("keep_fraction", f) for f in _list("keep_fraction", keep_fraction)]
             self._check_budgets("keep_fraction", self.keep_fraction)
             if not all(0.0 < f <= 1.0 for f in self.keep_fraction):
-                raise BudgetError(f"PIOFVLM: `keep_fraction` entries must be in (0, 1], got {self.keep_fraction}")
+                raise SelectorArgumentError(f"PIOFVLM: `keep_fraction` entries must be in (0, 1], got {self.keep_fraction}")
+        elif keep_ratio is not None:
+            self.keep_ratio = [_float("keep_ratio", f) for f in _list("keep_ratio", keep_ratio)]
+            if len(self.keep_ratio) != len(self.layers):
+                raise SelectorArgumentError(f"PIOFVLM: `keep_ratio` has {len(self.keep_ratio)} entries for "
+                                            f"{len(self.layers)} stages (layers={self.layers})")
+            if not all(0.0 < f <= 1.0 for f in self.keep_ratio):
+                raise SelectorArgumentError(f"PIOFVLM: `keep_ratio` entries must be in (0, 1], got {self.keep_ratio}")
         else:
             self.average = _float("average", average)
             if not self.average > 0:
-                raise BudgetError(f"PIOFVLM: `average` must be > 0, got {self.average}")
+                raise SelectorArgumentError(f"PIOFVLM: `average` must be > 0, got {self.average}")
         self.n_visual = _int("n_visual", n_visual)
         if self.n_visual < 1:
-            raise ValueError(f"PIOFVLM: `n_visual` must be >= 1, got {self.n_visual}")
+            raise SelectorArgumentError(f"PIOFVLM: `n_visual` must be >= 1, got {self.n_visual}")
         if self.average is not None and self.average > self.n_visual:
-            raise BudgetError(f"PIOFVLM: `average`={self.average} exceeds the assumed input of n_visual={self.n_visual} tokens")
+            raise SelectorArgumentError(f"PIOFVLM: `average`={self.average} exceeds the assumed input of n_visual={self.n_visual} tokens")
         self.k_last = _int("k_last", k_last)
         if self.k_last < 1:
-            raise ValueError(f"PIOFVLM: `k_last` must be >= 1, got {self.k_last}")
+            raise SelectorArgumentError(f"PIOFVLM: `k_last` must be >= 1, got {self.k_last}")
         self.tau = _float("tau", tau)
         if not -1.0 <= self.tau <= 1.0:
-            raise ValueError(f"PIOFVLM: `tau` is a cosine threshold in [-1, 1], got {self.tau}")
+            raise SelectorArgumentError(f"PIOFVLM: `tau` is a cosine threshold in [-1, 1], got {self.tau}")
         if not isinstance(nms, bool):
-            raise TypeError(f"PIOFVLM: `nms` must be a bool, got {nms!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `nms` must be a bool, got {nms!r}")
         self.nms = nms
         if proxy_block not in PROXY_BLOCKS:
-            raise ValueError(f"PIOFVLM: `proxy_block` must be one of {PROXY_BLOCKS}, got {proxy_block!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `proxy_block` must be one of {PROXY_BLOCKS}, got {proxy_block!r}")
         self.proxy_block = proxy_block
         if head_rows not in HEAD_ROWS:
-            raise ValueError(f"PIOFVLM: `head_rows` must be one of {HEAD_ROWS}, got {head_rows!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `head_rows` must be one of {HEAD_ROWS}, got {head_rows!r}")
         self.head_rows = head_rows
         if proxy not in PROXIES:
-            raise ValueError(f"PIOFVLM: `proxy` must be one of {PROXIES}, got {proxy!r}")
+            raise SelectorArgumentError(f"PIOFVLM: `proxy` must be one of {PROXIES}, got {proxy!r}")
         if proxy == "rows" and head_rows == "all":
-            raise ValueError(
+            raise SelectorArgumentError(
                 "PIOFVLM: head_rows='all' applies the LM head to every block output row, which proxy='rows' "
                 "does not compute; use proxy='block' with head_rows='all'"
             )
         self.proxy = proxy
+        if proxy_head not in PROXY_HEADS:
+            raise SelectorArgumentError(f"PIOFVLM: `proxy_head` must be one of {PROXY_HEADS}, got {proxy_head!r}")
+        self.proxy_head = proxy_head
 
     def _check_budgets(self, name: str, values: list) -> None:
         if len(values) != len(self.layers):
-            raise BudgetError(f"PIOFVLM: `{name}` has {len(values)} entries for {len(self.layers)} stages (layers={self.layers})")
+            raise SelectorArgumentError(f"PIOFVLM: `{name}` has {len(values)} entries for {len(self.layers)} stages (layers={self.layers})")
         if any(b > a for a, b in zip(values, values[1:])):
-            raise BudgetError(f"PIOFVLM: `{name}` must not increase from one stage to the next, got {values}")
+            raise SelectorArgumentError(f"PIOFVLM: `{name}` must not increase from one stage to the next, got {values}")
 
     # -- schedule --------------------------------------------------------------------------
     def counts(self, info: "ModelInfo", n_visual: int | None = None) -> list[int]:
         """Per-stage visual-token counts for an input of ``n_visual`` tokens (default: ``self.n_visual``).
 
-        ``keep`` gives itself; fractions are rounded like the session does (``round(n * f)``, >= 1).
+        ``keep`` gives itself; fractions are rounded like the session does (:meth:`Stage.count`);
+        ``keep_ratio`` multiplies the count entering each stage (truncated).
         """
         n = self.n_visual if n_visual is None else int(n_visual)
         if self.keep is not None:
             return list(self.keep)
-        return [max(1, round(n * f)) for f in self._fractions(info)]
+        if self.keep_ratio is not None:
+            out = []
+            for r in self.keep_ratio:
+                n = int(_ratio_count(torch.tensor([n]), r)[0])
+                out.append(n)
+            return out
+        return [int(Stage(1, f).count(n)) for f in self._fractions(info)]
 
     def _derived_counts(self, info: "ModelInfo") -> list[int]:
         from fvlm.selectors.schedules import counts_for_average
@@ -210,7 +244,14 @@ class PIOFVLM(TokenSelector):
             )
         if self.keep is not None:
             return [Stage(l, k) for l, k in zip(self.layers, self.keep)]
+        if self.keep_ratio is not None:  # the count is keep_count's: ratio x the count entering the stage
+            return [Stage(l, r, rounding="floor") for l, r in zip(self.layers, self.keep_ratio)]
         return [Stage(l, f) for l, f in zip(self.layers, self._fractions(info))]
+
+    def keep_count(self, stage, current, original, images):
+        if self.keep_ratio is None:
+            return super().keep_count(stage, current, original, images)
+        return _ratio_count(current, self.keep_ratio[self.layers.index(stage.where)])
 
     # -- saliency --------------------------------------------------------------------------
     def loss_rows(self, ctx: "SelectionContext") -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +275,8 @@ class PIOFVLM(TokenSelector):
         """The objective ``X -> L`` of the spec (labels = the proxy's own detached argmax)."""
         block = ctx.layer if self.proxy_block == "next" else ctx.layer - 1
         rows, ok = self.loss_rows(ctx)
-        norm, head = ctx.final_norm, ctx.lm_head
+        norm = ctx.final_norm
+        head = ctx.lm_head if self.proxy_head == "lm_head" else ctx.input_embeddings.weight
 
         def objective(x: torch.Tensor) -> torch.Tensor:
             if self.proxy == "rows":
@@ -245,7 +287,8 @@ class PIOFVLM(TokenSelector):
                                                fused=False)
             else:
                 y = ctx.run_layer(block, x)
-                full = head(norm(y)).to(torch.promote_types(y.dtype, torch.float32))
+                full = (F.linear(norm(y), head) if isinstance(head, torch.Tensor) else head(norm(y)))
+                full = full.to(torch.promote_types(y.dtype, torch.float32))
                 logits = full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1]))
                 labels = logits.detach().argmax(dim=-1)
                 ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
@@ -272,20 +315,26 @@ class PIOFVLM(TokenSelector):
         return nms_fill(self.saliency(ctx), ctx.visual_hidden, ctx.visual_valid, ctx.budget, self.tau, self.nms)
 
 
+def _ratio_count(current: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``int(ratio * current)`` per sample (the authors' Qwen rule), at least 1, 0 without visual tokens."""
+    kept = (current.double() * ratio).floor().long().clamp(min=1)
+    return torch.where(current > 0, kept, 0)
+
+
 # -- argument checks -------------------------------------------------------------------------
 def _list(name: str, value) -> list:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"PIOFVLM: `{name}` must be a list, got {value!r}")
+        raise SelectorArgumentError(f"PIOFVLM: `{name}` must be a list, got {value!r}")
     return list(value)
 
 
 def _int(name: str, value) -> int:
     if isinstance(value, bool):
-        raise TypeError(f"PIOFVLM: `{name}` must be an int, got {value!r}")
+        raise SelectorArgumentError(f"PIOFVLM: `{name}` must be an int, got {value!r}")
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, int):
-        raise TypeError(f"PIOFVLM: `{name}` must be an int, got {value!r}")
+        raise SelectorArgumentError(f"PIOFVLM: `{name}` must be an int, got {value!r}")
     return value
 
 
@@ -295,5 +344,5 @@ def _int_list(name: str, value) -> list[int]:
 
 def _float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"PIOFVLM: `{name}` must be a finite number, got {value!r}")
+        raise SelectorArgumentError(f"PIOFVLM: `{name}` must be a finite number, got {value!r}")
     return float(value)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fvlm.selectors.arguments import check_keep, check_where
 from fvlm.selectors.base import ScoreSelector, Stage
 
 __all__ = ["NormSelector"]
@@ -16,8 +17,8 @@ class NormSelector(ScoreSelector):
     """
 
     def __init__(self, keep: int | float = 0.25, layer: int | str = "input"):
-        self.keep = keep
-        self.layer = layer
+        self.keep = check_keep(self, keep)  # a bad value fails here, when a recipe is parsed
+        self.layer = check_where(self, layer)
 
     def stages(self, info):
         return [Stage(self.layer, self.keep)]
