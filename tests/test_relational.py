@@ -190,3 +190,53 @@ def test_ground_truth_selector_keeps_the_first_patches_of_each_sample():
     with pytest.raises(fvlm.errors.FVLMError, match="patch orders for 1 samples"):
         with fvlm.prune(model, GroundTruthSelector(orders[:1], [("input", 20)])), torch.no_grad():
             model(**inputs)
+
+
+# -- the pooled depth probe (benchmarks/pooled_probe.py) ---------------------------------------------
+def _pooled_probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pooled_probe.py"
+    spec = importlib.util.spec_from_file_location("pooled_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pooled_probe_keep_all_is_the_training_forward_and_keeping_every_token_changes_nothing():
+    from fvlm.builtin import model as M
+    from fvlm.builtin import train
+
+    probe = _pooled_probe()
+    processor = M.build_processor(M.build_tokenizer(relational.vocabulary()))
+    model = M.build_model(M.build_config(processor.tokenizer, **M.SMOKE_SIZES)).eval()
+    records = relational.dataset("val", 6)
+    hits = probe.probe(model, processor, records, factor=4, keeps=[36, 3])
+    # keep-all: the argmax of the training forward at each first answer token
+    for b, r in enumerate(records):
+        ids, labels = train.encode_conversation(processor.tokenizer, [(r["question"], r["answer"])])
+        batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "image_index": torch.tensor([0]),
+                 "pixel_values": train._pixels(processor, [r])}
+        with torch.no_grad():
+            logits, shifted = train.lm_forward(model, batch, 4)
+        at = int((shifted[0] != -100).nonzero()[0])
+        assert hits["all"][b] == (int(logits[0, at - 1].argmax()) == int(shifted[0, at]))
+    for layer in range(model.config.text_config.num_hidden_layers):
+        assert hits[f"random/36/{layer}"] == hits["all"] and hits[f"oracle/36/{layer}"] == hits["all"]
+    assert set(hits) == {"all"} | {f"{kind}/{k}/{layer}" for kind in ("random", "oracle") for k in (36, 3)
+                                   for layer in range(model.config.text_config.num_hidden_layers)}
+
+
+def test_pooled_oracle_cells_count_the_target_patches():
+    probe = _pooled_probe()
+    from fvlm.builtin import synthetic
+
+    record = relational.dataset("val", 3)[2]
+    cells = probe.oracle_cells(record, 4)
+    owner = synthetic.patch_owner(record["objects"])
+    targets = {record["objects"].index(o) for o in record["target"]}
+    assert len(cells) == 36 and sum(cells) == sum(o in targets for o in owner) > 0
+    for cell, count in enumerate(cells):  # independent: walk each cell's 4 x 4 patches
+        r, c = divmod(cell, 6)
+        assert count == sum(owner[(4 * r + i) * 24 + 4 * c + j] in targets for i in range(4) for j in range(4))

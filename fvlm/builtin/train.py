@@ -252,14 +252,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def lm_forward(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of ``batch`` with the visual tokens average-pooled ``factor x factor``.
+def pooled_inputs(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Input embeddings, position ids, attention mask (``None``: causal) of ``batch`` with the visual
+    tokens average-pooled ``factor x factor``, and the offset of the image span.
 
-    The vision tower runs once per image (several sequences share an image); ``factor=1`` is the
-    model's own forward. Pooled tokens keep the position id of their group's top-left patch and the
-    text after the image keeps its original position ids, so the rotary geometry is that of the
-    full sequence (a curriculum: a short visual span is cheap and easy to search). Needs every
-    sequence's image span at the same offset (true for the prompts built here).
+    The vision tower runs once per image (several sequences share an image). Pooled tokens keep the
+    position id of their group's top-left patch and the text after the image keeps its original
+    position ids, so the rotary geometry is that of the full sequence. Needs every sequence's image
+    span at the same offset (true for the prompts built here).
     """
     image_id = model.config.image_token_index
     ids = batch["input_ids"]
@@ -289,9 +289,18 @@ def lm_forward(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch
     if "segments" in batch:
         seg = batch["segments"]
         mask = segment_mask(torch.cat([seg[:, :first], seg.new_zeros(bsz, features.shape[1]), seg[:, first + n :]], 1))
+    return inputs, positions, mask, first
+
+
+def lm_forward(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of ``batch`` with the visual tokens average-pooled ``factor x factor``
+    (:func:`pooled_inputs`; ``factor=1`` is the model's own forward): a curriculum, as a short visual
+    span is cheap and easy to search."""
+    inputs, positions, mask, first = pooled_inputs(model, batch, factor)
     hidden = model.model.language_model(inputs_embeds=inputs, position_ids=positions, attention_mask=mask).last_hidden_state
     labels = batch["labels"]
-    labels = torch.cat([labels[:, :first], labels.new_full((bsz, features.shape[1]), -100), labels[:, first + n :]], dim=1)
+    n, pooled = model.config.image_seq_length, inputs.shape[1] - labels.shape[1] + model.config.image_seq_length
+    labels = torch.cat([labels[:, :first], labels.new_full((len(labels), pooled), -100), labels[:, first + n :]], dim=1)
     return model.lm_head(hidden), labels
 
 
