@@ -512,7 +512,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=2)
     p.add_argument("--checkpoint", default=None,
-                   help="built-in checkpoint name (grounded, relational) or model folder (default: grounded)")
+                   help="built-in checkpoint name or model folder, its task read from its training.json (default: grounded)")
     p.add_argument("--convention", choices=("first-stage", "layer-average"), default="first-stage",
                    help="what a budget counts: the visual tokens kept at a selector's first pruning point, or "
                         "the visual tokens averaged over all decoder layers (the papers' convention: in-LLM "

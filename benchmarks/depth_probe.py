@@ -1,8 +1,11 @@
 """How deep into the language model do the visual tokens stay necessary? Random vs ground-truth picks
 after every decoder layer of a built-in model.
 
-    python benchmarks/depth_probe.py --checkpoint relational --n 300 --keep 32 \\
-        --out docs/benchmarks/depth_probe_relational.md --plot docs/benchmarks/depth_probe_relational.png
+    python benchmarks/depth_probe.py --n 300 --keep 32 --threads 1 \\
+        --out docs/benchmarks/depth_probe_grounded.md --plot docs/benchmarks/depth_probe_grounded.png
+
+(``--checkpoint FOLDER``: a model trained with ``python -m fvlm.builtin.train``, its task read from
+its ``training.json``.)
 
 For every pruning point ``l`` (``input``: before the language model; ``l >= 1``: after ``l`` decoder
 layers, so layers ``l`` and later see only the kept tokens) and every ``--keep`` count ``k``, runs

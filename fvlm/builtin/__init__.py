@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
-#: Shipped checkpoints by name (``builtin.load("relational")``); the first is the default.
+#: Shipped checkpoints by name (``builtin.load("grounded")``); the first is the default.
 CHECKPOINTS = {"grounded": CHECKPOINT}
 #: Question generator of each task (the ``task`` a checkpoint's ``training.json`` names).
 TASKS = {"grounded": "fvlm.builtin.synthetic", "relational": "fvlm.builtin.relational"}
