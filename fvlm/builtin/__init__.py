@@ -12,20 +12,42 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
+#: Shipped checkpoints by name (``builtin.load("grounded")``); the first is the default.
+CHECKPOINTS = {"grounded": CHECKPOINT}
+#: Question generator of each task (the ``task`` a checkpoint's ``training.json`` names).
+TASKS = {"grounded": "fvlm.builtin.synthetic", "relational": "fvlm.builtin.relational"}
+
+
+def folder_of(path: str | Path | None = None) -> Path:
+    """The checkpoint folder of a shipped checkpoint's name, or ``path`` itself (``None``: the default)."""
+    if path is None:
+        return CHECKPOINT
+    return CHECKPOINTS.get(str(path), Path(path))
+
+
+def task_of(path: str | Path | None = None):
+    """The question generator module a checkpoint was trained on (from its ``training.json``)."""
+    import importlib
+    import json
+
+    record = folder_of(path) / "training.json"
+    settings = json.loads(record.read_text()).get("settings", {}) if record.is_file() else {}
+    return importlib.import_module(TASKS[settings.get("task", "grounded")])
 
 
 def load(path: str | Path | None = None, dtype=None, attn_implementation: str = "sdpa", device: str | None = None):
     """Load the built-in model and its processor: ``(LlavaForConditionalGeneration, LlavaProcessor)``.
 
-    ``path`` defaults to the shipped checkpoint; ``dtype`` defaults to float32. The model is in eval
-    mode with greedy generation defaults; the processor pads on the left.
+    ``path`` is the name of a shipped checkpoint (`CHECKPOINTS`) or a folder; it defaults to the
+    grounded checkpoint. ``dtype`` defaults to float32. The model is in eval mode with greedy
+    generation defaults; the processor pads on the left.
     """
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     from fvlm.errors import FVLMError
 
-    folder = Path(path) if path is not None else CHECKPOINT
+    folder = folder_of(path)
     if not (folder / "config.json").is_file():
         raise FVLMError(f"no built-in checkpoint at {folder} (train one with `python -m fvlm.builtin.train --out {folder}`)")
     model = LlavaForConditionalGeneration.from_pretrained(

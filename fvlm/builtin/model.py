@@ -47,6 +47,9 @@ DEFAULT_SIZES = dict(
     vision_hidden=64, vision_intermediate=192, vision_layers=3, vision_heads=4,
     text_hidden=128, text_intermediate=384, text_layers=4, text_heads=4, text_kv_heads=4, rope_theta=10000.0, text_init=0.08,
 )
+#: Sizes of the relational checkpoint: twice the decoder layers, so that looks at the image that
+#: depend on earlier looks can happen late in the language model.
+RELATIONAL_SIZES = {**DEFAULT_SIZES, "text_layers": 8}
 #: A tiny variant for smoke tests of the training script (same token layout, same 576 patches).
 SMOKE_SIZES = dict(
     vision_hidden=16, vision_intermediate=32, vision_layers=2, vision_heads=2,
@@ -59,11 +62,12 @@ def prompt(question: str) -> str:
     return f"USER: {IMAGE}\n{question} ASSISTANT:"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over [`fvlm.builtin.synthetic.vocabulary`][fvlm.builtin.synthetic.vocabulary] (ids 0-4 are the specials)."""
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``words`` (default [`fvlm.builtin.synthetic.vocabulary`][fvlm.builtin.synthetic.vocabulary]; ids 0-4
+    are the specials)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *synthetic.vocabulary()])}
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *(words or synthetic.vocabulary())])}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     # Two-word region names ("top left") are single tokens: matched before the whitespace split.
     core.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in vocab if " " in w])

@@ -83,19 +83,22 @@ class Obj:
                 for c in range(x0 // PATCH, (x1 - 1) // PATCH + 1)]
 
 
-def _rng(split: str, seed: int, index: int) -> random.Random:
+def _rng(split: str, seed: int, index: int, task: str | None = None) -> random.Random:
+    """The generator of one record; ``task`` names a variant task (its own streams)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return random.Random(f"fvlm-synthetic/{split}/{seed}/{index}")  # str seeds hash deterministically
+    stream = f"{split}/{seed}/{index}" if task is None else f"{task}/{split}/{seed}/{index}"
+    return random.Random(f"fvlm-synthetic/{stream}")  # str seeds hash deterministically
 
 
-def make_scene(rng: random.Random) -> list[Obj]:
-    """3-5 objects in distinct cells, each with a random colour, shape, size and position.
+def make_scene(rng: random.Random, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS) -> list[Obj]:
+    """3-5 objects (``min_objects``-``max_objects``) in distinct cells, each with a random colour,
+    shape, size and position.
 
     Objects are aligned to the 14 px patch grid (a small object spans 3 x 3 patches, a large one
     5 x 5) at a random patch offset inside its cell, at least one patch away from the next cell.
     """
-    count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+    count = rng.randint(min_objects, max_objects)
     cell_patches = CELL // PATCH  # 8
     objects = []
     for cell in sorted(rng.sample(range(9), count)):
@@ -128,9 +131,8 @@ def render(objects: list[Obj]) -> Image.Image:
     return image
 
 
-def patch_owner(objects: list[Obj], min_cover: float = 0.25) -> list[int]:
-    """Per patch of the 24 x 24 grid (row-major): index of the object covering at least
-    ``min_cover`` of it (the most-covering one), or -1 for background."""
+def coverage(objects: list[Obj]):
+    """``[576, len(objects)]`` array: the fraction of every patch (row-major, 24 x 24 grid) each object covers."""
     import numpy as np
 
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
@@ -139,7 +141,15 @@ def patch_owner(objects: list[Obj], min_cover: float = 0.25) -> list[int]:
         _draw(draw, obj, i + 1)
     side = IMAGE_SIZE // PATCH
     m = np.asarray(mask).reshape(side, PATCH, side, PATCH).transpose(0, 2, 1, 3).reshape(side * side, -1)
-    cover = np.stack([(m == i + 1).mean(axis=1) for i in range(len(objects))], axis=1)  # [576, objects]
+    return np.stack([(m == i + 1).mean(axis=1) for i in range(len(objects))], axis=1)
+
+
+def patch_owner(objects: list[Obj], min_cover: float = 0.25) -> list[int]:
+    """Per patch of the 24 x 24 grid (row-major): index of the object covering at least
+    ``min_cover`` of it (the most-covering one), or -1 for background."""
+    import numpy as np
+
+    cover = coverage(objects)
     best = cover.argmax(axis=1)
     return np.where(cover.max(axis=1) >= min_cover, best, -1).tolist()
 
@@ -227,16 +237,18 @@ LISTINGS = {"colour": "list the colours .", "shape": "list the shapes .", "count
             "count shapes": "count the shapes .", "pairs": "list the pairs ."}
 
 
-def listing(objects: list[Obj], attribute: str) -> str:
+def listing(objects: list[Obj], attribute: str, cells: list[int] | None = None) -> str:
     """Dense grounded text about a scene (training data; ``attribute`` is a key of [`LISTINGS`][fvlm.builtin.synthetic.LISTINGS]).
 
     ``colour`` / ``shape``: the attribute of all nine cells in reading order (``top left red , top
-    center empty , ... .``); ``count colours`` / ``count shapes``: ``red 2 , green 0 , ...``;
-    ``pairs``: ``red circle yes , red square no , ...`` for every colour-shape pair.
+    center empty , ... .``; ``cells``: in that order instead); ``count colours`` / ``count shapes``:
+    ``red 2 , green 0 , ...``; ``pairs``: ``red circle yes , red square no , ...`` for every
+    colour-shape pair.
     """
     if attribute in ("colour", "shape"):
         by_cell = {o.cell: o for o in objects}
-        parts = [f"{region_name(c)} {getattr(by_cell[c], attribute) if c in by_cell else 'empty'}" for c in range(9)]
+        parts = [f"{region_name(c)} {getattr(by_cell[c], attribute) if c in by_cell else 'empty'}"
+                 for c in (range(9) if cells is None else cells)]
     elif attribute == "count colours":
         parts = [f"{c} {sum(o.colour == c for o in objects)}" for c in COLOURS]
     elif attribute == "count shapes":
