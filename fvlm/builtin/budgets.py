@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from fvlm import registry
+from fvlm.budget import counts_for_average
 from fvlm.selectors.diversity import VisionZip
 
 #: Selector names that are combinators, not methods (left out of the benchmark by default).
