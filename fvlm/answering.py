@@ -1,19 +1,19 @@
 """Answering prompts with a (pruned) VLM: the one generation path of every fvlm entry point.
 
-:class:`Answerer` takes a loaded backbone and its processor, an optional selector and ``generate``
-settings. It builds the inputs of a batch of :class:`Prompt` records (the processor's chat
+[`Answerer`][fvlm.answering.Answerer] takes a loaded backbone and its processor, an optional selector and ``generate``
+settings. It builds the inputs of a batch of [`Prompt`][fvlm.answering.Prompt] records (the processor's chat
 template, left padding, any number of images per prompt), runs ``generate`` under a pruning
-session, times the prefill and the decode steps with one :class:`~fvlm.profiling.timing.StepClock`,
+session, times the prefill and the decode steps with one [`StepClock`][fvlm.profiling.timing.StepClock],
 decodes the new tokens and returns one result per prompt: the answer and its per-sample
 efficiency (visual tokens per layer, KV tokens and bytes, prefill / decode time). ``fvlm run``
-(through :class:`~fvlm.lightning.FVLMModule`), :func:`fvlm.builtin.answer`, ``fvlm visualize``,
+(through ``FVLMModule``), [`fvlm.builtin.answer`][fvlm.builtin.answer], ``fvlm visualize``,
 the benchmarks and the lmms-eval model all answer through it.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -85,7 +85,7 @@ def sample_efficiency(adapter, input_ids: torch.Tensor, attention_mask: torch.Te
                       new_tokens: list[int], dtype: torch.dtype) -> list[dict]:
     """Per-sample visual-token and KV-cache accounting of one generate call.
 
-    ``trace`` is the session's :class:`~fvlm.trace.Trace` (``None`` for an unpruned run: every
+    ``trace`` is the session's [`Trace`][fvlm.trace.Trace] (``None`` for an unpruned run: every
     layer sees every visual token). ``steps`` is the number of decode tokens that entered the
     cache (generated length - 1). KV counts exclude padding: per layer, the sample's text tokens,
     its visual tokens in that layer's input and the decode tokens. When ``generate`` repeated every
@@ -133,19 +133,23 @@ class Answerer:
     """Answers batches of prompts with ``model`` (pruned by ``selector`` when given).
 
     Args:
-        model, processor: a loaded backbone (:meth:`fvlm.backbones.BackboneSpec.load`).
-        selector: a :class:`~fvlm.selectors.base.TokenSelector`, or ``None`` for the unpruned model.
-        generation: ``generate`` settings (:class:`GenerationSpec` or a keyword dict).
+        model, processor: a loaded backbone ([`BackboneSpec.load`][fvlm.backbones.BackboneSpec.load]).
+        selector: a [`TokenSelector`][fvlm.selectors.base.TokenSelector], or ``None`` for the unpruned model.
+        generation: ``generate`` settings ([`GenerationSpec`][fvlm.answering.GenerationSpec] or a keyword dict).
         positions: the session's position policy (``None``: the selector's own).
-        fidelity: also answer with the unpruned model and add its answer, the first generated
-            token's KL divergence and top-1 agreement to each result (doubles the cost).
+        fidelity: also answer with the unpruned model (timed apart) and add its answer, the first
+            generated token's KL divergence and top-1 agreement and its prefill / decode times to
+            each result (doubles the cost).
+        first_logprobs: add each prompt's first generated token's log-probabilities (a float32
+            CPU tensor over the vocabulary) to its result, as ``first_logprobs``.
         listeners: passed to every pruning session (``on_stage(stage, ctx, selection)``).
         system: a system prompt for every prompt.
     """
 
     def __init__(self, model, processor, selector: TokenSelector | None = None,
                  generation: GenerationSpec | dict | None = None, positions: str | None = None,
-                 fidelity: bool = False, listeners: Sequence = (), system: str | None = None):
+                 fidelity: bool = False, listeners: Sequence = (), system: str | None = None,
+                 first_logprobs: bool = False):
         self.model = model
         self.processor = processor
         self.selector = selector
@@ -156,6 +160,7 @@ class Answerer:
         self.fidelity = fidelity and selector is not None
         self.listeners = list(listeners)
         self.system = system
+        self.first_logprobs = first_logprobs
         self.last_session = None
         self._adapter = None
 
@@ -191,30 +196,43 @@ class Answerer:
         return {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
     # -- answering -------------------------------------------------------------------------
-    def answer(self, prompts: Sequence[Prompt], **generate_kwargs: Any) -> list[dict]:
-        """One result per prompt (see :meth:`generate`)."""
+    def answer(self, prompts: Sequence[Prompt], *, selector: TokenSelector | None = None,
+               **generate_kwargs: Any) -> list[dict]:
+        """One result per prompt (see [`generate`][fvlm.answering.Answerer.generate])."""
         instructions = [p.text if p.instruction is None else p.instruction for p in prompts]
-        return self.generate(self.inputs(prompts), instructions=instructions, **generate_kwargs)
+        return self.generate(self.inputs(prompts), instructions=instructions, selector=selector, **generate_kwargs)
 
-    def answer_all(self, prompts: Sequence[Prompt], batch_size: int, **generate_kwargs: Any) -> list[dict]:
+    def answer_all(self, prompts: Sequence[Prompt], batch_size: int, *,
+                   selector_for: Callable[[list[int]], TokenSelector] | None = None,
+                   **generate_kwargs: Any) -> list[dict]:
         """Results in input order, answered in batches of prompts sorted by text length (ties by
-        index), so that left padding is needed only where lengths differ within a batch."""
+        index), so that left padding is needed only where lengths differ within a batch.
+
+        ``selector_for``: builds the selector of each batch from the indices of its prompts (a
+        selector that depends on the samples, e.g. a ground-truth oracle); it replaces ``selector``.
+        """
         lengths = [len(self.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
         results: list[dict | None] = [None] * len(prompts)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for i, result in zip(chunk, self.answer([prompts[i] for i in chunk], **generate_kwargs)):
+            chosen = selector_for(chunk) if selector_for is not None else None
+            for i, result in zip(chunk, self.answer([prompts[i] for i in chunk], selector=chosen, **generate_kwargs)):
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def generate(self, inputs: dict, instructions: Sequence[str] | None = None, **generate_kwargs: Any) -> list[dict]:
-        """Answer a batch of prepared inputs (:meth:`inputs`); ``generate_kwargs`` override the settings.
-        ``instructions``: one per prompt, for instruction-conditioned selectors (the session's).
+    def generate(self, inputs: dict, instructions: Sequence[str] | None = None, *,
+                 selector: TokenSelector | None = None, **generate_kwargs: Any) -> list[dict]:
+        """Answer a batch of prepared inputs ([`inputs`][fvlm.answering.Answerer.inputs]);
+        ``generate_kwargs`` override the settings. ``instructions``: one per prompt, for
+        instruction-conditioned selectors (the session's). ``selector``: prune this batch with it
+        instead of the answerer's own.
 
         Each result holds ``answer`` (the first returned sequence, stripped), ``efficiency`` and,
         with several returns per prompt, ``returns``; with ``fidelity``, ``reference_answer``,
-        ``first_token_kl`` and ``first_token_top1``.
+        ``first_token_kl`` and ``first_token_top1`` (and the unpruned pass's times in
+        ``efficiency``: ``unpruned_prefill_ms``, ``unpruned_decode_ms``); with ``first_logprobs``,
+        ``first_logprobs``.
         """
         from fvlm.profiling.timing import StepClock
         from fvlm.session import PruningSession
@@ -223,11 +241,15 @@ class Answerer:
         prompt_len = inputs["input_ids"].shape[1]
         batch = inputs["input_ids"].shape[0]
         kwargs = dict(self.generation.kwargs(), **generate_kwargs)
-        kwargs.update(return_dict_in_generate=True, output_logits=self.fidelity)
-        reference = self.model.generate(**inputs, **kwargs) if self.fidelity else None
+        selector = self.selector if selector is None else selector
+        kwargs.update(return_dict_in_generate=True, output_logits=self.fidelity or self.first_logprobs)
+        reference = reference_clock = None
+        if self.fidelity:  # the unpruned model on the same batch, timed apart (the speedup's baseline)
+            with StepClock(self.model) as reference_clock:
+                reference = self.model.generate(**inputs, **kwargs)
         session = None
-        if self.selector is not None:
-            session = PruningSession(self.model, self.selector, positions=self.positions,
+        if selector is not None:
+            session = PruningSession(self.model, selector, positions=self.positions,
                                      instructions=instructions, listeners=self.listeners)
         with session if session is not None else contextlib.nullcontext(), StepClock(self.model) as clock:
             out = self.model.generate(**inputs, **kwargs)
@@ -239,17 +261,25 @@ class Answerer:
                                        session.trace if session is not None else None, steps, lengths[::n],
                                        self.model.dtype)
         timing = _timings(clock, batch)
+        if reference_clock is not None:
+            unpruned = _timings(reference_clock, batch)
+            timing.update(unpruned_prefill_ms=unpruned["prefill_ms"], unpruned_decode_ms=unpruned["decode_ms"],
+                          batch_unpruned_decode_steps=unpruned["batch_decode_steps"])
         results = []
         for b in range(batch):
             result: dict[str, Any] = {"answer": texts[b * n], "efficiency": {**efficiency[b], **timing}}
             if n > 1:
                 result["returns"] = texts[b * n:(b + 1) * n]
             results.append(result)
+        rows = out.logits[0].shape[0] // batch if out.logits is not None else 1  # beams: every row of a prompt starts alike
+        if self.first_logprobs:
+            logprobs = out.logits[0][::rows].float().log_softmax(dim=-1).cpu()
+            for b, result in enumerate(results):
+                result["first_logprobs"] = logprobs[b]
         if reference is not None:
             from fvlm.metrics.scoring import first_token_fidelity
 
             ref_texts, _ = self.decode(reference.sequences, prompt_len)
-            rows = out.logits[0].shape[0] // batch  # beams: every row of a prompt starts alike
             kl, top1 = first_token_fidelity(reference.logits[0][::rows], out.logits[0][::rows])
             for b, result in enumerate(results):
                 result.update(reference_answer=ref_texts[b * n], first_token_kl=kl[b], first_token_top1=top1[b])

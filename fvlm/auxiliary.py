@@ -1,13 +1,13 @@
 """Auxiliary models: what a selector loads next to the backbone (e.g. CDPruner's CLIP text tower).
 
-A selector declares them in :meth:`~fvlm.selectors.base.TokenSelector.auxiliary_models` as
-:class:`AuxiliarySpec` records: a name, a *source* (a hub id, a local folder, or a ``"tiny:..."``
+A selector declares them in [`auxiliary_models`][fvlm.selectors.base.TokenSelector.auxiliary_models] as
+[`AuxiliarySpec`][fvlm.auxiliary.AuxiliarySpec] records: a name, a *source* (a hub id, a local folder, or a ``"tiny:..."``
 name the loader builds without the hub) and a loader. The source is an ordinary selector argument,
-so it is a recipe field like any other. A :class:`~fvlm.PruningSession` loads each model when it is
+so it is a recipe field like any other. A [`PruningSession`][fvlm.session.PruningSession] loads each model when it is
 created, so a bad path fails before any generation; the model is loaded once per backbone instance
 (later sessions on the same backbone reuse it), moved to the backbone's device, in float32 or the
 backbone's dtype (``dtype``), in eval mode with gradients off. Selectors read it with
-:meth:`~fvlm.context.SelectionContext.auxiliary`.
+[`auxiliary`][fvlm.context.SelectionContext.auxiliary].
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Loading a backbone: a VLM and its processor, from a folder, a hub id, ``builtin`` or ``tiny:<family>``.
 
-:class:`BackboneSpec` is the one place that turns a name into ``(model, processor)``: every entry
+[`BackboneSpec`][fvlm.backbones.BackboneSpec] is the one place that turns a name into ``(model, processor)``: every entry
 point (``fvlm run``, the lmms-eval model, ``fvlm visualize``, the benchmarks) loads through it.
 A loaded backbone is in eval mode with frozen weights, its tokenizer pads on the left (batched
 generation appends on the right) and its generation config has a pad token.
@@ -47,10 +47,10 @@ class BackboneSpec:
     """Which VLM to load and how.
 
     ``path``: a local checkpoint folder, a hub id, ``"builtin"`` (the trained model shipped with
-    fvlm, :mod:`fvlm.builtin`), or ``"tiny:llava"`` / ``"tiny:llava_next"`` / ``"tiny:qwen2_vl"`` /
+    fvlm, [`fvlm.builtin`][fvlm.builtin]), or ``"tiny:llava"`` / ``"tiny:llava_next"`` / ``"tiny:qwen2_vl"`` /
     ``"tiny:qwen2_5_vl"`` (built-in random tiny model + processor, no download). In a recipe, a
     relative folder is looked up next to the recipe file first, then in the working directory (as
-    ``data.path``); a name that is neither is a hub id. :meth:`check` reads the checkpoint's config
+    ``data.path``); a name that is neither is a hub id. [`check`][fvlm.backbones.BackboneSpec.check] reads the checkpoint's config
     before anything is loaded.
     ``dtype``: ``auto`` (the checkpoint's; float32 for tiny models), ``float32``,
     ``float16`` or ``bfloat16``. ``attn_implementation``: ``sdpa``, ``eager``,
@@ -85,9 +85,9 @@ class BackboneSpec:
     def check(self):
         """Read the checkpoint's config and check that fvlm can prune it, before loading any weights.
 
-        Raises :class:`~fvlm.errors.UsageError` for a folder that does not exist (naming where it
+        Raises [`UsageError`][fvlm.errors.UsageError] for a folder that does not exist (naming where it
         was looked for) or a hub id that can be read neither from the local cache nor the hub, and
-        :class:`~fvlm.errors.UnsupportedModelError` for a model family without a backbone adapter.
+        [`UnsupportedModelError`][fvlm.errors.UnsupportedModelError] for a model family without a backbone adapter.
         Returns the config (``None`` for ``builtin`` and ``tiny:`` backbones).
         """
         from fvlm.adapters import adapter_class_for_config

@@ -2,16 +2,16 @@
 
 Spelling: an ``int`` keep is a count of visual tokens, a ``float`` a fraction in (0, 1] of each
 sample's original visual tokens (``keep: 1`` keeps one token, ``keep: 1.0`` keeps all); a stage
-turns it into a count with :meth:`Stage.count <fvlm.types.Stage.count>` (its ``rounding``), or
-with the selector's :meth:`~fvlm.selectors.base.TokenSelector.keep_count` where the authors'
+turns it into a count with [`Stage.count`][fvlm.types.Stage.count] (its ``rounding``), or
+with the selector's [`keep_count`][fvlm.selectors.base.TokenSelector.keep_count] where the authors'
 count follows another rule.
 
-Per-layer counts follow the rules of :class:`fvlm.PruningSession`: a ``"vision"`` / ``"input"``
+Per-layer counts follow the rules of [`fvlm.PruningSession`][fvlm.PruningSession]: a ``"vision"`` / ``"input"``
 stage sets the count that enters the LLM; a stage at ``l`` (after ``l`` decoder layers) sets the
 count of layers ``l`` and later. The *layer average* is the mean of the per-layer counts over all
 decoder layers (the PyramidDrop convention the papers' budgets use: "64 tokens" is that average,
 not the final count). A selector maps a target layer average to its own arguments with
-:meth:`TokenSelector.for_average <fvlm.selectors.base.TokenSelector.for_average>`.
+[`TokenSelector.for_average`][fvlm.selectors.base.TokenSelector.for_average].
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ BUDGET_PARAMETERS = AVERAGE_PARAMETERS + COUNT_PARAMETERS
 
 
 def stage_count(keep: int | float, original: int) -> int:
-    """Visual tokens a stage keeps: an int count, or a float fraction of ``original`` (:meth:`Stage.count`)."""
+    """Visual tokens a stage keeps: an int count, or a float fraction of ``original`` ([`Stage.count`][fvlm.types.Stage.count])."""
     return int(Stage("input", keep).count(original))
 
 
@@ -174,14 +174,14 @@ def fractions_of_current_to_original(ratios: Sequence[float]) -> list[float]:
 
 
 def check_average(target: float, original: int) -> None:
-    """Raise :class:`BudgetError` unless ``0 < target <= original`` (a reachable layer average)."""
+    """Raise [`BudgetError`][fvlm.errors.BudgetError] unless ``0 < target <= original`` (a reachable layer average)."""
     if not 0 < target <= original:
         raise BudgetError(f"a layer-average budget of {target:g} visual tokens is outside (0, {original}]: "
                           f"the model has {original} visual tokens per sample")
 
 
 def budget_parameter(selector_class: type) -> str | None:
-    """The first of :data:`BUDGET_PARAMETERS` that ``selector_class`` takes, or None."""
+    """The first of [`BUDGET_PARAMETERS`][fvlm.budget.BUDGET_PARAMETERS] that ``selector_class`` takes, or None."""
     params = inspect.signature(selector_class.__init__).parameters
     return next((p for p in BUDGET_PARAMETERS if p in params), None)
 
@@ -196,7 +196,7 @@ def with_input_size(selector_class: type, params: dict, original: int) -> dict:
 
 def arguments_for_average(selector_class: type, target: float, info, original: int, params: dict) -> dict:
     """``params`` plus the value of the selector's budget parameter whose schedule averages ``target``
-    visual tokens (of ``original``) over the decoder layers of ``info`` (a :class:`~fvlm.types.ModelInfo`).
+    visual tokens (of ``original``) over the decoder layers of ``info`` (a [`ModelInfo`][fvlm.types.ModelInfo]).
 
     An average parameter (``average``, ...) gets ``target`` as is (the selector's own mapping to stage
     counts is authoritative); a count parameter (``keep``, ...) is searched over ``1..original`` for the

@@ -1,7 +1,8 @@
 """The ``fvlm`` command line: ``fvlm list``, ``fvlm info NAME``, ``fvlm demo`` (and run, compare, profile, visualize).
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and sets
-``func``; append it to ``COMMANDS`` to add a command (run, profile, visualize, ...).
+``func``; append it to ``COMMANDS`` to add a command (run, profile, visualize, ...). Every command
+follows one convention (``fvlm.commands.options``): dash or underscore spellings, bare booleans.
 """
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from rich.panel import Panel
+from rich.markdown import Markdown
 from rich.table import Table
 from rich.text import Text
 
 from fvlm import registry
+from fvlm.commands import docstrings
+from fvlm.commands.options import ArgumentParser
 from fvlm.console import console
 from fvlm.errors import FVLMError, PluginLoadError, UsageError
 
@@ -52,19 +55,20 @@ def _list(args: argparse.Namespace) -> int:
     reg = _registry(args)
     conflicts = reg.conflicts()
     table = Table(title=f"fvlm {reg.kind}s (entry-point group {reg.group})")
-    for column in ("name", "class", "needs", "distribution", "status"):
+    for column in ("name", "description", "class", "needs", "distribution", "status"):
         table.add_column(column, overflow="fold")
     for name in reg.names(args.pattern):
         regs = reg.registrations(name)
         if name in conflicts:
             status = Text.assemble(("CONFLICT", "bold red"), f": {' vs '.join(conflicts[name])}")
-            table.add_row(name, "\n".join(r.value for r in regs), "?", "\n".join(conflicts[name]), status)
+            table.add_row(name, "?", "\n".join(r.value for r in regs), "?", "\n".join(conflicts[name]), status)
             continue
         try:
-            needs, status = _needs(reg.info(name).needs), Text("ok", style="green")
+            info = reg.info(name)
+            about, needs, status = docstrings.plain(info.summary), _needs(info.needs), Text("ok", style="green")
         except PluginLoadError as exc:
-            needs, status = "?", Text.assemble(("BROKEN", "bold red"), f": {exc.reason}")
-        table.add_row(name, regs[0].value, needs, regs[0].where, status)
+            about, needs, status = "?", "?", Text.assemble(("BROKEN", "bold red"), f": {exc.reason}")
+        table.add_row(name, about, regs[0].value, needs, regs[0].where, status)
     _console().print(table)
     return 0
 
@@ -105,20 +109,28 @@ def _add_info(sub) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
+    """The name and summary, class, needs and origin, the docstring as Markdown, then the parameters
+    with their ``Args:`` descriptions in one table."""
     info = _registry(args).info(args.name)
+    doc = docstrings.split(info.doc)
+    summary, _, body = doc.body.partition("\n")
     head = Table.grid(padding=(0, 2))
     head.add_row("class", f"{info.cls.__module__}.{info.cls.__qualname__}")
     head.add_row("needs", _needs(info.needs))
     head.add_row("distribution", f"{info.distribution} {info.version}")
     params = Table(title="parameters", title_justify="left")
-    for column in ("name", "type", "default"):
-        params.add_column(column)
+    for column in ("name", "type", "default", "description"):
+        params.add_column(column, overflow="fold")
     for pname, (ann, default) in info.parameters.items():
-        params.add_row(pname, ann or "-", "(required)" if default is registry.REQUIRED else repr(default))
+        params.add_row(pname, ann or "-", "(required)" if default is registry.REQUIRED else repr(default),
+                       docstrings.plain(doc.args.get(pname, "")))
     console = _console()
-    console.print(Panel(head, title=info.name, title_align="left"))
-    for paragraph in filter(None, info.doc.split("\n\n")):  # reflow docstring paragraphs to the console width
-        console.print(" ".join(paragraph.split()), markup=False)
+    console.print(Text.assemble((info.name, "bold"), ": ", docstrings.plain(summary)))
+    console.print(head)
+    if body.strip():
+        console.print()
+        console.print(Markdown(body.strip()), width=min(console.width, 100))
+    console.print()
     console.print(params)
     return 0
 
@@ -219,7 +231,7 @@ COMMANDS: list[Callable] = [_add_list, _add_info, _add_demo, _add_profile, _add_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fvlm", description="Training-free visual-token pruning for VLMs.")
+    parser = ArgumentParser(prog="fvlm", description="Training-free visual-token pruning for VLMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
@@ -228,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fvlm`` console script; returns the exit status (:class:`ExitCode`)."""
+    """Entry point of the ``fvlm`` console script; returns the exit status ([`ExitCode`][fvlm.commands.exit_codes.ExitCode])."""
     from fvlm.commands.exit_codes import for_error
 
     args = build_parser().parse_args(argv)

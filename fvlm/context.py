@@ -169,7 +169,7 @@ class SelectionContext:
 
     def attention_to_all(self, rows: torch.Tensor | None = None, _checked: bool = False, *, layer: str = "current",
                          rotary: bool = True) -> torch.Tensor:
-        """Attention probabilities ``[B, H, Q, L]`` from query ``rows`` to every position (see :meth:`attention`)."""
+        """Attention probabilities ``[B, H, Q, L]`` from query ``rows`` to every position (see [`attention`][fvlm.context.SelectionContext.attention])."""
         if not _checked:
             self._use(Need.ATTENTION)
         if layer not in ("current", "next"):
@@ -235,7 +235,7 @@ class SelectionContext:
     def vision_attention(self, layer: int) -> list[torch.Tensor]:
         """Per view (``View.source`` order), per-head attention scores ``[heads, N]`` of vision layer
         ``layer``, recomputed from the layer's input (any attention kernel); what the score is
-        depends on the family (:meth:`fvlm.adapters.base.BackboneAdapter.vision_attention`). The
+        depends on the family ([`fvlm.adapters.base.BackboneAdapter.vision_attention`][fvlm.adapters.base.BackboneAdapter.vision_attention]). The
         layer must be in the selector's ``vision_layers(info)``."""
         self._use(Need.VISION_ATTENTION)
         if layer not in self.selector.vision_layers(self.info):
@@ -302,9 +302,9 @@ class SelectionContext:
 
         Equals ``run_layer(index, hidden)`` gathered at ``rows`` (same positions, causal + padding
         mask, no cache), but computes queries, attention output and MLP for the ``Q`` rows only
-        (keys and values for all rows): see :meth:`fvlm.adapters.base.BackboneAdapter.rows_forward`.
+        (keys and values for all rows): see [`fvlm.adapters.base.BackboneAdapter.rows_forward`][fvlm.adapters.base.BackboneAdapter.rows_forward].
         Values are mixed from the inputs where that costs fewer FLOPs
-        (:func:`fvlm.metrics.flops.value_mixing_pays`).
+        ([`fvlm.metrics.flops.value_mixing_pays`][fvlm.metrics.flops.value_mixing_pays]).
         """
         self._use(Need.LAYERS)
         self._require_layer("run_layer_rows")

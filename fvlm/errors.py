@@ -1,4 +1,4 @@
-"""Exceptions raised by fvlm. Every one derives from :class:`FVLMError`."""
+"""Exceptions raised by fvlm. Every one derives from [`FVLMError`][fvlm.errors.FVLMError]."""
 from __future__ import annotations
 
 

@@ -105,7 +105,7 @@ def gather_seq(t: torch.Tensor, index: torch.Tensor, *, zero_invalid: bool = Fal
 
 
 def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``t[b, index[b, j]]`` for ``t`` ``[B, L, D]``; ``-1`` entries give zeros (:func:`gather_seq`)."""
+    """``t[b, index[b, j]]`` for ``t`` ``[B, L, D]``; ``-1`` entries give zeros ([`gather_seq`][fvlm.indexing.gather_seq])."""
     return gather_seq(t, index, zero_invalid=True)
 
 

@@ -2,7 +2,7 @@
 
 transformers' Qwen video processors need torchvision, which fvlm does not install, and fvlm only
 feeds images: a checkpoint's processor is loaded without its video processor when the full one
-cannot be built (:func:`load_processor_without_video`).
+cannot be built ([`load_processor_without_video`][fvlm.processors.load_processor_without_video]).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def __getattr__(name: str):  # resolves pickled image-only processor classes
 def load_processor_without_video(path: str, **kwargs):
     """A checkpoint's processor loaded without its video processor, or ``None`` if it has none.
 
-    The fallback of :class:`~fvlm.lightning.module.BackboneSpec` when ``AutoProcessor`` fails to
+    The fallback of [`BackboneSpec`][fvlm.backbones.BackboneSpec] when ``AutoProcessor`` fails to
     build a video processor (Qwen-VL without torchvision).
     """
     import inspect

@@ -6,7 +6,7 @@ time one of its names is loaded (``get_class`` / ``create`` / ``info`` / ``broke
 
 Policy: a plugin that fails to import is reported by name (``broken()``) and never hides the
 others; a name claimed by two distributions is listed, but looking it up raises
-:class:`~fvlm.errors.DuplicateNameError` naming both (``fvlm list`` marks it as a conflict).
+[`DuplicateNameError`][fvlm.errors.DuplicateNameError] naming both (``fvlm list`` marks it as a conflict).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import importlib
 import importlib.metadata as md
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fvlm.errors import (
     DuplicateNameError,
@@ -27,7 +27,19 @@ from fvlm.errors import (
     UnknownSelectorError,
 )
 
+if TYPE_CHECKING:
+    from fvlm.selectors.base import TokenSelector
+
 REQUIRED = inspect.Parameter.empty  # the "default" of a parameter that has none
+
+
+def close_names(name: str, names: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``names`` that ``name`` probably meant: those it begins or is part of
+    (``pio`` -> ``pio_fvlm``), then the closest spellings (``fastvv`` -> ``fastv``)."""
+    key = name.lower().replace("-", "_")
+    parts = [c for c in names if c.lower().startswith(key)] + [c for c in names if key in c.lower()]
+    close = parts + difflib.get_close_matches(key, names, n=n, cutoff=0.6)
+    return list(dict.fromkeys(close))[:n] if key else []
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,7 @@ class EntryPointRegistry:
         """Every distribution's claim on ``name`` (more than one means a conflict). Imports nothing."""
         regs = self._discover().get(name)
         if not regs:
-            close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
+            close = close_names(name, self.names())
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise self.unknown_error(f"unknown {self.kind} {name!r} (entry-point group {self.group!r}).{hint}"
                                      f" Available: {', '.join(self.names()) or '(none)'}")
@@ -215,7 +227,11 @@ ADAPTERS = EntryPointRegistry("fvlm.adapters", "adapter", base="fvlm.adapters.ba
 
 
 def list_selectors(pattern: str | None = None) -> list[str]:
-    """Registered selector names (sorted), optionally filtered by a glob. Imports no plugin."""
+    """Registered selector names (sorted). Imports no plugin.
+
+    Args:
+        pattern: a glob (`"vscan*"`) the names must match; `None` lists all.
+    """
     return SELECTORS.names(pattern)
 
 
@@ -224,13 +240,29 @@ def get_selector_class(name: str) -> type:
     return SELECTORS.get_class(name)
 
 
-def create_selector(name: str, **kwargs: Any):
-    """Instantiate the selector ``name`` with ``kwargs`` (``None`` values are dropped)."""
+def create_selector(name: str, **kwargs: Any) -> TokenSelector:
+    """Instantiate a registered selector.
+
+    Args:
+        name: a name from [`list_selectors`][fvlm.registry.list_selectors] (`fvlm list`).
+        **kwargs: the selector's arguments (`fvlm info NAME` lists them); `None` values are dropped.
+
+    Returns:
+        The [`TokenSelector`][fvlm.selectors.base.TokenSelector], ready for [`fvlm.prune`][fvlm.session.prune].
+    """
     return SELECTORS.create(name, **kwargs)
 
 
 def selector_info(name: str) -> SelectorInfo:
-    """Parameters, needs and origin of the selector ``name``."""
+    """Parameters, needs and origin of a registered selector (what `fvlm info NAME` prints).
+
+    Args:
+        name: a name from [`list_selectors`][fvlm.registry.list_selectors].
+
+    Returns:
+        Its `SelectorInfo`: class, summary and docstring, parameters
+            with annotations and defaults, needs, distribution.
+    """
     return SELECTORS.info(name)
 
 

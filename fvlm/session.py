@@ -67,23 +67,26 @@ class _Run:
 
 
 class PruningSession:
-    """Applies ``selector`` to ``model`` while active; use through :func:`fvlm.prune`.
+    """Applies ``selector`` to ``model`` while active; use through [`fvlm.prune`][fvlm.session.prune].
 
     All hooks are registered on this model instance on ``__enter__`` and removed on ``__exit__``
     (also when the block raises). Selection happens in prefill only; decode steps run on the pruned
     KV cache, and cache-free steps (``generate(use_cache=False)``) replay the prompt's selection.
-    ``positions="original"`` keeps every kept token's original position id; ``"compact"`` renumbers
-    kept tokens contiguously in sequence order (1-D RoPE families only); ``None`` (default) uses the
-    selector's declared policy (its authors'), see
-    :attr:`TokenSelector.positions <fvlm.selectors.base.TokenSelector.positions>`. Sessions do not
-    nest: entering a second one on a model that has an active session raises. ``instructions``: the
-    instruction text of every prompt of the next calls (selectors that declare ``Need.INSTRUCTION``,
-    e.g. CDPruner); the attribute may be replaced between calls. The selector's auxiliary models are
-    loaded on ``__enter__`` (once per backbone, :mod:`fvlm.auxiliary`).
+    Sessions do not nest: entering a second one on a model that has an active session raises. The
+    selector's auxiliary models are loaded on ``__enter__`` (once per backbone,
+    [`fvlm.auxiliary`][fvlm.auxiliary]).
 
-    ``listeners``: objects with ``on_stage(stage, ctx, selection)``, called after every stage the
-    selector answered (its validated :class:`~fvlm.selectors.base.Selection`, valid indices first),
-    e.g. to record which tokens each stage kept; :meth:`listen` adds one.
+    Args:
+        model: a Hugging Face VLM of a supported family.
+        selector: the [`TokenSelector`][fvlm.selectors.base.TokenSelector] instance to apply.
+        positions: `"original"` keeps every kept token's original position id; `"compact"`
+            renumbers kept tokens contiguously in sequence order (1-D RoPE families only); `None`
+            uses the selector's declared policy (its authors').
+        instructions: the instruction text of every prompt of the next calls (selectors that
+            declare `Need.INSTRUCTION`, e.g. CDPruner); the attribute may be replaced between calls.
+        listeners: objects with `on_stage(stage, ctx, selection)`, called after every stage the
+            selector answered (its validated [`Selection`][fvlm.selectors.base.Selection], valid
+            indices first), e.g. to record which tokens each stage kept; `listen` adds one.
     """
 
     def __init__(self, model: nn.Module, selector: TokenSelector, positions: str | None = None,
@@ -465,7 +468,7 @@ class PruningSession:
         return keep, new_hidden
 
     def _budget(self, stage: Stage, run: _Run, counts) -> torch.Tensor:
-        """The selector's per-sample ``counts`` for ``stage`` (:meth:`TokenSelector.stage_budget`), checked."""
+        """The selector's per-sample ``counts`` for ``stage`` ([`TokenSelector.stage_budget`][fvlm.selectors.base.TokenSelector.stage_budget]), checked."""
         now = run.is_visual.sum(dim=1)
         budget = torch.as_tensor(counts, dtype=torch.long, device=now.device)
         budget = torch.where(now > 0, budget, 0)
@@ -584,13 +587,26 @@ def prune(model: nn.Module, selector: TokenSelector | str, /, *, positions: str 
           **selector_kwargs: Any) -> PruningSession:
     """Prune ``model``'s visual tokens with ``selector`` inside a ``with`` block.
 
-    ``selector`` is a :class:`TokenSelector` instance, or a registered name plus keyword arguments
-    (``fvlm.prune(model, "random", keep=64, seed=0)``). ``positions``: ``"original"`` or
-    ``"compact"`` for every selector alike; ``None`` (default) uses the selector's own, its authors'
-    policy (``session.positions`` and ``session.trace.positions`` say which one ran).
-    ``instructions``: one instruction text per prompt, for instruction-conditioned selectors
-    (``fvlm.prune(model, "cdpruner", keep=64, instructions=["What is on the table?"])``).
-    ``listeners``: see :class:`PruningSession`.
+    ```python
+    with fvlm.prune(model, "pio_fvlm", average=64) as session:
+        output = model.generate(**inputs)
+    ```
+
+    Args:
+        model: a Hugging Face VLM of a supported family (`fvlm list --adapters`).
+        selector: a [`TokenSelector`][fvlm.selectors.base.TokenSelector] instance or a registered
+            name (`fvlm list`).
+        positions: `"original"` or `"compact"` for every selector alike; `None` uses the
+            selector's own, its authors' policy (`session.trace.positions` says which one ran).
+        instructions: one instruction text per prompt, for instruction-conditioned selectors
+            (`fvlm.prune(model, "cdpruner", keep=64, instructions=["What is on the table?"])`).
+        listeners: see [`PruningSession`][fvlm.session.PruningSession].
+        **selector_kwargs: the selector's arguments when `selector` is a name
+            (`fvlm.prune(model, "random", keep=64, seed=0)`).
+
+    Returns:
+        The [`PruningSession`][fvlm.session.PruningSession]; its `trace` holds the visual tokens
+            per layer, the KV length per layer and the per-stage timings of the last call.
     """
     if isinstance(selector, str):
         selector = create_selector(selector, **selector_kwargs)

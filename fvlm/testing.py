@@ -1,9 +1,9 @@
 """Test fixtures: tiny, randomly initialised VLMs of every registered family and matching inputs
-(re-exported from :mod:`fvlm.adapters.tiny`, where each adapter's tiny model lives), and a mid-size
+(re-exported from [`fvlm.adapters.tiny`][fvlm.adapters.tiny], where each adapter's tiny model lives), and a mid-size
 random LLaVA for benchmarks.
 
 The models are real HF transformers ``*ForConditionalGeneration`` classes built from config (no hub
-access), one per model type whose backbone adapter provides a tiny spec: :data:`FAMILIES` follows
+access), one per model type whose backbone adapter provides a tiny spec: [`FAMILIES`][fvlm.testing.FAMILIES] follows
 the adapter registry, so a new family is tested by every test parametrised over it. They share one
 token layout::
 
@@ -173,7 +173,7 @@ def llava15_layout_inputs(layouts=((LLAVA15_OFFSET, 40),), seed: int = 0) -> dic
 
 
 def sample_inputs(batch: dict, b: int) -> dict:
-    """Sample ``b`` of a padded :func:`llava15_layout_inputs` batch alone, without its padding."""
+    """Sample ``b`` of a padded [`llava15_layout_inputs`][fvlm.testing.llava15_layout_inputs] batch alone, without its padding."""
     keep = batch["attention_mask"][b].bool()
     single = {k: batch[k][b:b + 1, keep] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     single["pixel_values"] = batch["pixel_values"][b:b + 1]

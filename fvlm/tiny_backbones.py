@@ -1,6 +1,6 @@
 """Built-in tiny backbones: a random tiny model of a registered family plus a real processor.
 
-Every backbone adapter provides the tiny model of its families (:mod:`fvlm.adapters.tiny`);
+Every backbone adapter provides the tiny model of its families ([`fvlm.adapters.tiny`][fvlm.adapters.tiny]);
 ``tiny_processor(family)`` builds, without the hub, the same processor class the real checkpoints
 use around a character-level tokenizer whose special ids follow the tiny layout (0 pad, 1 bos,
 2 eos, 3 image, 4 video, 5 vision start, 6 vision end) and image processors configured to the tiny

@@ -53,7 +53,7 @@ class Trace:
 
         A layer whose output is pruned counts at its post-prune size. This is the average
         SparseVLM's log prints next to its budgets (e.g. 192.03 for the authors' "192" schedule,
-        whose layer average in the sense of :attr:`layer_average` is 206.50).
+        whose layer average in the sense of [`layer_average`][fvlm.trace.Trace.layer_average] is 206.50).
         """
         return [(sum(row[1:]) + row[-1]) / len(row) for row in self.visual_per_layer]
 

@@ -1,10 +1,10 @@
 """The data types every layer of fvlm shares (imports nothing else from fvlm, not even torch).
 
 Selectors, the session, adapters, metrics and profiling all speak in these records: what a selector
-needs (:class:`Need`), where and how much it prunes (:class:`Stage`), what it returns
-(:class:`Selection`), the architecture facts of a backbone (:class:`ModelInfo`), where the visual
-tokens sit (:class:`ImageGrid`, :class:`TokenLayout`) and what the vision tower showed
-(:class:`VisionObservation`, :class:`VisionProbe`).
+needs ([`Need`][fvlm.types.Need]), where and how much it prunes ([`Stage`][fvlm.types.Stage]), what it returns
+([`Selection`][fvlm.types.Selection]), the architecture facts of a backbone ([`ModelInfo`][fvlm.types.ModelInfo]), where the visual
+tokens sit ([`ImageGrid`][fvlm.types.ImageGrid], [`TokenLayout`][fvlm.types.TokenLayout]) and what the vision tower showed
+([`VisionObservation`][fvlm.types.VisionObservation], [`VisionProbe`][fvlm.types.VisionProbe]).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Stage:
     ``"input"`` (on the LLM input embeddings) or an int ``l >= 1`` (on the output of the first ``l``
     decoder layers; layer ``l`` and later see the reduced sequence). ``keep`` is an absolute count
     (int) or a fraction in (0, 1] of each sample's *original* visual-token count (float), turned into
-    a count by ``rounding`` (see :meth:`count`). A selector whose count follows another rule (per image,
+    a count by ``rounding`` (see [`count`][fvlm.types.Stage.count]). A selector whose count follows another rule (per image,
     per crop, of the current count) gives it in ``TokenSelector.keep_count`` (from counts) or
     ``TokenSelector.stage_budget`` (from the visual layout). ``exact=False``: the selector may keep
     fewer than the budget (at least one token), e.g. LLaVA-NeXT crops whose picks the unpadding
@@ -188,7 +188,7 @@ class ImageGrid:
 @dataclass(frozen=True)
 class TokenLayout:
     """Where a prompt batch's visual tokens are: ``visual`` ``[B, S]`` bool, and per sample the
-    :class:`ImageGrid` of each of its images (``None`` when not asked for)."""
+    [`ImageGrid`][fvlm.types.ImageGrid] of each of its images (``None`` when not asked for)."""
 
     visual: torch.Tensor
     grids: list[list[ImageGrid]] | None = None

@@ -92,6 +92,69 @@ def test_generate_kwargs_override_the_settings(backbone):
     assert longer["efficiency"]["new_tokens"] == 5
 
 
+def test_fidelity_times_the_unpruned_pass_apart(backbone):
+    """With fidelity, the unpruned generate of the same batch is timed by its own clock (its prefill
+    and decode steps, apart from the pruned pass's); without it there is no baseline."""
+    model, processor = backbone
+    answerer = Answerer(model, processor, fvlm.create_selector("keep_all"), generation={"max_new_tokens": 3},
+                        fidelity=True)
+    with torch.no_grad():
+        results = answerer.answer(_prompts()[:2])
+    for r in results:
+        eff = r["efficiency"]
+        assert eff["unpruned_prefill_ms"] > 0 and eff["unpruned_decode_ms"] > 0
+        assert eff["batch_unpruned_decode_steps"] == eff["batch_decode_steps"] == 2
+    with torch.no_grad():
+        plain = Answerer(model, processor, generation={"max_new_tokens": 3}).answer(_prompts()[:2])
+    assert all("unpruned_prefill_ms" not in r["efficiency"] for r in plain)  # no fidelity pass, no baseline
+
+
+def test_first_logprobs_are_the_first_generated_tokens_distribution(backbone):
+    """``first_logprobs``: log-softmax of ``generate``'s first-step logits of each prompt, the same
+    with or without a keep-all session, and its argmax is the first generated token."""
+    model, processor = backbone
+    prompts = _prompts()
+    inputs = build_inputs(processor, prompts)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        plain = Answerer(model, processor, generation={"max_new_tokens": 2}, first_logprobs=True).answer(prompts)
+        kept = Answerer(model, processor, fvlm.create_selector("keep_all"), generation={"max_new_tokens": 2},
+                        first_logprobs=True).answer(prompts)
+    expected = out.logits[0].float().log_softmax(dim=-1)
+    for b, (p, k) in enumerate(zip(plain, kept)):
+        assert p["first_logprobs"].dtype == torch.float32 and p["first_logprobs"].device.type == "cpu"
+        torch.testing.assert_close(p["first_logprobs"], expected[b])
+        torch.testing.assert_close(k["first_logprobs"], expected[b], atol=1e-5, rtol=1e-5)
+        assert int(p["first_logprobs"].argmax()) == int(out.sequences[b, inputs["input_ids"].shape[1]])
+
+
+def test_answer_all_builds_each_batchs_selector_from_its_prompt_indices():
+    """``selector_for(chunk)`` gets the input indices of each length-sorted batch and prunes exactly
+    that batch: every result equals answering its batch alone with that selector."""
+    model, processor = tiny_backbone("llava")
+    fvlm.backbones.prepare(model, processor)
+    images = [Image.new("RGB", (32, 32), (30 * i, 90, 160)) for i in range(5)]
+    prompts = [Prompt([im], "Colour?" + " please" * (i % 3)) for i, im in enumerate(images)]
+    n_vis = int((build_inputs(processor, prompts[:1])["input_ids"] == model.config.image_token_id).sum())
+    seen = []
+
+    def selector_for(chunk):
+        seen.append(list(chunk))
+        return FixedSelector([[(i + j) % n_vis for j in range(3)] for i in chunk])
+
+    answerer = Answerer(model, processor, generation={"max_new_tokens": 3})
+    with torch.no_grad():
+        results = answerer.answer_all(prompts, batch_size=2, selector_for=selector_for)
+        assert sorted(i for chunk in seen for i in chunk) == list(range(5)) and all(len(c) <= 2 for c in seen)
+        for chunk in seen:
+            alone = answerer.answer([prompts[i] for i in chunk], selector=FixedSelector(
+                [[(i + j) % n_vis for j in range(3)] for i in chunk]))
+            assert [results[i]["answer"] for i in chunk] == [r["answer"] for r in alone]
+            assert all(results[i]["efficiency"]["llm_input_visual"] == 3 for i in chunk)
+    assert answerer.selector is None  # the answerer's own selector is untouched
+
+
 class Recorder:
     def __init__(self):
         self.calls = []

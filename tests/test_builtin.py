@@ -253,6 +253,46 @@ def test_accuracy_benchmark_tiny(tmp_path):
         assert (tmp_path / "acc.png").stat().st_size > 1000
 
 
+def _bench(script: str, *argv: str) -> dict:
+    """Run a benchmark script in a subprocess; its ``--json`` results."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "out.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / script), *argv, "--json", str(raw), "--threads", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(raw.read_text())
+
+
+def test_layer_average_convention_meets_the_budget_with_controls_at_the_same_stages():
+    """``--convention layer-average``: every in-LLM row (single- and multi-stage) and its random,
+    uniform and oracle controls average the budget over the decoder layers; the oracle's pre-LLM row
+    keeps exactly the budget."""
+    results = _bench("accuracy.py", "--n", "2", "--budgets", "192", "--selectors", "random", "fastv",
+                     "pio_fvlm_3stage", "sparsevlm", "--convention", "layer-average",
+                     "--controls", "random", "uniform", "oracle")
+    rows = results["rows"]
+    assert results["meta"]["convention"] == "layer-average"
+    for label in ("random", "fastv", "pio_fvlm_3stage", "sparsevlm", "oracle (input)", "random (after layer 1)",
+                  "uniform (after layers 1, 2, 3)", "oracle (after layers 1, 2, 3, as sparsevlm)"):
+        assert abs(rows[label]["192"]["layer_average"] - 192) <= 1, (label, rows[label]["192"])
+    assert rows["oracle (after layers 1, 2, 3)"]["control_for"] == ["pio_fvlm_3stage"]
+    assert rows["oracle (input)"]["192"]["layer_average"] == 192
+
+
+def test_depth_probe_keeping_every_token_changes_nothing():
+    """The probe's pruning at every point, random or oracle, with all 576 tokens kept reproduces the
+    unpruned answers and first-token distribution."""
+    results = _bench("depth_probe.py", "--n", "4", "--keep", "576")
+    assert results["meta"]["points"] == ["input", "1", "2", "3"]
+    assert len(results["points"]) == 8
+    for name, cell in results["points"].items():
+        assert cell["fidelity"] == 1.0 and cell["kl"] < 1e-6, name
+        assert cell["accuracy"] == results["unpruned"]["accuracy"], name
+
+
 def test_benchmark_reports_a_failing_selector(tmp_path):
     out = tmp_path / "acc.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--n", "2", "--budgets", "16",

@@ -212,7 +212,10 @@ def test_signal_stops_the_run_and_a_rerun_resumes(tmp_path, sig, code, name):
     argv = ["run", "-c", TINY / "llava-reference.yaml", "--data.path", data, "--data.batch_size", 1,
             "--model.generation.max_new_tokens", 8, "--output", out, *QUIET]
     cmd = [sys.executable, "-c", "import sys; from fvlm.cli import main; sys.exit(main())", *map(str, argv)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (nohup, `&`) starts with SIGINT ignored and passes that on; a user at a
+    # terminal has Python's default Ctrl-C handler, so the child starts with it.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pred = out / "predictions.jsonl"
     deadline = time.time() + 180
     try:

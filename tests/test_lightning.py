@@ -157,6 +157,12 @@ def test_tiny_recipe_runs_end_to_end(recipe, tmp_path, capsys):
     if recipe.stem == "llava-random":  # fidelity to the unpruned model
         assert all("reference_answer" in r and r["first_token_kl"] >= 0 for r in records)
         assert summary["fidelity"]["count"] == len(data_ids)
+        assert all(r["efficiency"]["unpruned_prefill_ms"] > 0 for r in records)  # the unpruned pass, timed apart
+        assert eff["prefill_speedup"] == pytest.approx(
+            sum(r["efficiency"]["unpruned_prefill_ms"] for r in records) / sum(r["efficiency"]["prefill_ms"] for r in records))
+        assert "speedup vs unpruned: prefill" in console and f"{eff['prefill_speedup']:.2f}x" in console
+    else:
+        assert "prefill_speedup" not in eff and "speedup vs unpruned" not in console
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["backbone"]["path"].startswith("tiny:")
 
 

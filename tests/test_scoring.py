@@ -106,6 +106,21 @@ def test_summarize_records():
     assert eff["layer_average"] == 10.0 and eff["visual_per_layer"] == [12.0, 8.0] and eff["kv_bytes"] == 200
     assert eff["decode_ms_per_token"] == pytest.approx(12.0 / 6)
     assert s["error_samples"] == [{"id": "5", "error": "FileNotFoundError: x.png"}]
+    assert "prefill_speedup" not in eff  # no unpruned timings: no speedup
+
+
+def test_speedup_against_the_unpruned_model_from_its_timings():
+    """Prefill speedup = unpruned prefill time / pruned prefill time over the same samples; decode
+    speedup compares the time per decode step, since the two runs may generate different lengths."""
+    eff = [{"prefill_ms": 10.0, "decode_ms": 6.0, "batch_decode_steps": 3, "batch_size": 1,
+            "unpruned_prefill_ms": 30.0, "unpruned_decode_ms": 12.0, "batch_unpruned_decode_steps": 4},
+           {"prefill_ms": 20.0, "decode_ms": 4.0, "batch_decode_steps": 2, "batch_size": 1,
+            "unpruned_prefill_ms": 50.0, "unpruned_decode_ms": 8.0, "batch_unpruned_decode_steps": 2}]
+    out = S.summarize_efficiency([{"efficiency": e} for e in eff])
+    assert out["prefill_speedup"] == pytest.approx(80.0 / 30.0) and out["unpruned_prefill_ms"] == 40.0
+    assert out["decode_ms_per_token"] == pytest.approx(10.0 / 5)
+    assert out["unpruned_decode_ms_per_token"] == pytest.approx(20.0 / 6)
+    assert out["decode_speedup"] == pytest.approx((20.0 / 6) / (10.0 / 5))
 
 
 def test_read_jsonl_ignores_truncated_last_line(tmp_path):

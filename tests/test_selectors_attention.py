@@ -1,7 +1,7 @@
 """Oracle tests of the attention/key-based baselines: FastV, SparseVLM, DART.
 
 - Constructed contexts (stub adapter with known attention rows / keys): expected picks are worked
-  out by hand from the specs (docs: /work/shared/specs/baselines.md).
+  out by hand from the specs (each method as the Faithfulness page and the selector catalogue describe it).
 - Attention probes recomputed under SDPA equal eager ``output_attentions`` maps: FastV's and
   SparseVLM's picks on the SDPA model equal the top-k computed in this file from the eager maps.
 - End to end under ``fvlm.prune`` + ``generate`` on every family, eager and SDPA, padded batches.

@@ -38,7 +38,7 @@ class BackboneAdapter:
     """Base adapter for decoder-only VLMs whose language model is Llama / Qwen / Mistral shaped.
 
     A family subclass sets ``family`` and ``model_types`` and, where needed, overrides the few
-    locator and layout methods; ``tiny`` maps each model type to the :class:`~fvlm.adapters.tiny.TinySpec`
+    locator and layout methods; ``tiny`` maps each model type to the [`TinySpec`][fvlm.adapters.tiny.TinySpec]
     that builds its tiny random test model. Everything else (decoder-layer math, masks, caches) is shared.
     """
 
@@ -109,12 +109,12 @@ class BackboneAdapter:
                                      mrope=self.mrope, **self.vision_info()).replace(num_layers=len(self.layers))
 
     def vision_info(self) -> dict:
-        """The vision-tower fields of :class:`ModelInfo` (depth, feature layer, full-attention layers,
+        """The vision-tower fields of [`ModelInfo`][fvlm.types.ModelInfo] (depth, feature layer, full-attention layers,
         tokens per view, width); empty where fvlm's vision-side selectors do not apply."""
         return {}
 
     def check_supported(self) -> None:
-        """Raise :class:`~fvlm.errors.UnsupportedModelError` naming the family and the reason when
+        """Raise [`UnsupportedModelError`][fvlm.errors.UnsupportedModelError] naming the family and the reason when
         fvlm cannot prune this model correctly (checked when a pruning session is created)."""
         problems = layer_math.architecture_problems(self.layers, self.text_config)
         if problems:
@@ -128,7 +128,7 @@ class BackboneAdapter:
 
     def observe_layers(self, store: VisionObservation, layers: frozenset) -> list:
         """Register hooks that record the inputs of vision-tower ``layers`` into ``store.vision_inputs``
-        (what :meth:`vision_attention` reads); return the handles."""
+        (what [`vision_attention`][fvlm.adapters.base.BackboneAdapter.vision_attention] reads); return the handles."""
         raise UnsupportedModelError(f"{self.family}: vision-layer probes are not available")
 
     def vision_attention(self, store: VisionObservation, layer: int) -> list[torch.Tensor]:
@@ -155,7 +155,7 @@ class BackboneAdapter:
         raise UnsupportedModelError(f"{self.family}: the vision tower has no final norm fvlm knows")
 
     def vision_probe(self, store: VisionObservation) -> VisionProbe:
-        """Vision-tower internals of the last image batch, one row per image (see :class:`VisionProbe`)."""
+        """Vision-tower internals of the last image batch, one row per image (see [`VisionProbe`][fvlm.types.VisionProbe])."""
         raise UnsupportedModelError(
             f"{self.family}: vision-tower probes (CLS attention, pre-projector features) are not available; "
             "they need a CLS-token vision tower with one tile per image (LLaVA-1.5)"
@@ -182,9 +182,9 @@ class BackboneAdapter:
 
     def visual_layout(self, input_ids: torch.Tensor, top_kwargs: dict, embeds: torch.Tensor | None = None,
                       store: VisionObservation | None = None) -> list[VisualLayout]:
-        """Per sample, its :class:`VisualLayout`: one square grid and one view per image span of
-        :meth:`image_grids` (families with another layout override this). ``embeds`` are the LLM input
-        embeddings, ``store`` what :meth:`observe` recorded."""
+        """Per sample, its [`VisualLayout`][fvlm.types.VisualLayout]: one square grid and one view per image span of
+        [`image_grids`][fvlm.adapters.base.BackboneAdapter.image_grids] (families with another layout override this). ``embeds`` are the LLM input
+        embeddings, ``store`` what [`observe`][fvlm.adapters.base.BackboneAdapter.observe] recorded."""
         layouts, source = [], 0
         for sample in self.image_grids(input_ids, top_kwargs, store or VisionObservation()):
             grids, views = [], []
@@ -232,7 +232,7 @@ class BackboneAdapter:
     def take_injections(self, lm_kwargs: dict) -> LayerInjections | None:
         """Remove from the language model's keyword arguments what the family adds to the hidden
         states after decoder layers (indexed by the unpruned sequence) and return it, so the session
-        can add it to the pruned sequence (:meth:`inject`). ``None``: nothing of the kind."""
+        can add it to the pruned sequence ([`inject`][fvlm.adapters.base.BackboneAdapter.inject]). ``None``: nothing of the kind."""
         return None
 
     @staticmethod
@@ -295,13 +295,13 @@ class BackboneAdapter:
     def project_qkv(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings,
                     rows: torch.Tensor | None = None, *, queries: bool = True, values: bool = False,
                     rotary: bool = True) -> Projections:
-        """What layer ``layer_index``'s attention computes from ``hidden_in``: :func:`fvlm.adapters.layer_math.project_qkv`."""
+        """What layer ``layer_index``'s attention computes from ``hidden_in``: [`fvlm.adapters.layer_math.project_qkv`][fvlm.adapters.layer_math.project_qkv]."""
         return layer_math.project_qkv(self.layers[layer_index], hidden_in, position_embeddings, rows,
                                       queries=queries, values=values, rotary=rotary)
 
     def rotary_bias(self, layer_index: int, position_embeddings, rows: torch.Tensor) -> torch.Tensor:
         """The purely positional part of layer ``layer_index``'s attention logits at ``rows``
-        (:func:`fvlm.adapters.layer_math.rotary_bias`)."""
+        ([`fvlm.adapters.layer_math.rotary_bias`][fvlm.adapters.layer_math.rotary_bias])."""
         return layer_math.rotary_bias(self.layers[layer_index], position_embeddings, rows)
 
     def key_states(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -311,14 +311,14 @@ class BackboneAdapter:
     def attention_rows(self, layer_index: int, hidden_in: torch.Tensor, position_embeddings,
                        key_valid: torch.Tensor, rows: torch.Tensor, *, rotary: bool = True) -> torch.Tensor:
         """Attention probabilities ``[B, H, Q, S]`` of query ``rows`` in layer ``layer_index``
-        (:func:`fvlm.adapters.layer_math.attention_rows`; ``rotary=False``: without the rotary embedding)."""
+        ([`fvlm.adapters.layer_math.attention_rows`][fvlm.adapters.layer_math.attention_rows]; ``rotary=False``: without the rotary embedding)."""
         layer = self._checked_layer(layer_index, hidden_in.shape[1])
         return layer_math.attention_rows(layer, hidden_in, position_embeddings, key_valid, rows, rotary=rotary)
 
     def rows_forward(self, layer_index: int, hidden: torch.Tensor, position_embeddings, key_valid: torch.Tensor,
                      rows: torch.Tensor, *, value_mixing: ValueMixing = None) -> torch.Tensor:
         """Output ``[B, Q, D]`` of decoder layer ``layer_index`` at ``rows`` only
-        (:func:`fvlm.adapters.layer_math.rows_forward`; the caller decides ``value_mixing``)."""
+        ([`fvlm.adapters.layer_math.rows_forward`][fvlm.adapters.layer_math.rows_forward]; the caller decides ``value_mixing``)."""
         layer = self._checked_layer(layer_index, hidden.shape[1])
         return layer_math.rows_forward(layer, hidden, position_embeddings, key_valid, rows, value_mixing=value_mixing)
 
@@ -336,7 +336,7 @@ def images_per_row(image_tokens: Sequence[int], row_tokens: Sequence[int]) -> li
     vision tower saw them); ``row_tokens[b]``: visual tokens in row ``b`` of the LLM batch. ``generate``
     encodes the images once and may then repeat every prompt ``e`` times in a row (beam search,
     ``num_return_sequences``); the ``e`` copies show the same images. ``e`` is the ratio of the two
-    totals. Raises :class:`~fvlm.errors.UnsupportedModelError` when no such layout fits the counts.
+    totals. Raises [`UnsupportedModelError`][fvlm.errors.UnsupportedModelError] when no such layout fits the counts.
     """
     rows, total = list(row_tokens), sum(image_tokens)
     if sum(rows) == 0:
@@ -369,8 +369,8 @@ def images_per_row(image_tokens: Sequence[int], row_tokens: Sequence[int]) -> li
 
 
 def grids_from_sizes(sizes: Sequence[tuple[int, int, int]], input_ids_visual: torch.Tensor) -> list[list[ImageGrid]]:
-    """Per batch row, one :class:`ImageGrid` per image of ``(frames, rows, cols)`` tokens, the images
-    matched to rows by :func:`images_per_row` (``generate`` may repeat prompts for beams)."""
+    """Per batch row, one [`ImageGrid`][fvlm.types.ImageGrid] per image of ``(frames, rows, cols)`` tokens, the images
+    matched to rows by [`images_per_row`][fvlm.adapters.base.images_per_row] (``generate`` may repeat prompts for beams)."""
     rows = images_per_row([t * h * w for t, h, w in sizes], input_ids_visual.sum(dim=1).tolist())
     grids = []
     for images in rows:

@@ -14,7 +14,7 @@ IDEFICS_SPLITS = [(0, 0), (1, 2), (0, 0), (2, 1)]  # (rows, cols) of tiles per i
 
 
 class Idefics3Adapter(BackboneAdapter):
-    """Idefics3 / SmolVLM: one :class:`ImageGrid` per tile and per global view (square grids: the base
+    """Idefics3 / SmolVLM: one [`ImageGrid`][fvlm.types.ImageGrid] per tile and per global view (square grids: the base
     adapter's runs of visual tokens)."""
 
     family = "idefics3"

@@ -12,7 +12,7 @@ INTERNVL_TILES = [1, 3, 1, 2]  # tiles per image, cycled per image
 
 
 class InternVLAdapter(BackboneAdapter):
-    """InternVL: one :class:`~fvlm.types.ImageGrid` per tile (``side x side`` tokens in raster order; a multi-tile
+    """InternVL: one [`ImageGrid`][fvlm.types.ImageGrid] per tile (``side x side`` tokens in raster order; a multi-tile
     image lists its crops, then its thumbnail, as the processor tiles it)."""
 
     family = "internvl"

@@ -2,9 +2,9 @@
 
 What the attention of one layer computes, recomputed outside its forward so that it works whatever
 attention kernel the model runs: queries / keys / values with the layer's input norm, its per-head
-q/k norms where it has them (Qwen3, Gemma) and its rotary function (:func:`project_qkv`), attention
-probabilities of a few query rows (:func:`attention_rows`), and the layer's output at a few rows only
-(:func:`rows_forward`). Every function is differentiable w.r.t. its hidden-state input.
+q/k norms where it has them (Qwen3, Gemma) and its rotary function ([`project_qkv`][fvlm.adapters.layer_math.project_qkv]), attention
+probabilities of a few query rows ([`attention_rows`][fvlm.adapters.layer_math.attention_rows]), and the layer's output at a few rows only
+([`rows_forward`][fvlm.adapters.layer_math.rows_forward]). Every function is differentiable w.r.t. its hidden-state input.
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from torch import nn
 from fvlm.errors import UnsupportedModelError
 from fvlm.indexing import gather_seq
 
-# ``value_mixing`` of :func:`rows_forward`: a decision, or a rule (seq_len, rows, hidden, heads,
+# ``value_mixing`` of [`rows_forward`][fvlm.adapters.layer_math.rows_forward]: a decision, or a rule (seq_len, rows, hidden, heads,
 # kv_heads, head_dim) -> bool that is asked only where mixing is possible (a plain nn.Linear v_proj).
 ValueMixing = Union[bool, None, Callable[[int, int, int, int, int, int], bool]]
 
 
 class Projections(NamedTuple):
-    """What :func:`project_qkv` returns (post-norm, post-rotary queries / keys; values)."""
+    """What [`project_qkv`][fvlm.adapters.layer_math.project_qkv] returns (post-norm, post-rotary queries / keys; values)."""
 
     queries: torch.Tensor | None
     keys: torch.Tensor

@@ -13,7 +13,7 @@ from fvlm.adapters.qwen2_vl import Qwen2VLAdapter, TinyQwen2VL
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """Qwen3-VL. DeepStack's additions index the unpruned sequence, so the adapter takes them out of
     the language model's call and the session adds each visual token's rows to wherever the token is
-    after pruning (:meth:`take_injections`): a stage may prune before the last DeepStack layer."""
+    after pruning ([`take_injections`][fvlm.adapters.qwen3_vl.Qwen3VLAdapter.take_injections]): a stage may prune before the last DeepStack layer."""
 
     family = "qwen3_vl"
     model_types = ("qwen3_vl",)

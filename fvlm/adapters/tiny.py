@@ -1,10 +1,10 @@
 """Tiny random models of every backbone family, built from config (no hub).
 
-Each adapter provides a :class:`TinySpec` per model type it handles (``BackboneAdapter.tiny``): the
+Each adapter provides a [`TinySpec`][fvlm.adapters.tiny.TinySpec] per model type it handles (``BackboneAdapter.tiny``): the
 config of a tiny model and, per image, the placeholder ids a prompt holds for it and the pixel
-inputs its vision tower takes; :func:`tiny_batch` builds padded prompt batches from them. The test
-suite (:mod:`fvlm.testing`), the family matrix, ``fvlm demo`` and the ``tiny:<family>`` backbones of
-the run path (:mod:`fvlm.tiny_backbones`) are all driven by this.
+inputs its vision tower takes; [`tiny_batch`][fvlm.adapters.tiny.tiny_batch] builds padded prompt batches from them. The test
+suite (`fvlm.testing`), the family matrix, ``fvlm demo`` and the ``tiny:<family>`` backbones of
+the run path (`fvlm.tiny_backbones`) are all driven by this.
 
 Every tiny model shares one token layout::
 
@@ -59,7 +59,7 @@ class TinySpec:
     """How to build a tiny random model of one model type and image inputs for it.
 
     Subclasses set ``model_type`` and ``model_class`` (the transformers ``*ForConditionalGeneration``
-    class name) and implement :meth:`config`, :meth:`image` and :meth:`collate`.
+    class name) and implement `config`, [`image`][fvlm.adapters.tiny.TinySpec.image] and [`collate`][fvlm.adapters.tiny.TinySpec.collate].
     """
 
     model_type: ClassVar[str]
@@ -170,7 +170,7 @@ def _split(total: int, parts: int, gen: torch.Generator) -> list[int]:
 
 def tiny_batch(model, images_per_prompt=(1, 1), padding_side: str = "left", seed: int = 0,
                text_lengths=None) -> tuple[dict, list[list[TinyImage]]]:
-    """:func:`tiny_inputs` and, per prompt, its :class:`TinyImage` records."""
+    """[`tiny_inputs`][fvlm.adapters.tiny.tiny_inputs] and, per prompt, its [`TinyImage`][fvlm.adapters.tiny.TinyImage] records."""
     if padding_side not in ("left", "right"):
         raise ValueError("padding_side must be 'left' or 'right'")
     spec = spec_for(family_of(model))

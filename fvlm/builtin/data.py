@@ -1,8 +1,8 @@
 """The synthetic task as an fvlm data set on disk (JSONL + PNG), for recipes and ``fvlm run``.
 
 ``data.path: builtin:test`` in a recipe (also ``builtin:val`` / ``builtin:train``, optionally with a
-seed: ``builtin:test:3``) makes :class:`~fvlm.lightning.data.VQADataModule` call
-:func:`materialize`, which writes the split's records once into a cache folder and returns the
+seed: ``builtin:test:3``) makes `VQADataModule` call
+[`materialize`][fvlm.builtin.data.materialize], which writes the split's records once into a cache folder and returns the
 JSONL file; from there the run reads images from disk exactly like any other local data set.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from fvlm.builtin import synthetic
 
 PREFIX = "builtin:"
-#: Version of the files :func:`materialize` writes (part of the cache folder name: a change in
+#: Version of the files [`materialize`][fvlm.builtin.data.materialize] writes (part of the cache folder name: a change in
 #: the record format or the generator never reuses stale files).
 FORMAT = 2
 #: Scoring of each question kind (``yes_no`` adds POPE's precision / recall / F1 to the summary).

@@ -1,11 +1,11 @@
 """Architecture, tokenizer, processor and chat template of the built-in LLaVA model.
 
-The model is a real :class:`~transformers.LlavaForConditionalGeneration` with LLaVA-1.5's visual
+The model is a real `LlavaForConditionalGeneration` with LLaVA-1.5's visual
 layout: a CLIP vision tower on 336 px images with 14 px patches (576 patch tokens plus a CLS token),
 ``vision_feature_layer=-2`` and the ``"default"`` strategy (CLS dropped), a two-layer GELU projector
 and a Llama language model, all small enough to train on a CPU. The tokenizer is a word-level
 ``tokenizers`` model over the synthetic task's vocabulary, wrapped in a
-:class:`~transformers.PreTrainedTokenizerFast`; the processor is a :class:`~transformers.LlavaProcessor`
+`PreTrainedTokenizerFast`; the processor is a `LlavaProcessor`
 with the torchvision-free ``CLIPImageProcessorPil``.
 """
 from __future__ import annotations
@@ -42,11 +42,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-#: Sizes of the shipped checkpoint (see :func:`build_config`).
+#: Sizes of the shipped checkpoint (see [`build_config`][fvlm.builtin.model.build_config]).
 DEFAULT_SIZES = dict(
     vision_hidden=64, vision_intermediate=192, vision_layers=3, vision_heads=4,
     text_hidden=128, text_intermediate=384, text_layers=4, text_heads=4, text_kv_heads=4, rope_theta=10000.0, text_init=0.08,
 )
+#: Sizes of the relational checkpoint: twice the decoder layers, so that looks at the image that
+#: depend on earlier looks can happen late in the language model.
+RELATIONAL_SIZES = {**DEFAULT_SIZES, "text_layers": 8}
 #: A tiny variant for smoke tests of the training script (same token layout, same 576 patches).
 SMOKE_SIZES = dict(
     vision_hidden=16, vision_intermediate=32, vision_layers=2, vision_heads=2,
@@ -59,11 +62,12 @@ def prompt(question: str) -> str:
     return f"USER: {IMAGE}\n{question} ASSISTANT:"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over :func:`fvlm.builtin.synthetic.vocabulary` (ids 0-4 are the specials)."""
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``words`` (default [`fvlm.builtin.synthetic.vocabulary`][fvlm.builtin.synthetic.vocabulary]; ids 0-4
+    are the specials)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *synthetic.vocabulary()])}
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *(words or synthetic.vocabulary())])}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     # Two-word region names ("top left") are single tokens: matched before the whitespace split.
     core.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in vocab if " " in w])
@@ -94,7 +98,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast | None = None, **sizes) -> LlavaConfig:
-    """The LLaVA config of the built-in model (``sizes`` overrides :data:`DEFAULT_SIZES`)."""
+    """The LLaVA config of the built-in model (``sizes`` overrides [`DEFAULT_SIZES`][fvlm.builtin.model.DEFAULT_SIZES])."""
     tokenizer = tokenizer or build_tokenizer()
     s = {**DEFAULT_SIZES, **sizes}
     vision = CLIPVisionConfig(

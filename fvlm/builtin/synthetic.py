@@ -1,12 +1,12 @@
 """A seeded, code-generated grounded VQA task: coloured shapes on a 3x3 layout.
 
 Every image is 336 x 336 px (the LLaVA-1.5 input size: a 24 x 24 grid of 14 px patches) with 3 to 5
-filled shapes in distinct cells of a 3 x 3 layout. An object has a colour (:data:`COLOURS`), a shape
-(:data:`SHAPES`), a size (small, about 3 x 3 patches, or large, about 5 x 5 patches) and a jittered
+filled shapes in distinct cells of a 3 x 3 layout. An object has a colour (`COLOURS`), a shape
+(`SHAPES`), a size (small, about 3 x 3 patches, or large, about 5 x 5 patches) and a jittered
 position inside its cell. Together the objects cover about 5-10 % of the 576 patches, so keeping 32
 patches at random usually loses the one the question is about.
 
-Question kinds (:data:`KINDS`), one per record, cycling in that order so every split is balanced:
+Question kinds ([`KINDS`][fvlm.builtin.synthetic.KINDS]), one per record, cycling in that order so every split is balanced:
 
 * ``colour`` - "what colour is the shape in the top left ?" (the answer lives in one cell);
 * ``shape`` - "what shape is in the bottom right ?";
@@ -17,7 +17,7 @@ Question kinds (:data:`KINDS`), one per record, cycling in that order so every s
 * ``choice`` - "where is the blue triangle ? options : A top left , B center , C bottom right"
   (multiple choice over three cells, answer ``A`` / ``B`` / ``C``; the object is unique).
 
-Everything is a pure function of ``(split, seed, index)``: :func:`sample` draws record ``index`` of a
+Everything is a pure function of ``(split, seed, index)``: [`sample`][fvlm.builtin.synthetic.sample] draws record ``index`` of a
 split from its own ``random.Random`` instance, so records can be generated in any order or in parallel.
 """
 from __future__ import annotations
@@ -83,19 +83,22 @@ class Obj:
                 for c in range(x0 // PATCH, (x1 - 1) // PATCH + 1)]
 
 
-def _rng(split: str, seed: int, index: int) -> random.Random:
+def _rng(split: str, seed: int, index: int, task: str | None = None) -> random.Random:
+    """The generator of one record; ``task`` names a variant task (its own streams)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return random.Random(f"fvlm-synthetic/{split}/{seed}/{index}")  # str seeds hash deterministically
+    stream = f"{split}/{seed}/{index}" if task is None else f"{task}/{split}/{seed}/{index}"
+    return random.Random(f"fvlm-synthetic/{stream}")  # str seeds hash deterministically
 
 
-def make_scene(rng: random.Random) -> list[Obj]:
-    """3-5 objects in distinct cells, each with a random colour, shape, size and position.
+def make_scene(rng: random.Random, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS) -> list[Obj]:
+    """3-5 objects (``min_objects``-``max_objects``) in distinct cells, each with a random colour,
+    shape, size and position.
 
     Objects are aligned to the 14 px patch grid (a small object spans 3 x 3 patches, a large one
     5 x 5) at a random patch offset inside its cell, at least one patch away from the next cell.
     """
-    count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+    count = rng.randint(min_objects, max_objects)
     cell_patches = CELL // PATCH  # 8
     objects = []
     for cell in sorted(rng.sample(range(9), count)):
@@ -128,9 +131,8 @@ def render(objects: list[Obj]) -> Image.Image:
     return image
 
 
-def patch_owner(objects: list[Obj], min_cover: float = 0.25) -> list[int]:
-    """Per patch of the 24 x 24 grid (row-major): index of the object covering at least
-    ``min_cover`` of it (the most-covering one), or -1 for background."""
+def coverage(objects: list[Obj]):
+    """``[576, len(objects)]`` array: the fraction of every patch (row-major, 24 x 24 grid) each object covers."""
     import numpy as np
 
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
@@ -139,7 +141,15 @@ def patch_owner(objects: list[Obj], min_cover: float = 0.25) -> list[int]:
         _draw(draw, obj, i + 1)
     side = IMAGE_SIZE // PATCH
     m = np.asarray(mask).reshape(side, PATCH, side, PATCH).transpose(0, 2, 1, 3).reshape(side * side, -1)
-    cover = np.stack([(m == i + 1).mean(axis=1) for i in range(len(objects))], axis=1)  # [576, objects]
+    return np.stack([(m == i + 1).mean(axis=1) for i in range(len(objects))], axis=1)
+
+
+def patch_owner(objects: list[Obj], min_cover: float = 0.25) -> list[int]:
+    """Per patch of the 24 x 24 grid (row-major): index of the object covering at least
+    ``min_cover`` of it (the most-covering one), or -1 for background."""
+    import numpy as np
+
+    cover = coverage(objects)
     best = cover.argmax(axis=1)
     return np.where(cover.max(axis=1) >= min_cover, best, -1).tolist()
 
@@ -202,7 +212,7 @@ def _question(objects: list[Obj], kind: str, rng: random.Random, positive: bool 
 def sample(split: str, index: int, seed: int = 0) -> dict:
     """Record ``index`` of ``split``: ``{id, image, question, answer, choices, kind, objects, target}``.
 
-    The kind cycles through :data:`KINDS` with ``index``; every second ``exists`` record is a ``yes``.
+    The kind cycles through [`KINDS`][fvlm.builtin.synthetic.KINDS] with ``index``; every second ``exists`` record is a ``yes``.
     """
     rng = _rng(split, seed, index)
     objects = make_scene(rng)
@@ -213,12 +223,12 @@ def sample(split: str, index: int, seed: int = 0) -> dict:
 
 
 def dataset(split: str, n: int, seed: int = 0, start: int = 0) -> list[dict]:
-    """Records ``start .. start + n - 1`` of ``split`` (see :func:`sample`)."""
+    """Records ``start .. start + n - 1`` of ``split`` (see [`sample`][fvlm.builtin.synthetic.sample])."""
     return [sample(split, i, seed) for i in range(start, start + n)]
 
 
 def iter_dataset(split: str, n: int, seed: int = 0, start: int = 0) -> Iterator[dict]:
-    """Lazy version of :func:`dataset`."""
+    """Lazy version of [`dataset`][fvlm.builtin.synthetic.dataset]."""
     for i in range(start, start + n):
         yield sample(split, i, seed)
 
@@ -227,16 +237,18 @@ LISTINGS = {"colour": "list the colours .", "shape": "list the shapes .", "count
             "count shapes": "count the shapes .", "pairs": "list the pairs ."}
 
 
-def listing(objects: list[Obj], attribute: str) -> str:
-    """Dense grounded text about a scene (training data; ``attribute`` is a key of :data:`LISTINGS`).
+def listing(objects: list[Obj], attribute: str, cells: list[int] | None = None) -> str:
+    """Dense grounded text about a scene (training data; ``attribute`` is a key of [`LISTINGS`][fvlm.builtin.synthetic.LISTINGS]).
 
     ``colour`` / ``shape``: the attribute of all nine cells in reading order (``top left red , top
-    center empty , ... .``); ``count colours`` / ``count shapes``: ``red 2 , green 0 , ...``;
-    ``pairs``: ``red circle yes , red square no , ...`` for every colour-shape pair.
+    center empty , ... .``; ``cells``: in that order instead); ``count colours`` / ``count shapes``:
+    ``red 2 , green 0 , ...``; ``pairs``: ``red circle yes , red square no , ...`` for every
+    colour-shape pair.
     """
     if attribute in ("colour", "shape"):
         by_cell = {o.cell: o for o in objects}
-        parts = [f"{region_name(c)} {getattr(by_cell[c], attribute) if c in by_cell else 'empty'}" for c in range(9)]
+        parts = [f"{region_name(c)} {getattr(by_cell[c], attribute) if c in by_cell else 'empty'}"
+                 for c in (range(9) if cells is None else cells)]
     elif attribute == "count colours":
         parts = [f"{c} {sum(o.colour == c for o in objects)}" for c in COLOURS]
     elif attribute == "count shapes":
@@ -255,7 +267,7 @@ def training_scene(index: int, seed: int = 0, questions: int = 6, split: str = "
 
     The first ``len(KINDS)`` questions cover every kind once (in a random order), the rest are drawn
     from ``extra_kinds``; ``exists`` questions are yes or no with equal probability. With ``description`` the last
-    turns ask for :func:`listing` of every attribute in :data:`LISTINGS` (dense grounded data in the
+    turns ask for [`listing`][fvlm.builtin.synthetic.listing] of every attribute in [`LISTINGS`][fvlm.builtin.synthetic.LISTINGS] (dense grounded data in the
     role of LLaVA's caption-style alignment data; last, so that no question can be answered from them).
     """
     rng = _rng(split, seed, index)

@@ -45,7 +45,7 @@ from torch import nn
 
 from fvlm.adapters import adapter_for
 from fvlm.builtin import model as M
-from fvlm.builtin import synthetic
+from fvlm.builtin import relational, synthetic
 
 ATTRIBUTES = [(c, s) for c in synthetic.COLOURS for s in synthetic.SHAPES]
 
@@ -53,7 +53,7 @@ ATTRIBUTES = [(c, s) for c in synthetic.COLOURS for s in synthetic.SHAPES]
 def encode_conversation(tokenizer, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 except on answers and their ``</s>``) of a multi-turn conversation.
 
-    The first turn is exactly the tokenisation of the single-turn inference prompt (:func:`M.prompt`).
+    The first turn is exactly the tokenisation of the single-turn inference prompt ([`M.prompt`][fvlm.builtin.train.M.prompt]).
     """
     def words(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -71,6 +71,41 @@ def encode_conversation(tokenizer, qa: list[tuple[str, str]]) -> tuple[list[int]
         ids += part + target
         labels += [-100] * len(part) + target
     return ids, labels
+
+
+def encode_isolated(tokenizer, qa: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Single-turn prompts about one image packed behind one copy of it: ids, labels, segments, positions.
+
+    The shared prefix (``<s> USER : <image> x 576``) is segment 0; turn ``k`` (``{question}
+    ASSISTANT : {answer} </s>``) is segment ``k`` and takes the position ids it has in the single-turn
+    sequence. With the mask of `segment_mask` every turn sees the prefix and itself only, so
+    each is computed exactly as the single-turn sequence would be, without the other turns' answers.
+    """
+    def words(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    image_id = tokenizer.convert_tokens_to_ids(M.IMAGE)
+    first = [tokenizer.bos_token_id] + words(M.prompt(qa[0][0]))
+    at = first.index(image_id)
+    ids = first[: at] + [image_id] * M.NUM_PATCHES
+    labels, segments, positions = [-100] * len(ids), [0] * len(ids), list(range(len(ids)))
+    for turn, (question, answer) in enumerate(qa, start=1):
+        part = words(M.prompt(question))
+        part = part[part.index(image_id) + 1:]
+        target = words(answer) + [tokenizer.eos_token_id]
+        ids += part + target
+        labels += [-100] * len(part) + target
+        segments += [turn] * (len(part) + len(target))
+        positions += range(at + M.NUM_PATCHES, at + M.NUM_PATCHES + len(part) + len(target))
+    return ids, labels, segments, positions
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, L, L]`` boolean attention mask: causal, and a token of segment ``s > 0`` sees segment 0
+    and ``s`` only (segment 0 sees itself)."""
+    same = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    return (same & causal)[:, None]
 
 
 def aux_targets(objects) -> torch.Tensor:
@@ -105,52 +140,77 @@ def patch_targets(objects) -> torch.Tensor:
 HARD_KINDS = ("count", "exists", "choice")
 
 
+#: The task each checkpoint is trained on: its question generator (``sample``, ``dataset``,
+#: ``training_scene``, ``vocabulary``), the question kinds beyond one of each per image, and its sizes.
+TASKS = {
+    "grounded": (synthetic, HARD_KINDS, M.DEFAULT_SIZES),
+    "relational": (relational, relational.KINDS, M.RELATIONAL_SIZES),
+}
+
+
 def _pixels(processor, scenes: list[dict]) -> torch.Tensor:
     return processor.image_processor([s["image"] for s in scenes], return_tensors="pt")["pixel_values"]
 
 
-def vision_batch(processor, indices: list[int], seed: int) -> dict:
+def vision_batch(processor, indices: list[int], seed: int, task: str = "grounded") -> dict:
     """Stage-1 batch for the scenes ``indices``: pixel values and the vision heads' targets."""
-    scenes = [synthetic.training_scene(i, seed=seed, questions=0, description=False) for i in indices]
+    scenes = [TASKS[task][0].training_scene(i, seed=seed, questions=0, description=False) for i in indices]
     return {"pixel_values": _pixels(processor, scenes),
             "aux": torch.stack([aux_targets(s["objects"]) for s in scenes]),
             "patches": torch.stack([patch_targets(s["objects"]) for s in scenes])}
 
 
 def make_batch(processor, indices: list[int], seed: int, questions: int, listings: bool = True,
-               packed: bool = False) -> dict:
+               packed: bool = False, task: str = "grounded", isolated: bool = False,
+               kinds: tuple[str, ...] | None = None) -> dict:
     """Stage-2 batch for the scenes ``indices``, right-padded; ``image_index`` maps sequences to images.
 
     By default every (question, answer) is its own single-turn sequence about its image (exactly
     the inference format). ``packed``: one multi-turn conversation per image, the questions first
     and the listings last (so no question can be answered from a listing): the 576 visual tokens
-    are paid for once per image, for the expensive full-resolution steps.
+    are paid for once per image, for the expensive full-resolution steps. ``isolated``: one sequence
+    per image too, but each turn sees only the image and itself (`encode_isolated`; the batch
+    carries ``segments`` and ``position_ids``): single-turn training at the cost of a packed one.
+    ``kinds``: the question kinds beyond one of each (default: the task's).
     """
     tokenizer = processor.tokenizer
-    scenes = [synthetic.training_scene(i, seed=seed, questions=questions, description=listings, extra_kinds=HARD_KINDS)
+    generator, default_kinds, _ = TASKS[task]
+    kinds = kinds or default_kinds
+    scenes = [generator.training_scene(i, seed=seed, questions=questions, description=listings, extra_kinds=kinds)
               for i in indices]
     encoded, image_index = [], []
     for k, scene in enumerate(scenes):
+        if isolated:
+            encoded.append(encode_isolated(tokenizer, scene["qa"]))
+            image_index.append(k)
+            continue
         for conversation in ([scene["qa"]] if packed else [[qa] for qa in scene["qa"]]):
             encoded.append(encode_conversation(tokenizer, conversation))
             image_index.append(k)
-    width = max(len(ids) for ids, _ in encoded)
+    width = max(len(e[0]) for e in encoded)
     input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for b, (ids, lab) in enumerate(encoded):  # right padding: causal attention needs no mask then
+    for b, (ids, lab, *_) in enumerate(encoded):  # right padding: causal attention needs no mask then
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids, "labels": labels, "image_index": torch.tensor(image_index),
-            "pixel_values": _pixels(processor, scenes)}
+    batch = {"input_ids": input_ids, "labels": labels, "image_index": torch.tensor(image_index),
+             "pixel_values": _pixels(processor, scenes)}
+    if isolated:  # padding: a segment of its own per position (sees the prefix and itself)
+        batch["segments"] = torch.arange(width).add(1_000_000).expand(len(encoded), -1).clone()
+        batch["position_ids"] = torch.arange(width).expand(len(encoded), -1).clone()
+        for b, (ids, _, segments, positions) in enumerate(encoded):
+            batch["segments"][b, : len(ids)] = torch.tensor(segments)
+            batch["position_ids"][b, : len(ids)] = torch.tensor(positions)
+    return batch
 
 
 @torch.no_grad()
-def evaluate(model, processor, split: str, n: int, batch_size: int = 16, seed: int = 0) -> dict:
+def evaluate(model, processor, split: str, n: int, batch_size: int = 16, seed: int = 0, task: str = "grounded") -> dict:
     """Greedy-decoding accuracy on ``n`` records of ``split``: ``{"n", "accuracy", "per_kind"}``."""
     from fvlm.builtin import answer
 
     model.eval()
-    records = synthetic.dataset(split, n, seed=seed)
+    records = TASKS[task][0].dataset(split, n, seed=seed)
     answers = answer(model, processor, [r["image"] for r in records], [r["question"] for r in records], batch_size)
     correct: dict[str, list[int]] = {}
     for r, a in zip(records, answers):
@@ -192,14 +252,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def lm_forward(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of ``batch`` with the visual tokens average-pooled ``factor x factor``.
+def pooled_inputs(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Input embeddings, position ids, attention mask (``None``: causal) of ``batch`` with the visual
+    tokens average-pooled ``factor x factor``, and the offset of the image span.
 
-    The vision tower runs once per image (several sequences share an image); ``factor=1`` is the
-    model's own forward. Pooled tokens keep the position id of their group's top-left patch and the
-    text after the image keeps its original position ids, so the rotary geometry is that of the
-    full sequence (a curriculum: a short visual span is cheap and easy to search). Needs every
-    sequence's image span at the same offset (true for the prompts built here).
+    The vision tower runs once per image (several sequences share an image). Pooled tokens keep the
+    position id of their group's top-left patch and the text after the image keeps its original
+    position ids, so the rotary geometry is that of the full sequence. Needs every sequence's image
+    span at the same offset (true for the prompts built here).
     """
     image_id = model.config.image_token_index
     ids = batch["input_ids"]
@@ -223,10 +283,24 @@ def lm_forward(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch
     bsz, length = ids.shape
     embeds = model.get_input_embeddings()(ids)
     inputs = torch.cat([embeds[:, :first], features.to(embeds.dtype), embeds[:, first + n :]], dim=1)
-    positions = torch.cat([torch.arange(first), image_pos, torch.arange(first + n, length)])
-    hidden = model.model.language_model(inputs_embeds=inputs, position_ids=positions[None].expand(bsz, -1)).last_hidden_state
+    given = batch.get("position_ids", torch.arange(length).expand(bsz, -1))
+    positions = torch.cat([given[:, :first], image_pos.expand(bsz, -1), given[:, first + n :]], dim=1)
+    mask = None
+    if "segments" in batch:
+        seg = batch["segments"]
+        mask = segment_mask(torch.cat([seg[:, :first], seg.new_zeros(bsz, features.shape[1]), seg[:, first + n :]], 1))
+    return inputs, positions, mask, first
+
+
+def lm_forward(model, batch: dict, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of ``batch`` with the visual tokens average-pooled ``factor x factor``
+    (`pooled_inputs`; ``factor=1`` is the model's own forward): a curriculum, as a short visual
+    span is cheap and easy to search."""
+    inputs, positions, mask, first = pooled_inputs(model, batch, factor)
+    hidden = model.model.language_model(inputs_embeds=inputs, position_ids=positions, attention_mask=mask).last_hidden_state
     labels = batch["labels"]
-    labels = torch.cat([labels[:, :first], labels.new_full((bsz, features.shape[1]), -100), labels[:, first + n :]], dim=1)
+    n, pooled = model.config.image_seq_length, inputs.shape[1] - labels.shape[1] + model.config.image_seq_length
+    labels = torch.cat([labels[:, :first], labels.new_full((len(labels), pooled), -100), labels[:, first + n :]], dim=1)
     return model.lm_head(hidden), labels
 
 
@@ -239,11 +313,13 @@ class VisionHeads(nn.Module):
     object patches only), the layout cell, the object's centre patch - dense labels standing in for
     the pretraining a real CLIP tower has had. ``scene``: every patch also predicts the image-level
     targets (pairs and counts), the way CLIP patch tokens carry global information: counting and
-    existence questions can then be answered from few tokens, region questions cannot.
+    existence questions can then be answered from few tokens, region questions cannot. Without
+    ``scene`` (``--local-patches``) a patch describes only its own object and place.
     """
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, scene: bool = True):
         super().__init__()
+        self.use_scene = scene
         self.n_pairs, self.n_colours, self.n_shapes = len(ATTRIBUTES), len(synthetic.COLOURS), len(synthetic.SHAPES)
         self.image = nn.Linear(hidden, self.n_pairs + self.n_colours + self.n_shapes)
         self.patch = nn.Linear(hidden, 1 + self.n_colours + self.n_shapes + 9 + 1)
@@ -267,13 +343,15 @@ class VisionHeads(nn.Module):
             "cell": f.cross_entropy(dense[..., -10:-1].flatten(0, 1), CELLS.expand(len(dense), -1).flatten()),
             "centre": f.binary_cross_entropy_with_logits(dense[..., -1], targets[..., 2].float(),
                                                          pos_weight=torch.tensor(20.0)),
-            "scene_pairs": f.binary_cross_entropy_with_logits(scene[..., :n], everywhere[..., :n]),
-            "scene_counts": f.mse_loss(scene[..., n:], everywhere[..., n:]),
         }
+        if self.use_scene:
+            losses["scene_pairs"] = f.binary_cross_entropy_with_logits(scene[..., :n], everywhere[..., :n])
+            losses["scene_counts"] = f.mse_loss(scene[..., n:], everywhere[..., n:])
         with torch.no_grad():
             shape = dense[..., 1 + self.n_colours : 1 + self.n_colours + self.n_shapes][obj]
             losses["shape_acc"] = (shape.argmax(-1) == targets[..., 1][obj] - 1).float().mean()
-            losses["count_acc"] = (scene[..., n:].round() == everywhere[..., n:]).float().mean()
+            counted = scene[..., n:] if self.use_scene else image[:, None, n:]
+            losses["count_acc"] = (counted.round() == everywhere[..., n:]).float().mean()
         return losses
 
 
@@ -300,20 +378,24 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    processor = M.build_processor()
+    generator, _, task_sizes = TASKS[args.task]
+    processor = M.build_processor(M.build_tokenizer(generator.vocabulary()))
     processor.tokenizer.padding_side = "left"  # for evaluation; training batches are built by hand
-    sizes = M.SMOKE_SIZES if args.smoke else M.DEFAULT_SIZES
+    sizes = M.SMOKE_SIZES if args.smoke else task_sizes
     config = M.build_config(processor.tokenizer, **sizes)
+    resume = Path(args.out) / "resume.pt"
+    resuming = bool(args.save_every) and resume.is_file()
+    if args.init or resuming:  # stage 1 is in the checkpoint (or in the resume file)
+        args.vision_steps, args.vision_cache = 0, None
     if args.init:  # continue from a checkpoint of this script: stage 2 only, on scenes it has not seen
         from fvlm.builtin import load
 
         model, _ = load(args.init)
-        args.vision_steps, args.vision_cache = 0, None
     else:
         model = M.build_model(config, seed=args.seed)
         if args.init_2d_positions:
             init_2d_positions(model)
-    heads = VisionHeads(config.vision_config.hidden_size)
+    heads = VisionHeads(config.vision_config.hidden_size, scene=not args.local_patches)
     tower = model.model.vision_tower
     log: list[dict] = []
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -332,7 +414,7 @@ def train(args: argparse.Namespace) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.vision_steps, args.lr, args.warmup)
         first = 10_000_000 + step * args.vision_batch  # scenes disjoint from stage 2's
-        batch = vision_batch(processor, list(range(first, first + args.vision_batch)), args.seed)
+        batch = vision_batch(processor, list(range(first, first + args.vision_batch)), args.seed, args.task)
         out = tower(batch["pixel_values"], output_hidden_states=True)
         layer = config.vision_feature_layer
         losses = heads(out.pooler_output, out.hidden_states[layer][:, 1:], batch["aux"], batch["patches"])
@@ -359,13 +441,22 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = _optimizer(trainable, args.lr, args.weight_decay)
     factors = [f for f, n in args.curriculum for _ in range(n)]  # pooling factor of every step
     total = len(factors)
-    for step in range(total):
+    first_step = 0
+    if resuming:  # a stopped run goes on where it saved (batches depend on the step only)
+        state = torch.load(resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_step, log[:], eval_seconds = state["step"], state["log"], state["eval_seconds"]
+        start -= state["seconds"]
+        print(f"resumed at stage-2 step {first_step} from {resume}", flush=True)
+    for step in range(first_step, total):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, args.lr, args.warmup)
         factor = factors[step]
         first = args.first_scene + step * args.batch
         batch = make_batch(processor, list(range(first, first + args.batch)), args.seed,
-                           args.questions, packed=factor == 1 and args.packed)
+                           args.questions, packed=factor == 1 and args.packed, task=args.task, isolated=args.isolated,
+                           kinds=next((k for at, k in reversed(args.kinds) if at <= step), None) if args.kinds else None)
         logits, labels = lm_forward(model, batch, factor)
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -380,10 +471,15 @@ def train(args: argparse.Namespace) -> dict:
                        "token_acc": acc, "seconds": round(time.perf_counter() - start, 1)})
         if args.eval_every and step and step % args.eval_every == 0:
             eval_start = time.perf_counter()
-            print(json.dumps({"step": step, "val": evaluate(model, processor, "val", args.eval_n)}), flush=True)
+            val = evaluate(model, processor, "val", args.eval_n, task=args.task)
+            print(json.dumps({"step": step, "val": val}), flush=True)
             model.train()
             tower.eval()
             eval_seconds += time.perf_counter() - eval_start
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1, "log": log,
+                        "eval_seconds": eval_seconds, "seconds": time.perf_counter() - start}, resume)
     train_seconds = time.perf_counter() - start - eval_seconds
     cpu_seconds = time.process_time() - cpu_start
     tower.requires_grad_(True)
@@ -395,10 +491,11 @@ def train(args: argparse.Namespace) -> dict:
                "train_cpu_seconds": round(cpu_seconds, 1), "periodic_eval_seconds": round(eval_seconds, 1), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "log": log}
     if args.eval_n:
-        results["val"] = evaluate(model, processor, "val", args.eval_n)
-        results["test"] = evaluate(model, processor, "test", args.test_n)
+        results["val"] = evaluate(model, processor, "val", args.eval_n, task=args.task)
+        results["test"] = evaluate(model, processor, "test", args.test_n, task=args.task)
         print(json.dumps({"val": results["val"], "test": results["test"]}), flush=True)
     save(model, processor, Path(args.out), results)
+    resume.unlink(missing_ok=True)
     return results
 
 
@@ -407,6 +504,17 @@ def save(model, processor, out: Path, results: dict) -> None:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _kinds(text: str) -> list[tuple[int, tuple[str, ...] | None]]:
+    """``STEP:KIND+KIND,...`` (``all``: the task's kinds) from the given stage-2 step on."""
+    out = []
+    for part in text.split(","):
+        at, _, names = part.partition(":")
+        if not at.strip().isdigit() or not names:
+            raise argparse.ArgumentTypeError(f"expected STEP:KIND+KIND,... (or STEP:all), got {text!r}")
+        out.append((int(at), None if names == "all" else tuple(names.split("+"))))
+    return sorted(out)
 
 
 def _curriculum(text: str) -> list[tuple[int, int]]:
@@ -422,6 +530,9 @@ def _curriculum(text: str) -> list[tuple[int, int]]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fvlm.builtin.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (a Hugging Face checkpoint)")
+    p.add_argument("--task", choices=sorted(TASKS), default="grounded",
+                   help="question generator: grounded (fvlm.builtin.synthetic, the default checkpoint) or "
+                        "relational (fvlm.builtin.relational: 8 decoder layers)")
     p.add_argument("--vision-steps", type=int, default=400, help="stage 1: vision tower steps")
     p.add_argument("--vision-batch", type=int, default=16, help="stage 1: images per step")
     p.add_argument("--curriculum", type=_curriculum, default="4:300,2:200,1:900",
@@ -433,6 +544,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-packed", dest="packed", action="store_false",
                    help="full-resolution steps: one single-turn sequence per question (default: one "
                         "multi-turn conversation per image)")
+    p.add_argument("--kinds", type=_kinds, default=None,
+                   help="question kinds from a stage-2 step on, as STEP:KIND+KIND,... (e.g. "
+                        "0:region,150:region+rel+twin,400:all; default: the task's kinds throughout)")
+    p.add_argument("--local-patches", action="store_true",
+                   help="stage 1 without the image-level targets on every patch: a patch describes only its own "
+                        "object and place (questions must find the objects)")
+    p.add_argument("--isolated", action="store_true",
+                   help="every stage-2 step: one sequence per image whose turns see the image and themselves only "
+                        "(single-turn training, the image paid for once; overrides --no-packed)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -447,6 +567,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default); 1 is fastest on a shared 2-core machine")
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=0,
+                   help="stage 2: save model and optimizer to OUT/resume.pt every N steps; a rerun of the same "
+                        "command goes on from there (0: off)")
     p.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (0: off)")
     p.add_argument("--eval-n", type=int, default=200, help="validation records evaluated at the end (0: skip)")
     p.add_argument("--test-n", type=int, default=1000, help="held-out test records evaluated at the end")

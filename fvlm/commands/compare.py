@@ -49,7 +49,7 @@ def read_summary(path: Path) -> dict:
 
 
 def rows(runs: list[Path], reference: Path | None = None) -> list[dict]:
-    """One row per run (see :data:`COLUMNS`); ``speedup`` is the reference's prefill time over the run's."""
+    """One row per run (see ``COLUMNS``); ``speedup`` is the reference's prefill time over the run's."""
     summaries = [(path, read_summary(path)) for path in runs]
     if reference is not None:
         ref = read_summary(reference)

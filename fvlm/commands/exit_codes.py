@@ -19,5 +19,5 @@ USAGE_ERRORS = (UsageError, UnknownNameError, InvalidParameterError, SelectorArg
 
 
 def for_error(exc: BaseException) -> ExitCode:
-    """The exit code of a command that stopped on ``exc`` (an :class:`~fvlm.errors.FVLMError`)."""
+    """The exit code of a command that stopped on ``exc`` (an [`FVLMError`][fvlm.errors.FVLMError])."""
     return ExitCode.USAGE if isinstance(exc, USAGE_ERRORS) else ExitCode.FAILED

@@ -9,12 +9,14 @@ A recipe is LightningCLI-style YAML with four sections plus a few run options::
 
 Several ``-c`` files compose (later ones override earlier ones), a section may be a path to a
 fragment file (relative to the including file), and ``--section.key=value`` overrides any value.
-``--print_config`` prints the resolved, validated recipe and exits.
+``--print-config`` prints the resolved, validated recipe and exits. ``--help`` lists what a
+prediction run needs (``fvlm.commands.run_help``), ``--help-all`` every accepted key. Options take
+dashes or underscores and booleans may be bare (``fvlm.commands.options``).
 
 Every run writes ``<output>/predictions.jsonl`` (one line per sample, resumable: re-running the
 same command only does the samples without an answer), ``<output>/summary.json`` (scores, fidelity,
 efficiency) and ``<output>/config.yaml``, and prints a summary table. The exit code is 0 only when
-every requested sample has an answer (see :class:`~fvlm.commands.exit_codes.ExitCode`). Data-set runs scale with
+every requested sample has an answer (see [`ExitCode`][fvlm.commands.exit_codes.ExitCode]). Data-set runs scale with
 Lightning's strategies, e.g. ``--trainer.devices=8 --trainer.strategy=ddp`` (see
 docs/how-to/distributed-runs.md).
 """
@@ -29,10 +31,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from fvlm.commands.exit_codes import ExitCode, for_error
+from fvlm.console import console, quiet_libraries
 from fvlm.errors import FVLMError, SelectorArgumentError, UsageError
 
 HELP = "run a recipe: predictions, scores and efficiency figures for a data set (fvlm run --help)"
 _ARGV_PREFIX = "\x00"  # no real argument starts with NUL: argparse forwards everything to jsonargparse
+PRINT_CONFIG, HELP_ALL = "--print_config", "--help_all"  # handled by fvlm run, not by the recipe parser
 # Sections whose change makes earlier predictions in the same output folder incomparable.
 _FINGERPRINT_SKIP = {"data.batch_size", "data.num_workers", "data.limit", "model.on_error"}
 
@@ -43,7 +47,7 @@ class RecipeError(UsageError):
 
 # -- command-line wiring -----------------------------------------------------------------------
 def add_parser(sub) -> None:
-    """Register ``fvlm run`` on the ``fvlm`` subparsers (arguments go to :func:`main`)."""
+    """Register ``fvlm run`` on the ``fvlm`` subparsers (arguments go to [`main`][fvlm.commands.run.main])."""
     p = sub.add_parser("run", help=HELP, add_help=False, prefix_chars=_ARGV_PREFIX)
     p.add_argument("argv", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda args: main(args.argv))
@@ -273,12 +277,24 @@ def note_budget_spelling(cfg) -> None:
               "write keep: 1.0 to keep every token")
 
 
+def normalize_argv(parser, argv: Sequence[str]) -> list[str]:
+    """``argv`` in the recipe parser's spelling: underscores in keys, ``true`` after a bare boolean."""
+    from typing import Optional
+
+    from fvlm.commands.options import bare_booleans, respell
+
+    actions = parser._option_string_actions
+    booleans = {option for option, action in actions.items()
+                if getattr(action, "_typehint", None) in (bool, Optional[bool])}
+    return bare_booleans(respell(argv, {*actions, PRINT_CONFIG, HELP_ALL}, default="_"), booleans)
+
+
 def parse(argv: Sequence[str]):
     """``(parser, cfg, selector, print_config)`` for ``fvlm run`` arguments (validated)."""
-    argv = list(argv)
-    print_config = "--print_config" in argv
-    argv = [a for a in argv if a != "--print_config"]
     parser = build_parser()
+    argv = normalize_argv(parser, argv)
+    print_config = PRINT_CONFIG in argv
+    argv = [a for a in argv if a != PRINT_CONFIG]
     try:
         cfg = parser.parse_args(argv)
     except argparse.ArgumentError as exc:
@@ -302,7 +318,7 @@ def parse(argv: Sequence[str]):
 
 
 def instantiate(parser, cfg, selector):
-    """The recipe's objects; the module gets the selector :func:`check_selector` built (built once)."""
+    """The recipe's objects; the module gets the selector ``check_selector`` built (built once)."""
     section = _selector_section(cfg)
     try:
         if section is not None:
@@ -346,7 +362,24 @@ def _callbacks(trainer_cfg: dict, output: Path, retry_errors: bool) -> list:
     return others + monitors + writers + stops
 
 
+def print_help(argv: Sequence[str]) -> bool:
+    """Print the short help for ``-h`` / ``--help``, the parser's own for ``--help-all``; whether it did."""
+    wanted = {"-h", "--help", "--help-all", HELP_ALL} & set(argv)
+    if not wanted:
+        return False
+    parser = build_parser()
+    if wanted & {"--help-all", HELP_ALL}:
+        parser.print_help()
+    else:
+        from fvlm.commands.run_help import format_help
+
+        sys.stdout.write(format_help(parser))
+    return True
+
+
 def run(argv: Sequence[str]) -> int:
+    if print_help(argv):
+        return ExitCode.OK
     parser, cfg, selector, print_config = parse(argv)
     if print_config:
         sys.stdout.write(parser.dump(cfg, skip_unset=False))
@@ -380,8 +413,9 @@ def run(argv: Sequence[str]) -> int:
     trainer_cfg = dict(vars(init.trainer))
     trainer_cfg["callbacks"] = _callbacks(trainer_cfg, output, cfg.retry_errors)
     trainer_cfg["inference_mode"] = inference_mode
-    trainer = Trainer(**trainer_cfg)
-    stopped = _run_trainer(trainer, module, data, cfg.mode, output)
+    with quiet_libraries():  # Lightning's device banner and tips, transformers' loading bar
+        trainer = Trainer(**trainer_cfg)
+        stopped = _run_trainer(trainer, module, data, cfg.mode, output)
     if stopped is not None:
         return stopped
     if not trainer.is_global_zero:
@@ -445,18 +479,16 @@ def _summarize(trainer, module, data, cfg, output: Path) -> ExitCode:
 
 def _note(message: str, error: bool = False) -> None:
     """One line on stderr (red for a reason the exit code is not 0)."""
-    from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, highlight=False).print(Text(f"fvlm run: {message}", style="red" if error else "yellow"),
-                                                soft_wrap=True)
+    console(stderr=True).print(Text(f"fvlm run: {message}", style="red" if error else "yellow"), soft_wrap=True)
 
 
 def print_summary(summary: dict, output: Path, examples: Sequence[dict] = ()) -> None:
     """The summary table, preceded by ``examples`` (prediction records) as a table of answers."""
-    from rich.console import Console
     from rich.table import Table
 
+    out = console()
     if examples:
         answers = Table(title="answers (first samples)", title_justify="left")
         for column in ("id", "question", "reference", "answer"):
@@ -468,7 +500,7 @@ def print_summary(summary: dict, output: Path, examples: Sequence[dict] = ()) ->
             reference = " | ".join(str(a) for a in (r.get("answers") or [])[:3])
             row = [str(r["id"]), r.get("question", ""), reference, r.get("error") or r.get("answer", "")]
             answers.add_row(*row, *([str(r.get("reference_answer", "-"))] if unpruned else []))
-        Console(highlight=False).print(answers)
+        out.print(answers)
 
     def fmt(value, spec: str = ".3f") -> str:
         if value is None:
@@ -502,13 +534,17 @@ def print_summary(summary: dict, output: Path, examples: Sequence[dict] = ()) ->
         table.add_row("KV cache per sample", "-" if kv is None else f"{kv / 2**20:.2f} MiB")
         table.add_row("prefill per sample", f"{fmt(eff.get('prefill_ms'), '.1f')} ms")
         table.add_row("decode per token", f"{fmt(eff.get('decode_ms_per_token'), '.2f')} ms")
-    Console(highlight=False).print(table)
-    Console(highlight=False).print(f"predictions: {output / 'predictions.jsonl'}\nsummary: {output / 'summary.json'}")
+        if eff.get("prefill_speedup") is not None:
+            table.add_row("speedup vs unpruned: prefill", f"{eff['prefill_speedup']:.2f}x "
+                          f"({fmt(eff.get('unpruned_prefill_ms'), '.1f')} ms unpruned)")
+            table.add_row("speedup vs unpruned: decode", "-" if eff.get("decode_speedup") is None else
+                          f"{eff['decode_speedup']:.2f}x ({eff['unpruned_decode_ms_per_token']:.2f} ms unpruned)")
+    out.print(table)
+    out.print(f"predictions: {output / 'predictions.jsonl'}\nsummary: {output / 'summary.json'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``fvlm run`` entry point; returns the exit status (2 for a recipe error)."""
-    from rich.console import Console
     from rich.text import Text
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -517,8 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (argparse.ArgumentError, RecipeError) as exc:
-        Console(stderr=True, highlight=False).print(Text(f"fvlm run: recipe error: {exc}", style="red"), soft_wrap=True)
+        console(stderr=True).print(Text(f"fvlm run: recipe error: {exc}", style="red"), soft_wrap=True)
         return ExitCode.USAGE
     except FVLMError as exc:
-        Console(stderr=True, highlight=False).print(Text(f"fvlm run: error: {exc}", style="red"), soft_wrap=True)
+        console(stderr=True).print(Text(f"fvlm run: error: {exc}", style="red"), soft_wrap=True)
         return for_error(exc)

@@ -1,7 +1,8 @@
 """``fvlm visualize``: which patches each selector keeps, drawn over the image, side by side.
 
-Runs the built-in model (or a checkpoint of its layout, loaded by :class:`~fvlm.backbones.BackboneSpec`) on one image and question once per selector,
-records the indices every stage of the selector keeps (a session listener, :class:`StageRecorder`),
+Runs the built-in model (or a checkpoint of its layout, loaded by
+[`BackboneSpec`][fvlm.backbones.BackboneSpec]) on one image and question once per selector,
+records the indices every stage of the selector keeps (a session listener, ``StageRecorder``),
 maps the last stage's kept set back to the original 24 x 24 patch grid (stage ``s`` indexes the
 visual tokens left after stage ``s - 1``) and draws one panel per selector: kept patches in full
 colour with an outline, dropped patches dimmed, the selector's answer under the title. Merging
@@ -171,14 +172,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--keep must be between 1 and 576")
     check_labels(args.selectors)
     from fvlm.backbones import BackboneSpec
+    from fvlm.console import console as _console, quiet_libraries
 
-    model, processor = BackboneSpec(args.checkpoint or "builtin").load()
-    sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
+    with quiet_libraries():  # no "Loading weights" bar
+        model, processor = BackboneSpec(args.checkpoint or "builtin").load()
+        sheet, info = render(model, processor, image, question, args.selectors, args.keep, reference)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)
-    from rich.console import Console
-
-    console = Console(highlight=False)
+    console = _console()
     for item in info:
         status = item.get("error") or f"answer {item['answer']!r}" + (
             "" if item["kept"] is None else f", {len(item['kept'])} patches kept")
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"wrote {args.out}", markup=False)
     failed = [item["label"] for item in info if item.get("error")]
     if failed:
-        Console(stderr=True, highlight=False).print(
+        _console(stderr=True).print(
             f"fvlm visualize: {len(failed)} of {len(info) - 1} selectors failed ({', '.join(failed)}): "
             "their panels show the error", style="red", soft_wrap=True)
         return ExitCode.INCOMPLETE

@@ -1,4 +1,4 @@
-"""Bridges to other tools. Each imports its tool only when used; see :mod:`fvlm.integrations.lmms_eval`."""
+"""Bridges to other tools. Each imports its tool only when used; see ``fvlm.integrations.lmms_eval``."""
 from __future__ import annotations
 
 

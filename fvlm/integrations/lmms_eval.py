@@ -8,7 +8,7 @@ any registered selector, and is scored by lmms-eval's own scorers. Tested with l
 Model arguments (``--model_args k=v,...``):
 
 * ``pretrained``: a checkpoint folder, a hub id, ``builtin`` or ``tiny:<family>``
-  (:class:`~fvlm.backbones.BackboneSpec`); ``dtype``, ``attn_implementation``, ``revision``,
+  ([`BackboneSpec`][fvlm.backbones.BackboneSpec]); ``dtype``, ``attn_implementation``, ``revision``,
   ``trust_remote_code`` as there.
 * ``recipe``: an ``fvlm run`` recipe (e.g. ``recipes/llava-1.5-7b/pio_fvlm-64.yaml``) whose model
   section gives the backbone, the selector and the position policy (``pretrained`` then replaces
@@ -24,7 +24,7 @@ Model arguments (``--model_args k=v,...``):
 * ``output``: a folder for ``summary.json`` (selector, full arguments, position policy, layer
   average, efficiency means), the same shape as ``fvlm run`` writes, so ``fvlm compare`` reads it.
 
-Answers go through :class:`fvlm.answering.Answerer` (the chat template of the checkpoint, every
+Answers go through [`fvlm.answering.Answerer`][fvlm.answering.Answerer] (the chat template of the checkpoint, every
 image first, then the task's text). Each response carries its efficiency (visual tokens per layer,
 KV bytes, prefill / decode time) in lmms-eval's per-sample ``token_counts`` (``--log_samples``);
 the run's means are logged and written to ``output`` when the evaluation ends.
@@ -130,7 +130,7 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 
 
 class FVLM(lmms):
-    """lmms-eval model answering through fvlm's :class:`~fvlm.answering.Answerer` (see the module docs)."""
+    """lmms-eval model answering through fvlm's [`Answerer`][fvlm.answering.Answerer] (see the module docs)."""
 
     is_simple = True
 

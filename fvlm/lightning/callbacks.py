@@ -1,6 +1,6 @@
 """Run callbacks: per-sample prediction lines (resumable, DDP-safe) and efficiency figures.
 
-Both work with the records :class:`~fvlm.lightning.module.FVLMModule` returns from
+Both work with the records [`FVLMModule`][fvlm.lightning.module.FVLMModule] returns from
 ``predict_step`` / ``test_step`` (which already carry their timings).
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ class StopOnSigterm(Callback):
 
     Lightning's handler only sets ``trainer.received_sigterm``, which its predict loop never reads;
     this raises Lightning's ``SIGTERMException`` once the batch's lines are written (list it after
-    :class:`PredictionWriter`), so the run stops with everything so far flushed and a rerun resumes.
+    [`PredictionWriter`][fvlm.lightning.callbacks.PredictionWriter]), so the run stops with everything so far flushed and a rerun resumes.
     ``interrupted`` records a Ctrl-C (Lightning shuts down and exits on its own).
     """
 
@@ -212,9 +212,11 @@ class EfficiencyMonitor(Callback):
 
     Each record's ``efficiency`` already holds the session trace's visual-token counts, the KV
     accounting and the prefill / decode timings of its batch
-    (:class:`~fvlm.answering.Answerer`, one :class:`~fvlm.profiling.timing.StepClock` per
-    ``generate``). This callback keeps ``summary`` (:func:`~fvlm.metrics.scoring.summarize_efficiency`)
-    and, with ``output_dir``, writes it to ``<output_dir>/efficiency.json``.
+    ([`Answerer`][fvlm.answering.Answerer], one [`StepClock`][fvlm.profiling.timing.StepClock] per
+    ``generate``), with ``unpruned_prefill_ms`` / ``unpruned_decode_ms`` when a fidelity pass ran
+    the unpruned model on the batch. This callback keeps ``summary`` (the means over every sample
+    of the run, ``summarize_efficiency``) and, with
+    ``output_dir``, writes it to ``<output_dir>/efficiency.json``.
     """
 
     def __init__(self, output_dir: Optional[str] = None):

@@ -140,7 +140,7 @@ def _meta(rec: dict) -> dict:
 
 
 class VQACollator:
-    """Turns samples into padded model inputs (:func:`fvlm.answering.build_inputs`: the processor
+    """Turns samples into padded model inputs ([`fvlm.answering.build_inputs`][fvlm.answering.build_inputs]: the processor
     and its chat template, left padding).
 
     Returns ``{"inputs": dict of tensors or None, "samples": [...], "failed": [...]}``: ``samples``
@@ -159,7 +159,7 @@ class VQACollator:
         self.system_prompt = system_prompt
 
     def prompt_text(self, rec: dict) -> str:
-        """The user turn: :func:`instruction_text` plus the answer-format prompt."""
+        """The user turn: [`instruction_text`][fvlm.lightning.data.instruction_text] plus the answer-format prompt."""
         suffix = self.choice_prompt if rec.get("choices") else self.short_answer_prompt
         return "\n".join([instruction_text(rec), suffix]) if suffix else instruction_text(rec)
 
@@ -195,15 +195,15 @@ class VQADataModule(LightningDataModule):
 
     ``path``: JSONL / JSON file (in a recipe, a relative path is looked up next to the recipe file
     first, then in the working directory), or ``builtin:<split>`` for the built-in synthetic task
-    (:mod:`fvlm.builtin.data`: ``limit`` records, default 500, written once to a cache folder);
+    ([`fvlm.builtin.data`][fvlm.builtin.data]: ``limit`` records, default 500, written once to a cache folder);
     ``image_root``: base of relative image paths (default: the data file's folder); ``limit``: use
     the first N records; ``metric``: how samples are scored ("auto" picks per sample, see
-    :mod:`fvlm.metrics.scoring`); ``short_answer_prompt`` / ``choice_prompt``: appended to open and
+    [`fvlm.metrics.scoring`][fvlm.metrics.scoring]); ``short_answer_prompt`` / ``choice_prompt``: appended to open and
     multiple-choice questions (LLaVA-1.5's evaluation prompts by default; "" to disable).
 
-    The processor comes from the attached :class:`~fvlm.lightning.module.FVLMModule` (loaded in its
+    The processor comes from the attached [`FVLMModule`][fvlm.lightning.module.FVLMModule] (loaded in its
     ``configure_model``), or is set with ``datamodule.processor = ...``. ``skip_ids`` (set by
-    :class:`~fvlm.lightning.callbacks.PredictionWriter` when resuming) is left out of the loaders.
+    [`PredictionWriter`][fvlm.lightning.callbacks.PredictionWriter] when resuming) is left out of the loaders.
     """
 
     def __init__(self, path: Union[Path_fr, str], image_root: Optional[Union[Path_dr, str]] = None,
@@ -264,7 +264,7 @@ class VQADataModule(LightningDataModule):
 
     def single_batch(self, sample: dict) -> dict:
         """One sample (a collated batch's ``samples`` entry) collated alone, its images read again:
-        what :class:`~fvlm.lightning.module.FVLMModule` retries with when a batch fails under
+        what [`FVLMModule`][fvlm.lightning.module.FVLMModule] retries with when a batch fails under
         ``on_error: record``."""
         return self.collator()([VQADataset([sample])[0]])
 

@@ -1,6 +1,7 @@
-"""``FVLMModule``: a thin Lightning shell over :class:`fvlm.answering.Answerer`.
+"""``FVLMModule``: a thin Lightning shell over [`Answerer`][fvlm.answering.Answerer].
 
-The backbone is described by a :class:`~fvlm.backbones.BackboneSpec` and loaded lazily in
+The backbone is described by a [`BackboneSpec`][fvlm.backbones.BackboneSpec] (a local folder, a hub
+id, the trained ``"builtin"`` model or a random ``"tiny:<family>"`` model) and loaded lazily in
 ``configure_model`` together with its processor. ``predict_step`` and ``test_step`` answer a
 collated batch through the answerer (the one generation path fvlm has) and return one record per
 sample (the generated answer, its score where references exist, fidelity to the unpruned model
@@ -26,20 +27,21 @@ class FVLMModule(LightningModule):
 
     Args:
         backbone: the VLM and its processor (loaded in ``configure_model``).
-        selector: ``{name: ..., args: {...}}`` (:class:`~fvlm.selectors.spec.SelectorSpec`, the one
-            recipe syntax), or ``None`` for the unpruned reference; from Python also a built
+        selector: ``{name: ..., args: {...}}`` ([`SelectorSpec`][fvlm.selectors.spec.SelectorSpec],
+            the one recipe syntax), or ``None`` for the unpruned reference; from Python also a built
             ``TokenSelector`` instance.
         generation: ``generate`` settings.
-        positions: position ids of kept tokens: ``original`` or ``compact`` for any selector; ``None``
-            (default) uses the selector's own (its authors' policy, what the paper recipes reproduce).
-        fidelity: also run the unpruned model on every batch and record its answer, the KL
-            divergence and top-1 agreement of the first generated token (judges a method without
-            reference answers; doubles the generation cost).
-        on_error: ``raise`` (default) stops the run when generation fails (a resumed run retries
-            the batch); ``record`` retries a failing batch one sample at a time (the data module
-            collates each sample alone, see :meth:`~fvlm.lightning.data.VQADataModule.single_batch`),
-            writes the error on the samples that fail alone and goes on; samples answered alone carry
-            the batch's error as ``batch_error``. Unreadable images are always recorded, never raised.
+        positions: position ids of kept tokens, for any selector; ``None``: the selector's own.
+            That is its authors' policy, what the paper recipes reproduce.
+        fidelity: also run (and time) the unpruned model on every batch: its answer, the KL and
+            top-1 agreement of the first generated token, the speedup. It judges a method without
+            reference answers and doubles the generation cost.
+        on_error: ``raise`` (default) stops the run when generation fails; ``record`` writes the
+            error and goes on. A resumed run retries a batch that raised; ``record`` retries a
+            failing batch one sample at a time (the data module collates each sample alone, see
+            [`single_batch`][fvlm.lightning.data.VQADataModule.single_batch]) and records the
+            error on the samples that fail alone; samples answered alone carry the batch's error
+            as ``batch_error``. Unreadable images are always recorded, never raised.
     """
 
     def __init__(self, backbone: BackboneSpec, selector: Optional[SelectorSpec] = None,

@@ -1,5 +1,5 @@
 """Efficiency metrics as pure functions: analytic FLOPs (paper and full conventions), KV-cache
-bytes (real cache and analytic), and the visual-token accounting of :mod:`fvlm.budget`. See :mod:`fvlm.metrics.flops`."""
+bytes (real cache and analytic), and the visual-token accounting of [`fvlm.budget`][fvlm.budget]. See [`fvlm.metrics.flops`][fvlm.metrics.flops]."""
 from fvlm.metrics.flops import (
     FlopsBreakdown,
     TextArch,

@@ -1,6 +1,6 @@
 """Analytic FLOPs in two clearly separated conventions (pure functions, no torch).
 
-**Paper convention** (:func:`paper_layer_flops`, :func:`paper_flops`): the count the FastV /
+**Paper convention** ([`paper_layer_flops`][fvlm.metrics.flops.paper_layer_flops], [`paper_flops`][fvlm.metrics.flops.paper_flops]): the count the FastV /
 PyramidDrop / PIO-FVLM efficiency tables print. Per decoder layer with ``n`` tokens::
 
     f(n) = 4 n d^2 + 2 n^2 d + 2 n d m        (d hidden size, m MLP intermediate size)
@@ -9,10 +9,10 @@ summed over the layers, with ``n`` the number of **visual tokens only** at each 
 multiply-add as one operation, assumes full multi-head attention (four d x d projections) and a
 two-matrix MLP, and leaves out text tokens, the LM head, the vision tower and any selection cost.
 LLaVA-1.5-7B (Vicuna-7B, d=4096, m=11008, 32 layers) at 576 visual tokens: 2.986e12. SparseVLM's
-code counts the gated MLP as ``3 n d m`` instead: that is :func:`paper_layer_flops` with
+code counts the gated MLP as ``3 n d m`` instead: that is [`paper_layer_flops`][fvlm.metrics.flops.paper_layer_flops] with
 ``mlp_matrices=3``.
 
-**Full convention** (:func:`full_flops` and its parts): what the model really computes in a prefill,
+**Full convention** ([`full_flops`][fvlm.metrics.flops.full_flops] and its parts): what the model really computes in a prefill,
 counted like ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add of every matrix
 product; element-wise work such as norms, rotary, softmax and activations is not counted):
 
@@ -25,10 +25,10 @@ product; element-wise work such as norms, rotary, softmax and activations is not
 * the vision tower (patch embedding, every encoder layer, windowed attention for Qwen2.5-VL) and the
   projector / merger,
 * selector overhead (e.g. PIO-FVLM's proxy forward + backward), passed in by the caller (see
-  :func:`selector_overhead_flops`).
+  [`selector_overhead_flops`][fvlm.metrics.flops.selector_overhead_flops]).
 
-The architecture is described by the small frozen dataclasses :class:`TextArch` (the shared
-:class:`fvlm.types.ModelInfo`) and :class:`VisionArch` (build them from a transformers config with :mod:`fvlm.profiling.arch`).
+The architecture is described by the small frozen dataclasses [`TextArch`][fvlm.types.ModelInfo] (the shared
+[`fvlm.types.ModelInfo`][fvlm.types.ModelInfo]) and [`VisionArch`][fvlm.metrics.flops.VisionArch] (build them from a transformers config with `fvlm.profiling.arch`).
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def proxy_flops(seq_len: float, text: TextArch, loss_rows: int = PROXY_ROWS, mod
     ``mode="rows"`` (fvlm's default; ``BackboneAdapter.rows_forward``): the block runs for the
     ``loss_rows`` query rows only: keys of all rows, queries / ``o_proj`` / MLP / head on the rows,
     attention as matmuls (backward 2x the forward). Values: from all rows (``v_proj`` on ``seq_len``
-    rows, then ``P V``), or with ``value_mixing`` (default: :func:`value_mixing_pays`, as
+    rows, then ``P V``), or with ``value_mixing`` (default: [`value_mixing_pays`][fvlm.metrics.flops.value_mixing_pays], as
     ``rows_forward`` decides) from mixed inputs: ``P X`` for every head, then each of those
     ``heads x rows`` vectors through its head's ``head_dim`` rows of ``v_proj``. ``mode="block"``: the whole block on all rows like the authors' code (SDPA
     attention, backward 2.5x the forward: scores recomputed, then dV, dP, dQ, dK), with the head on
@@ -286,7 +286,7 @@ def similarity_flops(n_visual: float, hidden: int) -> float:
 
 
 def nms_similarity_flops(n_visual: float, kept: float | None, hidden: int) -> float:
-    """PIO-FVLM's NMS (:func:`fvlm.selectors.algorithms.nms_fill`): the similarity block of the
+    """PIO-FVLM's NMS (`fvlm.selectors.algorithms.nms_fill`): the similarity block of the
     ``min(N, 2 k)`` best-ranked of ``n_visual`` tokens (``kept`` = k; ``None``: all ``N``). A stage
     where NMS suppresses more than k of them recomputes a bigger block, which this does not count."""
     m = n_visual if kept is None else min(n_visual, 2 * kept)
@@ -328,11 +328,11 @@ def selector_overhead_flops(needs: Iterable, seq_len: float, text: TextArch, n_v
                             nms: bool = False, kept: float | None = None, **proxy_options) -> float:
     """Estimated extra FLOPs of one in-LLM stage from what the selector declares it needs.
 
-    ``needs`` holds :class:`fvlm.Need` members (or their string values): ``gradient`` -> the
-    PIO-FVLM proxy (:func:`proxy_flops` with ``proxy_options``: ``loss_rows``, ``mode``,
+    ``needs`` holds [`fvlm.Need`][fvlm.types.Need] members (or their string values): ``gradient`` -> the
+    PIO-FVLM proxy ([`proxy_flops`][fvlm.metrics.flops.proxy_flops] with ``proxy_options``: ``loss_rows``, ``mode``,
     ``head_rows``) plus, with ``nms``, the similarity block of the NMS that keeps ``kept`` of the
-    ``n_visual`` tokens (:func:`nms_similarity_flops`); else ``attention`` -> one recomputed attention row
-    (:func:`attention_rows_flops`); else ``keys`` -> one layer's keys. Other similarity / top-k work
+    ``n_visual`` tokens ([`nms_similarity_flops`][fvlm.metrics.flops.nms_similarity_flops]); else ``attention`` -> one recomputed attention row
+    ([`attention_rows_flops`][fvlm.metrics.flops.attention_rows_flops]); else ``keys`` -> one layer's keys. Other similarity / top-k work
     is not counted. A selector can replace this estimate by defining
     ``overhead_flops(info, stage, seq_len, n_visual) -> float``.
     """
@@ -390,9 +390,9 @@ def full_flops(
     """A prefill in the full convention.
 
     ``tokens_per_layer[i]``: sequence length (text + visual, per sample) entering decoder layer ``i``.
-    ``images``: per-sample images for the vision tower (see :func:`vision_flops`). ``lm_head_rows``:
+    ``images``: per-sample images for the vision tower (see [`vision_flops`][fvlm.metrics.flops.vision_flops]). ``lm_head_rows``:
     rows per sample whose logits are computed (1 in ``generate``). ``overhead``: selector FLOPs per
-    sample (:func:`selector_overhead_flops`). Everything is multiplied by ``batch``.
+    sample ([`selector_overhead_flops`][fvlm.metrics.flops.selector_overhead_flops]). Everything is multiplied by ``batch``.
     """
     vis = vision_flops(vision, images) if vision is not None and images else {"embed": 0.0, "encoder": 0.0, "projector": 0.0}
     return FlopsBreakdown(

@@ -60,7 +60,7 @@ def kv_bytes(lengths_per_layer: Sequence[int], num_kv_heads: int, head_dim: int,
              batch: int = 1) -> int:
     """Cache bytes for per-layer cache lengths (in-LLM pruning makes later layers shorter).
 
-    ``lengths_per_layer`` is e.g. :attr:`fvlm.Trace.kv_length` (per-row lengths incl. padding) with
+    ``lengths_per_layer`` is e.g. `fvlm.Trace.kv_length` (per-row lengths incl. padding) with
     ``batch`` rows.
     """
     per_token_layer = 2 * num_kv_heads * head_dim * bytes_per_element

@@ -1,13 +1,13 @@
 """Answer scoring and run summaries as pure functions over prediction records.
 
 A *prediction record* is one line of a run's ``predictions.jsonl`` (see
-:class:`fvlm.lightning.callbacks.PredictionWriter`): at least ``id`` and ``answer`` (the
+[`fvlm.lightning.callbacks.PredictionWriter`][fvlm.lightning.callbacks.PredictionWriter]): at least ``id`` and ``answer`` (the
 generated text), usually ``answers`` (references), optional ``choices``, ``metric``, ``error``,
 fidelity fields (``reference_answer``, ``first_token_kl``, ``first_token_top1``) and an
 ``efficiency`` dict. Everything here works on plain Python values, so a finished run can be
 re-scored without a model: ``summarize(read_jsonl("runs/x/predictions.jsonl"))``.
 
-Metrics (``metric`` per record, or chosen by :func:`resolve_metric` when ``"auto"``):
+Metrics (``metric`` per record, or chosen by [`resolve_metric`][fvlm.metrics.scoring.resolve_metric] when ``"auto"``):
 
 * ``exact_match``: the normalised prediction equals one of the normalised references.
 * ``vqa``: VQA accuracy, ``min(1, matches / 3)`` averaged over the leave-one-out subsets of the
@@ -19,7 +19,7 @@ Metrics (``metric`` per record, or chosen by :func:`resolve_metric` when ``"auto
 
 Fidelity to the unpruned model needs no references: answer agreement between a pruned and an
 unpruned answer, and the KL divergence / top-1 agreement of the first generated token's
-distribution (:func:`first_token_fidelity`).
+distribution ([`first_token_fidelity`][fvlm.metrics.scoring.first_token_fidelity]).
 """
 from __future__ import annotations
 
@@ -230,6 +230,15 @@ def summarize_efficiency(records: Iterable[dict]) -> dict[str, float | int | Non
                 for e in eff)
     decode = sum(e.get("decode_ms") or 0.0 for e in eff)
     out["decode_ms_per_token"] = decode / steps if steps else None
+    both = [e for e in eff if e.get("unpruned_prefill_ms") is not None and e.get("prefill_ms")]
+    if both:  # fidelity runs time the unpruned model on the same batches: speedup = its time / pruned time
+        out["unpruned_prefill_ms"] = _mean([e["unpruned_prefill_ms"] for e in both])
+        out["prefill_speedup"] = sum(e["unpruned_prefill_ms"] for e in both) / sum(e["prefill_ms"] for e in both)
+        ref_steps = sum(e["batch_unpruned_decode_steps"] / e["batch_size"] for e in both)
+        ref_per_token = sum(e["unpruned_decode_ms"] for e in both) / ref_steps if ref_steps else None
+        out["unpruned_decode_ms_per_token"] = ref_per_token
+        per_token = out["decode_ms_per_token"]
+        out["decode_speedup"] = ref_per_token / per_token if ref_per_token and per_token else None
     layers = [e["visual_per_layer"] for e in eff if e.get("visual_per_layer")]
     if layers and len({len(row) for row in layers}) == 1:
         out["visual_per_layer"] = [sum(col) / len(col) for col in zip(*layers)]

@@ -1,8 +1,8 @@
-"""Profiling: real-scale architectures without weights (:mod:`~fvlm.profiling.arch`), analytic
-profiles of schedules and selectors (:mod:`~fvlm.profiling.analytic`), reports and plots
-(:mod:`~fvlm.profiling.report`), measured timing and memory (:mod:`~fvlm.profiling.timing`), measured
-FLOPs (:mod:`~fvlm.profiling.flop_counter`) and the meta-device cross-check (:mod:`~fvlm.profiling.meta`).
-Pure metric functions live in :mod:`fvlm.metrics`."""
+"""Profiling: real-scale architectures without weights ([`arch`][fvlm.profiling.arch]), analytic
+profiles of schedules and selectors ([`analytic`][fvlm.profiling.analytic]), reports and plots
+([`report`][fvlm.profiling.report]), measured timing and memory ([`timing`][fvlm.profiling.timing]), measured
+FLOPs ([`flop_counter`][fvlm.profiling.flop_counter]) and the meta-device cross-check ([`meta`][fvlm.profiling.meta]).
+Pure metric functions live in [`fvlm.metrics`][fvlm.metrics]."""
 from fvlm.profiling.analytic import (
     ProfileRow,
     keep_all_row,

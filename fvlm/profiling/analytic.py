@@ -1,6 +1,6 @@
 """Analytic efficiency profile of a stage schedule on an architecture (no weights, no forward).
 
-One :class:`ProfileRow` per configuration (keep-all, an explicit schedule, a registered selector at a
+One `ProfileRow` per configuration (keep-all, an explicit schedule, a registered selector at a
 budget): visual tokens (original, LLM input, per layer, layer average), FLOPs in the paper and full
 conventions, KV-cache bytes after prefill (+ decode tokens), and one decode step's FLOPs.
 """
@@ -98,7 +98,7 @@ def format_schedule(stages: Sequence[Stage], original: int | None = None) -> str
 def _overhead(selector, counts: VisualCounts, stages: Sequence[Stage], text_tokens: int, tokens: Sequence[int],
               arch: Architecture) -> float:
     """Selector FLOPs over its stages: its own ``overhead_flops`` if it defines one, else the
-    estimate from its needs (:func:`in_llm_overhead_flops`)."""
+    estimate from its needs ([`in_llm_overhead_flops`][fvlm.profiling.analytic.in_llm_overhead_flops])."""
     custom = getattr(selector, "overhead_flops", None) if selector is not None else None
     if custom is None:
         return in_llm_overhead_flops(selector, stages, counts.per_layer, tokens, arch.text)
@@ -112,7 +112,7 @@ def _overhead(selector, counts: VisualCounts, stages: Sequence[Stage], text_toke
 def in_llm_overhead_flops(selector, stages: Iterable, per_layer: Sequence[int], tokens: Sequence[int],
                           text: TextArch) -> float:
     """Estimated FLOPs of ``selector``'s in-LLM stages from what it needs
-    (:func:`fvlm.metrics.flops.selector_overhead_flops`), where ``per_layer[i]`` visual tokens and
+    ([`fvlm.metrics.flops.selector_overhead_flops`][fvlm.metrics.flops.selector_overhead_flops]), where ``per_layer[i]`` visual tokens and
     ``tokens[i]`` tokens in all enter decoder layer ``i`` (a schedule's counts or a session trace's).
     ``stages``: anything with ``where`` (layer stages count, the others do not)."""
     needs = getattr(type(selector), "needs", frozenset())
@@ -172,7 +172,7 @@ def keep_all_row(arch: Architecture, **kwargs) -> ProfileRow:
 
 def budget_parameter(name: str) -> str | None:
     """What a layer-average budget sets on selector ``name``
-    (:meth:`~fvlm.selectors.base.TokenSelector.budget_parameter`), or None."""
+    ([`budget_parameter`][fvlm.selectors.base.TokenSelector.budget_parameter]), or None."""
     return get_selector_class(name).budget_parameter()
 
 
@@ -180,13 +180,13 @@ def selector_kwargs_for_average(name: str, target: float, info: ModelInfo, origi
                                 params: dict | None = None) -> dict:
     """Keyword arguments for registered selector ``name`` whose schedule has a layer average of
     ``target`` visual tokens (of ``original``) on a model described by ``info``: the class's
-    :meth:`~fvlm.selectors.base.TokenSelector.for_average`."""
+    [`for_average`][fvlm.selectors.base.TokenSelector.for_average]."""
     return get_selector_class(name).for_average(target, info, original, **dict(params or {}))
 
 
 def selector_for_average(name: str, target: float, arch: Architecture, params: dict | None = None,
                          visual_tokens: int | None = None):
-    """:func:`selector_kwargs_for_average` on an :class:`Architecture`; returns
+    """[`selector_kwargs_for_average`][fvlm.profiling.analytic.selector_kwargs_for_average] on an [`Architecture`][fvlm.profiling.arch.Architecture]; returns
     ``(selector, kwargs, stages)``."""
     original = arch.visual_tokens if visual_tokens is None else int(visual_tokens)
     kwargs = selector_kwargs_for_average(name, target, model_info(arch), original, params)

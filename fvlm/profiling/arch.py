@@ -47,7 +47,7 @@ class Architecture:
         return self.hf_config.model_type
 
     def info(self) -> ModelInfo:
-        """The :class:`fvlm.adapters.base.ModelInfo` selectors see, from the registered adapter."""
+        """The [`fvlm.adapters.base.ModelInfo`][fvlm.types.ModelInfo] selectors see, from the registered adapter."""
         return model_info(self)
 
     def to_dict(self) -> dict:
@@ -108,13 +108,13 @@ def load_architecture(name_or_path: str) -> Architecture:
 
 
 def text_arch(hf_config) -> TextArch:
-    """:class:`TextArch` of a VLM (or plain LM) transformers config (Llama / Qwen / Mistral decoder
+    """[`TextArch`][fvlm.types.ModelInfo] of a VLM (or plain LM) transformers config (Llama / Qwen / Mistral decoder
     layers: gated MLP)."""
     return ModelInfo.from_config(hf_config, family=hf_config.model_type)
 
 
 def vision_arch(hf_config) -> VisionArch | None:
-    """:class:`VisionArch` of a LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+    """[`VisionArch`][fvlm.metrics.flops.VisionArch] of a LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL / Qwen3-VL
     config (None otherwise)."""
     vc = getattr(hf_config, "vision_config", None)
     if vc is None:
@@ -183,7 +183,7 @@ def build_meta_model(arch: Architecture, attn_implementation: str = "sdpa"):
 
 def model_info(arch: Architecture) -> ModelInfo:
     """ModelInfo for ``arch`` exactly as at run time: the registered adapter's ``info()`` on the
-    meta-device model (built once per :class:`Architecture`, well under a second for 7B)."""
+    meta-device model (built once per [`Architecture`][fvlm.profiling.arch.Architecture], well under a second for 7B)."""
     if arch._info is None:
         arch._info = adapter_for(build_meta_model(arch)).info()
     return arch._info

@@ -82,7 +82,10 @@ def profile_table(arch: Architecture, rows: Sequence[ProfileRow], decode_tokens:
 
 def print_report(arch: Architecture, rows: Sequence[ProfileRow], console: Console | None = None,
                  decode_tokens: int = 0, kv_dtype: str | None = None) -> None:
-    console = console or Console(highlight=False)
+    if console is None:
+        from fvlm.console import console as _console
+
+        console = _console()
     for line in header_lines(arch, kv_dtype):
         console.print(line)
     console.print(profile_table(arch, rows, decode_tokens))

@@ -3,7 +3,7 @@ memory, throughput.
 
 Timing. Every forward call of the top-level model is one step of ``generate`` (the first is the
 prefill: vision tower + LLM prefill + selection + LM head; the others decode one token each).
-:class:`StepClock` stamps the start and end of each call from forward hooks:
+[`StepClock`][fvlm.profiling.timing.StepClock] stamps the start and end of each call from forward hooks:
 
 * CUDA: ``torch.cuda.Event(enable_timing=True)`` recorded on the current stream (no synchronisation
   inside the loop, so the measurement does not change what it measures); one synchronisation at the
@@ -14,7 +14,7 @@ prefill: vision tower + LLM prefill + selection + LM head; the others decode one
   the cores (on a shared machine wall time mostly measures the neighbours); with more threads it
   misses the other threads' work, so it is only meaningful with ``torch.set_num_threads(1)``.
 
-Peak memory. :class:`PeakMemory` reports the peak during a block:
+Peak memory. [`PeakMemory`][fvlm.profiling.timing.PeakMemory] reports the peak during a block:
 
 * CUDA: ``torch.cuda.reset_peak_memory_stats`` before, ``torch.cuda.max_memory_allocated`` after
   (tensor memory through the caching allocator; ``peak_increase`` subtracts what was allocated at
@@ -75,7 +75,7 @@ def synchronize(device: torch.device) -> None:
 
 
 class Interval:
-    """One timed region on ``device``, stamped as :class:`StepClock` stamps a step (CUDA events on the
+    """One timed region on ``device``, stamped as [`StepClock`][fvlm.profiling.timing.StepClock] stamps a step (CUDA events on the
     current stream, else ``perf_counter``): ``watch = Interval(device)`` ... ``seconds = watch.stop()``."""
 
     def __init__(self, device: torch.device):
@@ -270,7 +270,7 @@ def measure_generate(
 
     ``context`` makes the context manager each run happens in, e.g.
     ``lambda: fvlm.prune(model, "pio_fvlm", average=64)``. Runs under ``torch.no_grad()`` (not
-    ``inference_mode``, which gradient-based selectors cannot use). ``clock``: see :class:`StepClock`.
+    ``inference_mode``, which gradient-based selectors cannot use). ``clock``: see [`StepClock`][fvlm.profiling.timing.StepClock].
     """
     context = context or _no_context
     device = _device_of(model)
@@ -319,7 +319,7 @@ class PrefillTiming:
 def time_prefill(model: nn.Module, inputs: dict, *, context: Callable[[], ContextManager] | None = None,
                  repeats: int = 3, warmup: int = 1, clock: str = "wall") -> PrefillTiming:
     """Time the prefill forward ``model(**inputs, use_cache=True, logits_to_keep=1)`` ``repeats`` times
-    (``clock``: see :class:`StepClock`)."""
+    (``clock``: see [`StepClock`][fvlm.profiling.timing.StepClock])."""
     context = context or _no_context
     device = _device_of(model)
     seconds, peak, kind = [], 0, ""

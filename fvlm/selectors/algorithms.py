@@ -117,10 +117,10 @@ def nms_fill(saliency: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor, k
     ``feats``; stop at k kept. Then fill up to k with not-yet-kept tokens in saliency order
     (suppressed ones included). Returns ascending indices. ``nms=False``: plain top-k by saliency.
 
-    The walk is computed without a loop over picks (:func:`_nms_keep_by_rank`) on the ``m`` best-ranked
+    The walk is computed without a loop over picks ([`_nms_keep_by_rank`][fvlm.selectors.algorithms._nms_keep_by_rank]) on the ``m`` best-ranked
     tokens, ``m = 2k`` first: the picks lie there unless NMS suppressed more than ``k`` of them, in
     which case ``m`` doubles (one host check per round). Past ``2**26`` pairwise entries it falls
-    back to one similarity row per pick (:func:`_nms_keep_per_pick`, memory-bound).
+    back to one similarity row per pick ([`_nms_keep_per_pick`][fvlm.selectors.algorithms._nms_keep_per_pick], memory-bound).
     """
     if not nms:
         return topk_indices(saliency, valid, k)
@@ -235,7 +235,7 @@ def dart_select(vis_keys: torch.Tensor, vis_hidden: torch.Tensor, valid: torch.T
     the image ``txt_* [B, T, .]`` / ``txt_valid``. ``*_keys``: the layer's post-rotary keys (heads
     concatenated); ``*_hidden``: its output hidden states after the final norm.
 
-    Pivots: :func:`dart_pivots`. Each pivot in turn moves its quota of visual tokens with the LOWEST
+    Pivots: [`dart_pivots`][fvlm.selectors.algorithms.dart_pivots]. Each pivot in turn moves its quota of visual tokens with the LOWEST
     cosine similarity (of the hidden states) to it out of the pool (valid, unpicked, non-pivot visual
     tokens; ties -> lower index). Visual pivots are kept, text pivots are not. Visiting order:
     ``visit [B, Pv + Pt]`` lists pivot slots (``0..Pv-1``: visual pivots in norm order, ``Pv..``: text

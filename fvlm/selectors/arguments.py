@@ -2,10 +2,10 @@
 
 A selector checks its arguments in ``__init__``, so a bad value fails when the selector is built:
 from Python, and in ``fvlm run`` while the recipe is parsed, before any model is loaded. Every
-check raises :class:`~fvlm.errors.SelectorArgumentError` naming the selector, the parameter, what it
+check raises [`SelectorArgumentError`][fvlm.errors.SelectorArgumentError] naming the selector, the parameter, what it
 allows and the value given.
 
-Budgets follow the spelling of :mod:`fvlm.budget`: an ``int`` is a count of visual tokens (>= 1),
+Budgets follow the spelling of [`fvlm.budget`][fvlm.budget]: an ``int`` is a count of visual tokens (>= 1),
 a ``float`` a fraction in (0, 1] of each sample's original visual tokens. So ``keep: 1`` keeps one
 token and ``keep: 1.0`` keeps every token (``fvlm run`` points out a recipe's ``keep: 1``, an easy slip).
 """

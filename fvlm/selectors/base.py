@@ -44,7 +44,7 @@ class TokenSelector(abc.ABC):
     #: instance may set its own when the policy depends on an option (SparseVLM's ``version``).
     positions: str = "original"
     #: Parameters the selector renamed, old name -> new name: passing an old name raises a
-    #: :class:`~fvlm.errors.SelectorArgumentError` that names the new one (never accepted silently).
+    #: [`SelectorArgumentError`][fvlm.errors.SelectorArgumentError] that names the new one (never accepted silently).
     renamed_parameters: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -65,14 +65,14 @@ class TokenSelector(abc.ABC):
         """Keyword arguments (``params`` plus the budget's) whose schedule averages ``average`` visual
         tokens over the decoder layers of ``info``, for ``original`` visual tokens per sample: the one
         mapping from a layer-average budget to this selector's arguments (``fvlm profile --budget``,
-        the benchmarks). Default: :func:`fvlm.budget.arguments_for_average` on the selector's budget
+        the benchmarks). Default: [`fvlm.budget.arguments_for_average`][fvlm.budget.arguments_for_average] on the selector's budget
         parameter; override when the budget is split over several (VisionZip, VScan). Raises
-        :class:`~fvlm.errors.BudgetError` when the average is out of reach."""
+        [`BudgetError`][fvlm.errors.BudgetError] when the average is out of reach."""
         return budget.arguments_for_average(cls, average, info, original, params)
 
     @classmethod
     def budget_parameter(cls) -> str | None:
-        """What :meth:`for_average` sets: a parameter name, several joined by ``" + "``, or None when
+        """What [`for_average`][fvlm.selectors.base.TokenSelector.for_average] sets: a parameter name, several joined by ``" + "``, or None when
         the selector takes no layer-average budget."""
         return budget.budget_parameter(cls)
 
@@ -81,26 +81,26 @@ class TokenSelector(abc.ABC):
         """``[B]`` visual tokens each sample keeps at ``stage`` (the session's ``ctx.budget``).
 
         ``current``: visual tokens entering the stage, ``original``: before any stage, ``images``:
-        images in the prompt (all ``[B]`` long). Default :meth:`Stage.count` of ``original``; override
+        images in the prompt (all ``[B]`` long). Default [`Stage.count`][fvlm.types.Stage.count] of ``original``; override
         when the authors' count depends on more (SparseVLM's recycled clusters, VisionZip per image).
         """
         return stage.count(original)
 
     def stage_budget(self, ctx: "SelectionContext") -> torch.Tensor:
         """``[B]`` visual tokens each sample keeps at ``ctx.stage`` when the model runs: by default
-        :meth:`keep_count`; override when the count depends on the visual layout (``ctx.layout``:
+        [`keep_count`][fvlm.selectors.base.TokenSelector.keep_count]; override when the count depends on the visual layout (``ctx.layout``:
         CDPruner and VScan count per view of the vision tower, LLaVA-NeXT crops and newlines)."""
         return self.keep_count(ctx.stage, ctx.num_visual, ctx.original_visual, ctx.images)
 
     def vision_layers(self, info: "ModelInfo") -> frozenset[int]:
-        """Vision-tower layers (0-based) whose attention :meth:`SelectionContext.vision_attention`
+        """Vision-tower layers (0-based) whose attention [`SelectionContext.vision_attention`][fvlm.context.SelectionContext.vision_attention]
         reads; the session records their inputs while the tower runs."""
         return frozenset()
 
     def auxiliary_models(self) -> Sequence["AuxiliarySpec"]:
-        """Models this selector loads next to the backbone (see :mod:`fvlm.auxiliary`): loaded once
+        """Models this selector loads next to the backbone (see [`fvlm.auxiliary`][fvlm.auxiliary]): loaded once
         per backbone when a session starts, on the backbone's device; read with
-        :meth:`SelectionContext.auxiliary`."""
+        [`SelectionContext.auxiliary`][fvlm.context.SelectionContext.auxiliary]."""
         return ()
 
     def __repr__(self) -> str:
@@ -122,7 +122,7 @@ class ScoreSelector(TokenSelector):
 class SingleStageSelector(TokenSelector):
     """A selector with one pruning point: ``keep`` visual tokens survive at ``layer``.
 
-    ``keep`` is an int count or a float fraction (:data:`fvlm.budget.KEEP_RULE`), turned into a count
+    ``keep`` is an int count or a float fraction ([`fvlm.budget.KEEP_RULE`][fvlm.budget.KEEP_RULE]), turned into a count
     by ``rounding``; ``layer`` is ``"vision"``, ``"input"`` or the number of decoder layers that run
     before pruning. A subclass gives its own defaults in a typed ``__init__`` (the recipe schema)
     that calls ``super().__init__(keep, layer)``, and keeps only its scoring or selection.

@@ -12,7 +12,7 @@ before the unpadding; Qwen: each image):
 - kernel ``K_ij = q_i (x_i . x_j) q_j`` on the unit-norm projector outputs ``x`` (quality ``q = r``,
   or ``exp(theta / (2 (1 - theta)) r)`` with ``theta``);
 - the greedy MAP of the DPP picks ``keep`` patches per view
-  (:func:`fvlm.selectors.algorithms.dpp_greedy_map`), kept in spatial order; nothing is merged.
+  ([`fvlm.selectors.algorithms.dpp_greedy_map`][fvlm.selectors.algorithms.dpp_greedy_map]), kept in spatial order; nothing is merged.
   LLaVA-NeXT: each crop's picks then follow the model's unpadding and newline tokens are always
   kept, so a sample keeps at most ``keep`` per crop plus its newlines (the trace has the real count).
 
@@ -34,7 +34,7 @@ Relevance sources (``relevance_source``):
 
 Deviations from the official code: one instruction and one min / max per sample (the official
 batched code scores every sample against one text and normalises over the whole batch); batches of
-any size; the degenerate-kernel guard above and in :func:`~fvlm.selectors.algorithms.dpp_greedy_map`
+any size; the degenerate-kernel guard above and in [`dpp_greedy_map`][fvlm.selectors.algorithms.dpp_greedy_map]
 (noted in the trace); ``theta`` is an option, off by default, as in the evaluated code.
 """
 from __future__ import annotations

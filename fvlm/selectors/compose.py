@@ -14,7 +14,7 @@ class Compose(TokenSelector):
     PIO-FVLM's encoder-involved mode ("w/ VE") is ``Compose([VScanEncoder(keep=96),
     PIOFVLM(layers=[16], keep=[32])])``. Needs, vision layers and auxiliary models are the union of
     the parts'; every part is checked against its own needs, and each stage's budget is its part's
-    (:meth:`~fvlm.selectors.base.TokenSelector.keep_count`, ``stage_budget``). Position policy: the
+    ([`keep_count`][fvlm.selectors.base.TokenSelector.keep_count], ``stage_budget``). Position policy: the
     parts' common one, ``"original"`` when they differ (pass ``positions=`` to the session to choose).
     """
 

@@ -20,7 +20,7 @@ iteration order for those ints (roughly index modulo the hash-table size), which
 prompt offset but is deterministic for a given prompt. ``"authors"`` (default) evaluates exactly
 that expression, with the pivots inserted as the authors do (visual then text, each by descending
 key norm); ``"position"`` visits them by ascending position instead (about 15 % of the kept tokens
-change). The selection itself is :func:`fvlm.selectors.algorithms.dart_select`.
+change). The selection itself is [`fvlm.selectors.algorithms.dart_select`][fvlm.selectors.algorithms.dart_select].
 
 Needs: ``Need.KEYS`` (keys of one layer, no attention probabilities: any attention kernel works),
 ``Need.TEXT`` (the text tokens after the image), ``Need.LAYERS`` (the final norm).
@@ -31,7 +31,7 @@ fvlm defaults to exact budgets (``exact_budget=True``): the stage keeps exactly 
 the visual pivots plus ``keep - pivots_visual`` tokens split as evenly as possible over the
 pivots (124 = 4 x 16 + 4 x 15 for 128, the extra ones to the first pivots visited).
 ``exact_budget=False`` (the paper recipes) reproduces the authors' count: the stage declares
-``pivots_visual + P * (keep // P)`` tokens (132 for 128; see :meth:`DART.stages`, also what the
+``pivots_visual + P * (keep // P)`` tokens (132 for 128; see [`DART.stages`][fvlm.selectors.dart.DART.stages], also what the
 trace reports) and, whenever a sample has all its pivots, picks exactly the authors' tokens
 (16 per pivot). ``keep`` may be a fraction of the original visual count only with exact budgets.
 
@@ -128,7 +128,7 @@ class DART(TokenSelector):
         )
 
     def _visit(self, ctx, vis_keys, txt_keys, txt_index, txt_valid) -> torch.Tensor:
-        """``[B, Pv + Pt]`` pivot slots in visiting order (see :func:`pivot_visit_order`)."""
+        """``[B, Pv + Pt]`` pivot slots in visiting order (see [`pivot_visit_order`][fvlm.selectors.dart.pivot_visit_order])."""
         n_vis = ctx.visual_valid.sum(1)
         pv = torch.minimum(n_vis.clamp(max=self.pivots_visual), ctx.budget)  # as dart_select cuts them
         vis_piv, txt_piv = dart_pivots(vis_keys, ctx.visual_valid, txt_keys, txt_valid, pv, self.pivots_text)

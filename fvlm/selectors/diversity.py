@@ -17,7 +17,7 @@ class DivPrune(SingleStageSelector):
     nearest neighbour is farthest; each next pick maximises its minimum distance to the picks.
     A running minimum makes it O(kN) with the same picks as the official O(k^2 N) loop; distances
     in float32 (the authors: the model dtype, whose fp16 ties change a few picks). Default keep
-    0.098 of the visual tokens (the paper's ratio, 56 of 576 by :meth:`~fvlm.selectors.base.Stage.count`).
+    0.098 of the visual tokens (the paper's ratio, 56 of 576 by [`count`][fvlm.types.Stage.count]).
     Positions: compact, like the authors' LLaVA (the kept tokens are followed directly by the text).
     """
 
@@ -45,7 +45,7 @@ class VisionZip(TokenSelector):
     before the projector, so fvlm projects the CLS feature itself; the kept slots are carried by the
     dominant and target patches plus one unused patch for the CLS token (so ``positions="original"``
     gives each token its carrier's id). Each image keeps ``dominant + contextual`` tokens
-    (:meth:`keep_count`). Supports LLaVA-1.5-style backbones (CLS token, one tile per image);
+    ([`keep_count`][fvlm.selectors.diversity.VisionZip.keep_count]). Supports LLaVA-1.5-style backbones (CLS token, one tile per image);
     LLaVA-NeXT and Qwen raise a clear error.
     """
 
@@ -66,7 +66,7 @@ class VisionZip(TokenSelector):
 
     @classmethod
     def for_average(cls, average, info, original, **params):
-        """VisionZip prunes before the LLM, so its layer average is its count: :meth:`split` of it."""
+        """VisionZip prunes before the LLM, so its layer average is its count: [`split`][fvlm.selectors.diversity.VisionZip.split] of it."""
         budget.check_average(average, original)
         return {**params, **cls.split(int(round(average)))}
 

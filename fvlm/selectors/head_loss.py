@@ -8,7 +8,7 @@ being the argmax, ``dL/dx = softmax(z) W - W[y]``, and ``softmax(z) W`` can be a
 rescaling). Each chunk of ``W`` is then read from memory once and reused from cache. The loss is
 ``log sum exp(z - max z)``. On a CPU this halves the head's memory traffic (a fifth of the rows
 proxy's time at the Vicuna-7B shape); on a GPU the per-chunk kernel launches cost more than the
-second read, so :func:`self_argmax_cross_entropy` keeps plain autograd there.
+second read, so [`self_argmax_cross_entropy`][fvlm.selectors.head_loss.self_argmax_cross_entropy] keeps plain autograd there.
 """
 from __future__ import annotations
 

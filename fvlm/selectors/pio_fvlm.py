@@ -5,7 +5,7 @@ one decoder block, the final norm and the LM head are run on them (the *proxy*),
 cross-entropy of the proxy's logits against their own argmax over the last ``K`` shifted prompt
 positions is back-propagated to ``X``. A visual token's saliency is the L2 norm of its gradient row.
 Tokens are then picked in saliency order with feature-space non-maximum suppression (cosine >= tau)
-and the budget is filled in saliency order (:func:`fvlm.selectors.algorithms.nms_fill`).
+and the budget is filled in saliency order ([`fvlm.selectors.algorithms.nms_fill`][fvlm.selectors.algorithms.nms_fill]).
 
 Differences from the authors' code (deliberate; see ``docs`` and the spec):
 
@@ -18,7 +18,7 @@ Differences from the authors' code (deliberate; see ``docs`` and the spec):
   the block output at those rows, which depends on the other rows only through their keys and
   values, so norm + key projection run on all rows and queries / attention / values / MLP / final
   norm / LM head on the ``K`` rows (same loss and gradient up to float rounding, a fraction of the
-  cost; :meth:`fvlm.context.SelectionContext.run_layer_rows`). ``proxy="block"`` runs the whole block
+  cost; [`fvlm.context.SelectionContext.run_layer_rows`][fvlm.context.SelectionContext.run_layer_rows]). ``proxy="block"`` runs the whole block
   like the authors, with ``head_rows="loss"`` (norm and head on the ``K`` rows; identical
   gradients) or ``head_rows="all"`` (float32 logits for every row, as the authors materialise);
 - NMS runs batched on the device, with the same result as their CPU loop;
@@ -70,38 +70,36 @@ HEAD_ROWS = ("loss", "all")
 class PIOFVLM(TokenSelector):
     """PIO-FVLM: proxy-loss gradient saliency + feature NMS + fill, at one or more in-LLM stages.
 
-    Budgets (give at most one of ``keep``, ``keep_fraction``, ``keep_ratio``, ``average``; one entry
-    per stage):
+    Give at most one budget (`keep`, `keep_fraction`, `keep_ratio` or `average`), one entry per
+    stage. With none, the authors' LLaVA-1.5 schedule: after layers `[1, 10, 15]` keep
+    `[218, 128, 54]`, a layer average of 128.0 on 32 layers (their average-64 schedule is
+    `keep=[92, 54, 22]`, see [`AUTHORS_SCHEDULES`][fvlm.selectors.pio_fvlm.AUTHORS_SCHEDULES]).
 
-    - ``keep``: absolute visual-token counts kept after each of ``layers``;
-    - ``keep_fraction``: fractions in (0, 1] of each sample's *original* visual-token count (not of
-      the count entering the stage), rounded half to even;
-    - ``keep_ratio``: fractions in (0, 1] of the count *entering each stage*, truncated
-      (``int(ratio * current)``, at least 1), as the authors' Qwen code applies its ratio lists;
-    - ``average``: a target *layer average* of the visual-token count (PyramidDrop convention, the
-      paper's "64 / 128 / 192 tokens") for an input of ``n_visual`` visual tokens. Per-stage counts
-      are derived for the model's depth with :func:`~fvlm.budget.counts_for_average`
-      (3 stages: the authors' relative shape 218 : 128 : 54; otherwise halving per stage) and applied
-      as fractions ``count / n_visual`` of each sample's original count. An input of exactly
-      ``n_visual`` tokens gets exactly the derived counts; another input size gets the same
-      proportions, i.e. a layer average of about ``average * N / n_visual``.
-    - none: ``average=128`` with ``n_visual=576``, i.e. the authors' LLaVA-1.5 schedule: after
-      layers ``[1, 10, 15]`` keep ``[218, 128, 54]`` (layer average 128.0 on 32 layers).
-      Their average-64 schedule is ``keep=[92, 54, 22]`` (see :data:`AUTHORS_SCHEDULES`).
-
-    ``layers``: stage positions, strictly increasing, each ``l`` = "after ``l`` decoder layers"
-    (1-based; must be below the model's layer count). ``k_last``: number of shifted prompt
-    positions in the loss (K). ``tau``: cosine threshold of the NMS. ``nms=False``: plain top-k by
-    saliency. ``proxy_block``: ``"next"`` runs decoder layer ``l`` (0-based index; the authors'
-    LLaVA code), ``"current"`` re-runs layer ``l - 1`` (their Qwen code). ``proxy_head``:
-    ``"lm_head"`` (default) or ``"embed"``, the input-embedding matrix as the head after the final
-    norm (their Qwen code). ``proxy``: ``"rows"``
-    (default) computes the proxy block's output at the ``K`` loss rows only (keys for every row,
-    everything else for ``K`` rows: same gradient up to float rounding, a fraction of the cost;
-    see ``docs/benchmarks-performance.md``), ``"block"`` runs the full block on every row (the
-    reference path). ``head_rows`` (``proxy="block"`` only): ``"loss"`` applies the final norm and
-    LM head to the ``K`` loss rows only (default, same gradient, less memory), ``"all"`` to every
-    row like the authors' code.
+    Args:
+        layers: stage positions, strictly increasing; `l` = after `l` decoder layers (1-based, below
+            the model's layer count).
+        keep: visual-token counts kept after each of `layers`.
+        keep_fraction: fractions in (0, 1] of each sample's *original* visual-token count, rounded
+            half to even.
+        keep_ratio: fractions in (0, 1] of the count *entering each stage*, truncated
+            (`int(ratio * current)`, at least 1), as the authors' Qwen code applies its ratios.
+        average: target *layer average* of the visual-token count (the paper's "64 / 128 / 192
+            tokens") for `n_visual` input tokens; per-stage counts from
+            [`counts_for_average`][fvlm.budget.counts_for_average] (3 stages: the
+            authors' shape 218 : 128 : 54), applied as fractions of each sample's count.
+        n_visual: the input size `average` is derived for (another size gets the same proportions).
+        k_last: number of shifted prompt positions in the proxy loss (K).
+        tau: cosine threshold of the NMS.
+        nms: `False`: plain top-k by saliency.
+        proxy_block: `"next"` runs decoder layer `l` (0-based; the authors' LLaVA code), `"current"`
+            re-runs layer `l - 1` (their Qwen code).
+        head_rows: with `proxy="block"`: `"loss"` applies the final norm and LM head to the K loss
+            rows only (same gradient, less memory), `"all"` to every row like the authors' code.
+        proxy: `"rows"` computes the proxy block at the K loss rows only (keys for every row; same
+            gradient up to float rounding, a fraction of the cost), `"block"` runs the full block on
+            every row (the reference path).
+        proxy_head: `"lm_head"`, or `"embed"`: the input-embedding matrix as the head after the
+            final norm (the authors' Qwen code).
     """
 
     needs = frozenset({Need.GRADIENT, Need.LAYERS})
@@ -191,7 +189,7 @@ class PIOFVLM(TokenSelector):
     def counts(self, info: "ModelInfo", n_visual: int | None = None) -> list[int]:
         """Per-stage visual-token counts for an input of ``n_visual`` tokens (default: ``self.n_visual``).
 
-        ``keep`` gives itself; fractions are rounded like the session does (:meth:`Stage.count`);
+        ``keep`` gives itself; fractions are rounded like the session does ([`Stage.count`][fvlm.types.Stage.count]);
         ``keep_ratio`` multiplies the count entering each stage (truncated).
         """
         n = self.n_visual if n_visual is None else int(n_visual)

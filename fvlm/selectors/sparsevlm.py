@@ -22,12 +22,12 @@ What it does, as the authors' code runs it:
 3. Token recycling (v1.5, on by default like the authors' code): of the ``d`` tokens deleted at a
    stage, the top ``int(0.3 * d) + 1`` by score are clustered by density-peak clustering into
    ``C = int(m / 10) + 1`` centres (``m`` = the recycled count; kNN density over the ``C`` nearest
-   tokens including the token itself, :func:`fvlm.selectors.algorithms.density_peak_merge`); each
+   tokens including the token itself, [`fvlm.selectors.algorithms.density_peak_merge`][fvlm.selectors.algorithms.density_peak_merge]); each
    cluster's mean is **appended after the kept visual tokens** (centre order). The stage therefore
    holds ``keep + C`` visual tokens (192 -> 309 / 204 / 113 on LLaVA-1.5).
 4. SparseVLM+ (``version="v2.0"``): before the head mean, the rater -> visual attention is divided by
    the "gravity" of RoPE (all-ones queries and keys rotated to the same positions, dot product over
-   ``sqrt(head_dim)``: :meth:`fvlm.context.SelectionContext.rope_bias`), and only the ``heads``
+   ``sqrt(head_dim)``: [`fvlm.context.SelectionContext.rope_bias`][fvlm.context.SelectionContext.rope_bias]), and only the ``heads``
    heads (14) with the largest summed corrected rater -> visual attention are averaged. Its own
    counts, no recycling, original position ids.
 

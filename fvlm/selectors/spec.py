@@ -1,8 +1,8 @@
-"""The one way to name a selector outside Python: ``{name: ..., args: {...}}`` (:class:`SelectorSpec`).
+"""The one way to name a selector outside Python: ``{name: ..., args: {...}}`` ([`SelectorSpec`][fvlm.selectors.spec.SelectorSpec]).
 
 Recipes (``model.selector``), the lmms-eval model (``selector=`` / ``selector_args=``) and run
 summaries use it; ``name`` is a registered name (``fvlm list``) or a dotted ``module.Class`` path.
-:func:`selector_arguments` reads an instance's full arguments back (what a summary records).
+[`selector_arguments`][fvlm.selectors.spec.selector_arguments] reads an instance's full arguments back (what a summary records).
 """
 from __future__ import annotations
 

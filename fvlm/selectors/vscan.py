@@ -3,9 +3,9 @@
 Paper: Zhang et al., "VScan: Rethinking Visual Token Reduction for Efficient Large Vision-Language
 Models", TMLR 2026, https://arxiv.org/abs/2505.22654 (code: Tencent/SelfEvolvingAgent, VScan/).
 PIO-FVLM's encoder stage ("w/ VE" in its tables) is this scan too: ``compose`` of
-:class:`VScanEncoder` and PIO-FVLM.
+[`VScanEncoder`][fvlm.selectors.vscan.VScanEncoder] and PIO-FVLM.
 
-Encoder stage (:class:`VScanEncoder`), per vision-tower view (LLaVA-1.5: the image; LLaVA-NeXT: each
+Encoder stage ([`VScanEncoder`][fvlm.selectors.vscan.VScanEncoder]), per vision-tower view (LLaVA-1.5: the image; LLaVA-NeXT: each
 crop; Qwen: each image), keeping ``T`` tokens:
 
 - scores from two vision layers: LLaVA, the CLS query's attention to each patch averaged over heads
@@ -19,11 +19,11 @@ crop; Qwen: each image), keeping ``T`` tokens:
   merged tokens, each capped at ``ceil(n_loc / windows)``, filled by walking all tokens by score.
 - global scan: the best ``T - n_loc`` of the deep map among the rest.
 - merge: every dropped token is averaged into its most similar kept token (cosine of the projector /
-  merger outputs), :func:`fvlm.selectors.algorithms.merge_into_kept`.
+  merger outputs), [`fvlm.selectors.algorithms.merge_into_kept`][fvlm.selectors.algorithms.merge_into_kept].
 - kept tokens stay in spatial order; LLaVA-NeXT crops then follow the model's unpadding (newline
   tokens always kept: at most ``T`` per crop plus the newlines, the trace has the real count).
 
-In-LLM stage (:class:`VScan`): after ``layer`` decoder layers, the next layer's attention from the
+In-LLM stage ([`VScan`][fvlm.selectors.vscan.VScan]): after ``layer`` decoder layers, the next layer's attention from the
 last prompt token (LLaVA: with rotary at the current positions; Qwen: without rotary, as their code),
 averaged over heads, keeps the top ``keep`` visual tokens of the whole visual span.
 
@@ -197,10 +197,10 @@ def _topk_mask(scores: torch.Tensor, allowed: torch.Tensor, n: int) -> torch.Ten
 
 
 class VScan(TokenSelector):
-    """VScan (arXiv 2505.22654): :class:`VScanEncoder` in the vision tower, then after ``layer``
+    """VScan (arXiv 2505.22654): [`VScanEncoder`][fvlm.selectors.vscan.VScanEncoder] in the vision tower, then after ``layer``
     decoder layers keep the visual tokens the last prompt token attends to most in the next layer.
 
-    ``encoder_keep``: the encoder stage's budget (per view, see :class:`VScanEncoder`); ``layer``,
+    ``encoder_keep``: the encoder stage's budget (per view, see [`VScanEncoder`][fvlm.selectors.vscan.VScanEncoder]); ``layer``,
     ``keep``: the in-LLM stage (int: per view of the sample, LLaVA-1.5's 32 after layer 16; float:
     ``int(f * n)`` of the ``n`` visual tokens entering the stage, Qwen2.5-VL's 0.333 after layer 14).
     The other arguments go to the encoder stage.
@@ -257,7 +257,7 @@ class VScan(TokenSelector):
         return torch.minimum(images.clamp(min=1) * self.keep, current)
 
     def overhead_flops(self, info, stage, seq_len, n_visual) -> float:
-        """The encoder stage's (see :class:`VScanEncoder`), then one recomputed last-token attention row."""
+        """The encoder stage's (see [`VScanEncoder`][fvlm.selectors.vscan.VScanEncoder]), then one recomputed last-token attention row."""
         if stage.where == "vision":
             return self.encoder.overhead_flops(info, stage, seq_len, n_visual)
         return attention_rows_flops(seq_len, info)
