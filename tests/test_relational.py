@@ -175,15 +175,15 @@ def test_ground_truth_selector_keeps_the_first_patches_of_each_sample():
     inputs = prompt_inputs(processor, [r["image"] for r in records], [r["question"] for r in records])
     for where in ("input", 2):
         selector = GroundTruthSelector(orders, [(where, 20)])
-        recorder = StageRecorder(selector)
-        with fvlm.prune(model, selector) as session, torch.no_grad():
+        recorder = StageRecorder()
+        with fvlm.prune(model, selector, listeners=[recorder]) as session, torch.no_grad():
             model(**inputs)
         assert recorder.stages[0][1].tolist() == sorted(orders[0][:20])  # row 0 of the batch
         assert session.trace.visual_per_layer[1][-1] == 20
     # several stages: each keeps the best-ranked survivors of the one before
     selector = GroundTruthSelector(orders, [(1, 40), (2, 12), (3, 5)])
-    recorder = StageRecorder(selector)
-    with fvlm.prune(model, selector) as session, torch.no_grad():
+    recorder = StageRecorder()
+    with fvlm.prune(model, selector, listeners=[recorder]) as session, torch.no_grad():
         model(**inputs)
     assert recorder.kept(576) == sorted(orders[0][:5])
     assert session.trace.visual_per_layer[0] == [576, 40, 12, 5]
