@@ -129,11 +129,18 @@ def plot(results: dict, path: Path) -> None:
             ys = [100 * results["points"][f"{kind}/{k}/{w}"]["accuracy"] for w in meta["points"]]
             ax.plot(xs, ys, style, color=plt.get_cmap("tab10")(i), label=f"{kind}, k = {k}",
                     alpha=1.0 if kind == "random" else 0.7)
+    save_depth_figure(fig, ax, xs, "accuracy (%)", f"{meta['checkpoint']}: {meta['n']} held-out records", path)
+
+
+def save_depth_figure(fig, ax, xs: list[int], ylabel: str, title: str, path: Path) -> None:
+    """The probes' common frame (x: pruning point, input then each layer; y: 0-100 %), saved to ``path``."""
+    import matplotlib.pyplot as plt
+
     ax.set_xticks(xs, ["input", *[str(x) for x in xs[1:]]])
     ax.set_xlabel("pruned after decoder layer")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    ax.set_title(f"{meta['checkpoint']}: {meta['n']} held-out records")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

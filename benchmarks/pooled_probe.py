@@ -30,6 +30,9 @@ from fvlm.adapters import adapter_for  # noqa: E402
 from fvlm.builtin import model as M  # noqa: E402
 from fvlm.builtin import train as T  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from depth_probe import save_depth_figure  # noqa: E402
+
 
 def load_state(path: Path, task: str, without: tuple[str, ...] = ()):
     """``(model, processor)`` from a checkpoint folder or a ``{"model": state_dict}`` file of ``task``
@@ -131,16 +134,9 @@ def plot(results: dict, path: Path) -> None:
         for kind, style in (("random", ":"), ("oracle", "-")):
             ax.plot(layers, [100 * s[f"{kind}/{k}/{l}"]["all"] for l in layers], linestyle=style, marker="o",
                     label=f"{kind}, {k} of {(24 // meta['factor']) ** 2} pooled tokens")
-    ax.set_xticks(layers, ["input"] + [str(l) for l in layers[1:]])
-    ax.set_xlabel("pruned after decoder layer")
-    ax.set_ylabel("first answer token correct (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{meta['state']}: {meta['depth']} layers, pooled x{meta['factor']}, {meta['n']} held-out records")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_depth_figure(fig, ax, layers, "first answer token correct (%)",
+                      f"{meta['state']}: {meta['depth']} layers, pooled x{meta['factor']}, {meta['n']} held-out records",
+                      path)
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,8 @@ log = logging.getLogger("mkdocs.plugins.fvlm.checks")
 
 # :func:`x`, :class:`x`, :py:meth:`x`, ... as rendered: the role's text, then a code element
 ROLE = re.compile(r"(?<![\w:]):(?:py:)?(?:func|class|meth|attr|mod|data|obj|exc|const|ref):(?=`|<code>)")
-# /home/..., /work/..., C:\...: a path on the machine that wrote the page (/tmp is anyone's)
+# an absolute path under a home, project or system folder, or a Windows drive: a path on the machine
+# that wrote the page (the temporary folder is anyone's)
 MACHINE_PATH = re.compile(r"(?<![\w.~/:-])(?:/(?:home|work|root|Users|mnt|opt|srv|scratch|private|var|usr)/"
                           r"|\b[A-Z]:\\\\)")
 

@@ -61,12 +61,12 @@ def scaled_layers(layers, num_layers: int, reference: int = REFERENCE_DEPTH) -> 
 
 
 def single_stage_keep(average: float, layer: int, num_layers: int, n_visual: int) -> int:
-    """Tokens kept after ``layer`` so that the layer average is ``average`` (nearest integer)."""
-    keep = round((average * num_layers - layer * n_visual) / (num_layers - layer))
-    if keep < 1:
+    """Tokens kept after ``layer`` so that the layer average is ``average`` (nearest integer; the
+    one-stage case of [`counts_for_average`][fvlm.budget.counts_for_average])."""
+    if average * num_layers - layer * n_visual <= 0.5 * (num_layers - layer):  # rounds to no token
         raise ValueError(f"a layer average of {average} is below what the first {layer} layer(s) of {num_layers} "
                          f"already use ({layer * n_visual / num_layers:.0f})")
-    return keep
+    return counts_for_average([layer], average, num_layers, n_visual)[0]
 
 
 def _single(name: str, authors_layer: int, **extra):
