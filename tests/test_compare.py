@@ -69,6 +69,9 @@ def test_compare_table_csv_markdown_and_plot(runs, tmp_path):
         assert float(row["kv_mib"]) == pytest.approx(summary["efficiency"]["kv_bytes"] / 2**20)
         assert float(row["speedup"]) == pytest.approx(ref_prefill / summary["efficiency"]["prefill_ms"])
         assert json.loads(row["args"] or "{}") == summary["selector_args"]
+        paired = summary["efficiency"].get("prefill_speedup")  # fidelity runs: measured on the same batches
+        assert (row["paired_speedup"] == "") if paired is None else float(row["paired_speedup"]) == pytest.approx(paired)
+    assert table[0]["paired_speedup"] == "" and float(table[1]["paired_speedup"]) > 0  # reference: no fidelity pass
     assert float(table[0]["speedup"]) == 1.0 and float(table[2]["layer_average"]) == 64.0
     md = (out / "table.md").read_text().splitlines()
     assert md[0].startswith("| run | selector | args") and len(md) == 2 + len(dirs)

@@ -2,9 +2,11 @@
 
 Reads each folder's ``summary.json`` (written by ``fvlm run``, or by the lmms-eval model with
 ``output=``) and prints one row per run: selector, its arguments, position policy, accuracy,
-layer-average visual tokens, KV cache, prefill and decode time, and the prefill speedup against a
-reference run (``--reference``, else the first unpruned run given). ``--csv`` / ``--markdown``
-write the table, ``--plot`` draws accuracy against layer-average visual tokens.
+layer-average visual tokens, KV cache, prefill and decode time, the prefill speedup against a
+reference run (``--reference``, else the first unpruned run given) and the paired speedup a run
+measured itself (runs with fidelity time the unpruned model on the same batches, next to the pruned
+one: the fairer figure on a busy machine). ``--csv`` / ``--markdown`` write the table, ``--plot``
+draws accuracy against layer-average visual tokens.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from fvlm.commands.exit_codes import ExitCode
 from fvlm.errors import UsageError
 
 COLUMNS = ("run", "selector", "args", "positions", "samples", "accuracy", "layer_average", "llm_input_visual",
-           "kv_mib", "prefill_ms", "decode_ms_per_token", "speedup")
+           "kv_mib", "prefill_ms", "decode_ms_per_token", "speedup", "paired_speedup")
 HELP = "compare finished runs: accuracy, visual tokens, KV cache, latency and speedup in one table"
 
 
@@ -49,7 +51,11 @@ def read_summary(path: Path) -> dict:
 
 
 def rows(runs: list[Path], reference: Path | None = None) -> list[dict]:
-    """One row per run (see ``COLUMNS``); ``speedup`` is the reference's prefill time over the run's."""
+    """One row per run (see ``COLUMNS``).
+
+    ``speedup`` is the reference run's prefill time over the run's; ``paired_speedup`` is the run's own
+    ``prefill_speedup`` (the unpruned model timed on the same batches; fidelity runs only).
+    """
     summaries = [(path, read_summary(path)) for path in runs]
     if reference is not None:
         ref = read_summary(reference)
@@ -74,6 +80,7 @@ def rows(runs: list[Path], reference: Path | None = None) -> list[dict]:
             "prefill_ms": prefill,
             "decode_ms_per_token": eff.get("decode_ms_per_token"),
             "speedup": ref_prefill / prefill if ref_prefill and prefill else None,
+            "paired_speedup": eff.get("prefill_speedup"),
         })
     return out
 
@@ -85,7 +92,7 @@ def _text(value, spec: str = ".3f") -> str:
 
 
 _FORMATS = {"accuracy": ".3f", "layer_average": ".1f", "llm_input_visual": ".1f", "kv_mib": ".2f",
-            "prefill_ms": ".1f", "decode_ms_per_token": ".2f", "speedup": ".2f"}
+            "prefill_ms": ".1f", "decode_ms_per_token": ".2f", "speedup": ".2f", "paired_speedup": ".2f"}
 
 
 def markdown(table: list[dict]) -> str:
