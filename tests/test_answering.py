@@ -71,17 +71,6 @@ def test_answer_all_keeps_input_order_and_batches_like_answer(backbone):
         assert len(answerer.answer_all(prompts, batch_size=2)) == 3
 
 
-def test_fidelity_of_keep_all_is_perfect(backbone):
-    model, processor = backbone
-    answerer = Answerer(model, processor, fvlm.create_selector("keep_all"), generation={"max_new_tokens": 3},
-                        fidelity=True)
-    with torch.no_grad():
-        results = answerer.answer(_prompts()[:2])
-    for r in results:
-        assert r["reference_answer"] == r["answer"] and r["first_token_top1"] is True
-        assert r["first_token_kl"] == pytest.approx(0.0, abs=1e-6)
-
-
 def test_generate_kwargs_override_the_settings(backbone):
     model, processor = backbone
     answerer = Answerer(model, processor, generation={"max_new_tokens": 2})
@@ -92,15 +81,18 @@ def test_generate_kwargs_override_the_settings(backbone):
     assert longer["efficiency"]["new_tokens"] == 5
 
 
-def test_fidelity_times_the_unpruned_pass_apart(backbone):
-    """With fidelity, the unpruned generate of the same batch is timed by its own clock (its prefill
-    and decode steps, apart from the pruned pass's); without it there is no baseline."""
+def test_fidelity_of_keep_all_is_perfect_and_its_unpruned_pass_timed_apart(backbone):
+    """keep_all's answers and first-token distribution equal the unpruned pass's; with fidelity, the
+    unpruned generate of the same batch is timed by its own clock (its prefill and decode steps, apart
+    from the pruned pass's); without it there is no baseline."""
     model, processor = backbone
     answerer = Answerer(model, processor, fvlm.create_selector("keep_all"), generation={"max_new_tokens": 3},
                         fidelity=True)
     with torch.no_grad():
         results = answerer.answer(_prompts()[:2])
     for r in results:
+        assert r["reference_answer"] == r["answer"] and r["first_token_top1"] is True
+        assert r["first_token_kl"] == pytest.approx(0.0, abs=1e-6)
         eff = r["efficiency"]
         assert eff["unpruned_prefill_ms"] > 0 and eff["unpruned_decode_ms"] > 0
         assert eff["batch_unpruned_decode_steps"] == eff["batch_decode_steps"] == 2
