@@ -266,6 +266,42 @@ def _bench(script: str, *argv: str) -> dict:
         return json.loads(raw.read_text())
 
 
+def test_accuracy_slice_reproduces_the_committed_figures():
+    """Quality regression: the committed slice of the accuracy benchmark (first 64 test records, 64
+    tokens, every row and control) is rerun by its own command; every installed row's accuracy and
+    agreement stay within one record of it, its first-token KL within 0.02, its layer average exact;
+    keep-all equals the unpruned model; and the slice agrees with the committed n=500 table within
+    sampling error (so neither file is regenerated without the other)."""
+    from fvlm.builtin import budgets
+
+    committed = json.loads((ROOT / "docs/benchmarks/accuracy_slice.json").read_text())
+    table = json.loads((ROOT / "docs/benchmarks/accuracy.json").read_text())
+    meta = committed["meta"]
+    labels = [label for label in committed["rows"] if label in budgets.default_labels()]
+    assert {"keep_all", "random", "pio_fvlm", "fastv", "visionzip", "divprune", "cdpruner"} <= set(labels)
+    rerun = _bench("accuracy.py", "--n", str(meta["n"]), "--budgets", *map(str, meta["budgets"]),
+                   "--split", meta["split"], "--seed", str(meta["seed"]), "--batch-size", str(meta["batch_size"]),
+                   "--positions", meta["positions"], "--selectors", *labels)
+    n, budget = meta["n"], str(meta["budgets"][0])
+    assert rerun["rows"]["keep_all"]["all"]["fidelity"] == 1.0
+    assert rerun["rows"]["keep_all"]["all"]["accuracy"] == rerun["unpruned"]["accuracy"]
+    assert abs(rerun["unpruned"]["accuracy"] - committed["unpruned"]["accuracy"]) <= 1 / n
+    for label, row in rerun["rows"].items():
+        for key, cell in row.items():
+            if not isinstance(cell, dict):
+                continue
+            old = committed["rows"][label][key]
+            where = (label, key, cell, old)
+            assert abs(cell["accuracy"] - old["accuracy"]) <= 1 / n + 1e-9, where
+            assert abs(cell["fidelity"] - old["fidelity"]) <= 1 / n + 1e-9, where
+            assert cell["kl"] == pytest.approx(old["kl"], abs=0.02), where
+            assert cell["layer_average"] == old["layer_average"], where
+            full = table["rows"].get(label, {}).get(key if key == "all" else budget)
+            if full and "accuracy" in full:  # the slice is a sample of the table's records
+                p = full["accuracy"]
+                assert abs(old["accuracy"] - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 1 / n, (label, old, full)
+
+
 def test_layer_average_convention_meets_the_budget_with_controls_at_the_same_stages():
     """``--convention layer-average``: every in-LLM row (single- and multi-stage) and its random,
     uniform and oracle controls average the budget over the decoder layers; the oracle's pre-LLM row
