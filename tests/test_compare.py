@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fvlm.commands import run as run_cmd
+from fvlm.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["reference", "fastv-64", "random-64"]
@@ -92,3 +93,46 @@ def test_compare_refuses_a_folder_without_a_summary(tmp_path):
     proc = fvlm("compare", tmp_path)
     assert proc.returncode == 2 and "no summary.json" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _lmms_results(accuracy: float) -> dict:
+    """A results file in the shape lmms-eval 0.7.3 writes (metric,filter keys; stderr entries; alias)."""
+    return {"results": {"pope": {"alias": "pope", "pope_accuracy,none": accuracy, "pope_accuracy_stderr,none": 0.01,
+                                 "pope_f1_score,none": 0.85, "pope_f1_score_stderr,none": "N/A"}},
+            "n-samples": {"pope": {"original": 6, "effective": 6}}}
+
+
+def test_compare_shows_the_lmms_eval_metrics_found_in_a_run_folder(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "fastv-64"
+    shutil.copytree(runs / "fastv-64", run)
+    (run / "builtin").mkdir()  # lmms-eval's --output_path run: MODEL/DATE_results.json; the newest wins
+    (run / "builtin" / "20261101_090000_results.json").write_text(json.dumps(_lmms_results(0.5)))
+    (run / "builtin" / "20261127_090000_results.json").write_text(json.dumps(_lmms_results(0.86)))
+    out = tmp_path / "cmp"
+    argv = ["compare", runs / "reference", run, "--csv", out / "table.csv", "--markdown", out / "table.md"]
+    proc = fvlm(*argv)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "table.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        table = list(reader)
+    names = reader.fieldnames
+    assert names[names.index("accuracy") + 1:names.index("accuracy") + 3] == ["pope/pope_accuracy", "pope/pope_f1_score"]
+    assert table[0]["pope/pope_accuracy"] == "" and float(table[1]["pope/pope_accuracy"]) == 0.86
+    assert float(table[1]["pope/pope_f1_score"]) == 0.85 and "pope_accuracy_stderr" not in " ".join(names)
+    assert "| pope/pope_accuracy |" in (out / "table.md").read_text()
+
+    from fvlm.commands.compare import plotted_metric, rows
+
+    table = rows([runs / "reference", run])
+    assert plotted_metric(table, None) == "accuracy"  # fvlm's own scores are there
+    assert plotted_metric(table, "pope/pope_f1_score") == "pope/pope_f1_score"
+    with pytest.raises(UsageError, match="--metric nosuch: .*pope/pope_accuracy"):
+        plotted_metric(table, "nosuch")
+    lmms_only = rows([run])
+    lmms_only[0]["accuracy"] = None  # an lmms-eval run: its summary has no fvlm accuracy
+    with pytest.raises(UsageError, match="name the lmms-eval metric to draw with --metric"):
+        plotted_metric(lmms_only, None)  # two metrics: which one is the user's choice
+    del lmms_only[0]["scores"]["pope/pope_f1_score"]
+    assert plotted_metric(lmms_only, None) == "pope/pope_accuracy"

@@ -107,10 +107,10 @@ def lmms(root: Path, model_args: str, out: Path, task: str = "fvlm_local") -> tu
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_HOME=str(root / "hf"))
     cmd = [str(cli), "--model", "fvlm", "--model_args", model_args, "--tasks", task,
-           "--include_path", str(root / "task"), "--output_path", str(out / "lmms"), "--log_samples",
+           "--include_path", str(root / "task"), "--output_path", str(out / "fvlm"), "--log_samples",
            "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=root)
-    logs = sorted((out / "lmms").rglob(f"*_samples_{task}.jsonl"))
+    logs = sorted((out / "fvlm").rglob(f"*_samples_{task}.jsonl"))
     # lmms-eval 0.7.3 exits 0 even when the evaluation failed: the sample log is the proof
     assert proc.returncode == 0 and logs, (proc.stdout[-2000:], proc.stderr[-4000:])
     samples = sorted(read_jsonl(logs[0]), key=lambda s: s["doc_id"])
@@ -154,6 +154,9 @@ def test_lmms_eval_answers_equal_fvlm_run(local_task, tmp_path, model_args, sele
 
     via_lmms, via_run = rows([tmp_path / "fvlm", tmp_path / "run"])
     assert via_lmms["samples"] == via_run["samples"] == N and via_lmms["accuracy"] is None
+    # lmms-eval's own score of the run (its results file sits in the same folder): exact match of the answers
+    right = sum(r["answer"] == rec["answer"] for r, rec in zip(expected, records)) / N
+    assert via_lmms["scores"] == {f"{task}/exact_match": pytest.approx(right)} and via_run["scores"] == {}
     assert via_run["accuracy"] is not None and via_lmms["selector"] == selector
     if selector != "keep_all":  # the unpruned fvlm run has no position policy
         assert via_lmms["positions"] == via_run["positions"] == "original"

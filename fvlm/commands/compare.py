@@ -1,12 +1,14 @@
 """``fvlm compare OUTPUT_DIR...``: one table of several runs (accuracy against cost).
 
 Reads each folder's ``summary.json`` (written by ``fvlm run``, or by the lmms-eval model with
-``output=``) and prints one row per run: selector, its arguments, position policy, accuracy,
+``output=``), and the task metrics of lmms-eval results files below the folder (lmms-eval's
+``--output_path`` pointed there), and prints one row per run: selector, its arguments, position
+policy, accuracy (fvlm's quick scorer) or lmms-eval's metrics (one column per ``task/metric``),
 layer-average visual tokens, KV cache, prefill and decode time, the prefill speedup against a
 reference run (``--reference``, else the first unpruned run given) and the paired speedup a run
 measured itself (runs with fidelity time the unpruned model on the same batches, next to the pruned
 one: the fairer figure on a busy machine). ``--csv`` / ``--markdown`` write the table, ``--plot``
-draws accuracy against layer-average visual tokens.
+draws accuracy (or ``--metric``) against layer-average visual tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--markdown", type=Path, default=None, help="write the table as Markdown")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG of accuracy vs layer-average visual tokens (needs matplotlib: pip install 'fvlm[plot]')")
+    p.add_argument("--metric", default=None,
+                   help="the column --plot draws (default: accuracy, else the only lmms-eval metric), e.g. pope/pope_accuracy")
     p.set_defaults(func=run)
 
 
@@ -50,8 +54,33 @@ def read_summary(path: Path) -> dict:
     return summary
 
 
+def lmms_scores(path: Path) -> dict[str, float]:
+    """Task metrics of the lmms-eval results files below a run folder, as ``task/metric`` (a filter
+    other than ``none`` in brackets); where several files score a task, the newest file wins."""
+    folder = path if path.is_dir() else path.parent
+    scores: dict[str, float] = {}
+    for file in sorted(folder.rglob("*_results.json"), key=lambda f: f.name):  # names start with the date
+        try:
+            results = json.loads(file.read_text()).get("results") or {}
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            raise UsageError(f"{file}: not an lmms-eval results file ({exc})") from None
+        for task, metrics in results.items():
+            for key, value in (metrics.items() if isinstance(metrics, dict) else ()):
+                metric, _, kind = key.partition(",")
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in metric:
+                    scores[f"{task}/{metric}" + (f"[{kind}]" if kind not in ("", "none") else "")] = float(value)
+    return scores
+
+
+def columns(table: list[dict]) -> list[str]:
+    """``COLUMNS`` with the lmms-eval metrics any run has after ``accuracy``."""
+    scores = sorted({key for row in table for key in row.get("scores", {})})
+    at = COLUMNS.index("accuracy") + 1
+    return [*COLUMNS[:at], *scores, *COLUMNS[at:]]
+
+
 def rows(runs: list[Path], reference: Path | None = None) -> list[dict]:
-    """One row per run (see ``COLUMNS``).
+    """One row per run (see ``COLUMNS``; ``scores``: lmms-eval's metrics, also one key each).
 
     ``speedup`` is the reference run's prefill time over the run's; ``paired_speedup`` is the run's own
     ``prefill_speedup`` (the unpruned model timed on the same batches; fidelity runs only).
@@ -82,6 +111,8 @@ def rows(runs: list[Path], reference: Path | None = None) -> list[dict]:
             "speedup": ref_prefill / prefill if ref_prefill and prefill else None,
             "paired_speedup": eff.get("prefill_speedup"),
         })
+        out[-1]["scores"] = lmms_scores(path)
+        out[-1].update(out[-1]["scores"])
     return out
 
 
@@ -96,36 +127,56 @@ _FORMATS = {"accuracy": ".3f", "layer_average": ".1f", "llm_input_visual": ".1f"
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    names = columns(table)
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in table:
-        cells = [_text(row[c], _FORMATS.get(c, "")).replace("|", "\\|") for c in COLUMNS]
-        lines.append("| " + " | ".join(f"`{v}`" if c == "args" and v != "-" else v for c, v in zip(COLUMNS, cells)) + " |")
+        cells = [_text(row.get(c), _FORMATS.get(c, ".4g")).replace("|", "\\|") for c in names]
+        lines.append("| " + " | ".join(f"`{v}`" if c == "args" and v != "-" else v for c, v in zip(names, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(table: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        names = columns(table)
+        writer = csv.DictWriter(fh, fieldnames=names)
         writer.writeheader()
-        writer.writerows({c: ("" if row[c] is None else row[c]) for c in COLUMNS} for row in table)
+        writer.writerows({c: ("" if row.get(c) is None else row[c]) for c in names} for row in table)
 
 
-def plot(table: list[dict], path: Path) -> None:
-    """Accuracy against layer-average visual tokens, one labelled point per run that has both."""
+def plotted_metric(table: list[dict], metric: str | None) -> str:
+    """The column ``--plot`` draws: ``metric``, else accuracy, else the only lmms-eval metric (several: an error)."""
+    numeric = [name for name in columns(table) if name not in ("run", "selector", "args", "positions")]
+    if metric is None:
+        scores = sorted({key for row in table for key in row["scores"]})
+        if any(row["accuracy"] is not None for row in table) or not scores:
+            metric = "accuracy"
+        elif len(scores) == 1:
+            metric = scores[0]
+        else:
+            raise UsageError("--plot: no run has fvlm's accuracy; name the lmms-eval metric to draw with --metric "
+                             f"(one of {', '.join(scores)})")
+    if metric not in numeric:
+        raise UsageError(f"--metric {metric}: not a numeric column of this table; choose from {', '.join(numeric)}")
+    return metric
+
+
+def plot(table: list[dict], path: Path, metric: str = "accuracy") -> None:
+    """``metric`` (accuracy) against layer-average visual tokens, one labelled point per run that has both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in table if r["accuracy"] is not None and r["layer_average"] is not None]
+    points = [r for r in table if r.get(metric) is not None and r["layer_average"] is not None]
+    scale = 100 if metric == "accuracy" else 1
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
     for r in points:
-        ax.scatter(r["layer_average"], 100 * r["accuracy"])
-        ax.annotate(r["selector"], (r["layer_average"], 100 * r["accuracy"]), textcoords="offset points",
+        ax.scatter(r["layer_average"], scale * r[metric])
+        ax.annotate(r["selector"], (r["layer_average"], scale * r[metric]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.set_xlabel("layer-average visual tokens")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%)" if metric == "accuracy" else metric)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,14 +191,16 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'fvlm[plot]'") from None
     table = rows(args.runs, args.reference)
+    metric = plotted_metric(table, args.metric) if args.plot is not None else None
     from rich.console import Console
     from rich.table import Table
 
     shown = Table(title="fvlm compare", title_justify="left")
-    for column in COLUMNS:
+    names = columns(table)
+    for column in names:
         shown.add_column(column, overflow="fold")
     for row in table:
-        shown.add_row(*(_text(row[c], _FORMATS.get(c, "")) for c in COLUMNS))
+        shown.add_row(*(_text(row.get(c), _FORMATS.get(c, ".4g")) for c in names))
     Console(highlight=False).print(shown)
     if args.csv is not None:
         write_csv(table, args.csv)
@@ -155,5 +208,5 @@ def run(args: argparse.Namespace) -> int:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(table))
     if args.plot is not None:
-        plot(table, args.plot)
+        plot(table, args.plot, metric)
     return ExitCode.OK
