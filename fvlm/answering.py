@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from fvlm.budget import layer_average
 from fvlm.selectors.base import TokenSelector
 
 
@@ -110,7 +111,7 @@ def sample_efficiency(adapter, input_ids: torch.Tensor, attention_mask: torch.Te
         out.append({
             "visual_tokens": n_vis,
             "llm_input_visual": llm_input,
-            "layer_average": sum(per_layer) / len(per_layer),
+            "layer_average": layer_average(per_layer),
             "visual_per_layer": per_layer,
             "prompt_tokens": prompt[b],
             "new_tokens": new_tokens[b],
