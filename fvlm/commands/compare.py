@@ -72,11 +72,15 @@ def lmms_scores(path: Path) -> dict[str, float]:
     return scores
 
 
+def score_names(table: list[dict]) -> list[str]:
+    """The lmms-eval metrics any run of the table has, sorted."""
+    return sorted({key for row in table for key in row.get("scores", {})})
+
+
 def columns(table: list[dict]) -> list[str]:
     """``COLUMNS`` with the lmms-eval metrics any run has after ``accuracy``."""
-    scores = sorted({key for row in table for key in row.get("scores", {})})
     at = COLUMNS.index("accuracy") + 1
-    return [*COLUMNS[:at], *scores, *COLUMNS[at:]]
+    return [*COLUMNS[:at], *score_names(table), *COLUMNS[at:]]
 
 
 def rows(runs: list[Path], reference: Path | None = None) -> list[dict]:
@@ -116,21 +120,23 @@ def rows(runs: list[Path], reference: Path | None = None) -> list[dict]:
     return out
 
 
-def _text(value, spec: str = ".3f") -> str:
-    if value is None:
-        return "-"
-    return format(value, spec) if isinstance(value, float) else str(value)
-
-
 _FORMATS = {"accuracy": ".3f", "layer_average": ".1f", "llm_input_visual": ".1f", "kv_mib": ".2f",
             "prefill_ms": ".1f", "decode_ms_per_token": ".2f", "speedup": ".2f", "paired_speedup": ".2f"}
+
+
+def _cell(row: dict, column: str) -> str:
+    """A row's value in ``column`` as the printed and Markdown tables show it (lmms-eval metrics: 4 digits)."""
+    value = row.get(column)
+    if value is None:
+        return "-"
+    return format(value, _FORMATS.get(column, ".4g")) if isinstance(value, float) else str(value)
 
 
 def markdown(table: list[dict]) -> str:
     names = columns(table)
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in table:
-        cells = [_text(row.get(c), _FORMATS.get(c, ".4g")).replace("|", "\\|") for c in names]
+        cells = [_cell(row, c).replace("|", "\\|") for c in names]
         lines.append("| " + " | ".join(f"`{v}`" if c == "args" and v != "-" else v for c, v in zip(names, cells)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -148,7 +154,7 @@ def plotted_metric(table: list[dict], metric: str | None) -> str:
     """The column ``--plot`` draws: ``metric``, else accuracy, else the only lmms-eval metric (several: an error)."""
     numeric = [name for name in columns(table) if name not in ("run", "selector", "args", "positions")]
     if metric is None:
-        scores = sorted({key for row in table for key in row["scores"]})
+        scores = score_names(table)
         if any(row["accuracy"] is not None for row in table) or not scores:
             metric = "accuracy"
         elif len(scores) == 1:
@@ -200,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     for column in names:
         shown.add_column(column, overflow="fold")
     for row in table:
-        shown.add_row(*(_text(row.get(c), _FORMATS.get(c, ".4g")) for c in names))
+        shown.add_row(*(_cell(row, c) for c in names))
     Console(highlight=False).print(shown)
     if args.csv is not None:
         write_csv(table, args.csv)
