@@ -330,6 +330,33 @@ def test_depth_probe_keeping_every_token_changes_nothing():
         assert cell["accuracy"] == results["unpruned"]["accuracy"], name
 
 
+def test_answer_readout_reads_the_position_that_predicts_the_answer(builtin_model):
+    """The readout's states are the last prompt position's: after the last layer the LM head turns them
+    into the unpruned model's first-token logits (batched with padding = one by one); before the first
+    layer they are the same token for every record, so their readouts are the most common class."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("answer_readout", ROOT / "benchmarks" / "answer_readout.py")
+    readout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readout)
+    from fvlm.answering import Prompt, build_inputs
+
+    model, processor = builtin_model
+    records = synthetic.dataset("test", 5)
+    states = readout.last_position_states(model, processor, records, batch_size=3)
+    assert states.shape == (5, model.config.text_config.num_hidden_layers + 1, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        for i, r in enumerate(records):
+            logits = model(**build_inputs(processor, [Prompt([r["image"]], r["question"])])).logits[0, -1]
+            torch.testing.assert_close(model.lm_head(states[i, -1]), logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(states[:, 0], states[:1, 0].expand(5, -1))
+
+    results = _bench("answer_readout.py", "--train", "6", "--test", "4")
+    assert [row["layer"] for row in results["layers"]] == [0, 1, 2, 3, 4]
+    for name in ("answer", "cells"):
+        assert results["layers"][0][name] == results["majority"][name], name
+
+
 def test_benchmark_reports_a_failing_selector(tmp_path):
     out = tmp_path / "acc.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--n", "2", "--budgets", "16",
