@@ -334,12 +334,9 @@ def test_answer_readout_reads_the_position_that_predicts_the_answer(builtin_mode
     """The readout's states are the last prompt position's: after the last layer the LM head turns them
     into the unpruned model's first-token logits (batched with padding = one by one); before the first
     layer they are the same token for every record, so their readouts are the most common class."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("answer_readout", ROOT / "benchmarks" / "answer_readout.py")
-    readout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readout)
     from fvlm.answering import Prompt, build_inputs
+
+    readout = _bench_module("answer_readout")
 
     model, processor = builtin_model
     records = synthetic.dataset("test", 5)
@@ -355,6 +352,53 @@ def test_answer_readout_reads_the_position_that_predicts_the_answer(builtin_mode
     assert [row["layer"] for row in results["layers"]] == [0, 1, 2, 3, 4]
     for name in ("answer", "cells"):
         assert results["layers"][0][name] == results["majority"][name], name
+
+
+def test_question_first_probe_keeps_the_model_and_the_layouts_it_claims(builtin_model, tmp_path):
+    """benchmarks/question_first.py: its image-first sequence is the training / inference format; its
+    question-first sequence has the question before the image span; its unpruned probe is the real
+    model's first-token prediction, and keeping all 576 tokens after any layer changes nothing (on
+    the shipped model, and after a question-first fine-tuning step)."""
+    from fvlm.answering import Prompt, build_inputs
+    from fvlm.builtin import train
+
+    qf = _bench_module("question_first")
+    model, processor = builtin_model
+    tok = processor.tokenizer
+    records = synthetic.dataset("val", 4)
+    r = records[0]
+    assert qf.encode(tok, r["question"], r["answer"], "image-first") == train.encode_conversation(
+        tok, [(r["question"], r["answer"])])
+    ids, labels = qf.encode(tok, r["question"], r["answer"], "question-first")
+    image = [i for i, t in enumerate(ids) if t == model.config.image_token_index]
+    assert len(image) == 576 and image == list(range(image[0], image[0] + 576))
+    assert tok.decode(ids[: image[0]]).split()[-len(r["question"].split()):] == r["question"].split()
+    assert tok.decode(ids[image[-1] + 1:]).split()[:2] == ["ASSISTANT", ":"]
+
+    hits = qf.probe(model, processor, records, [576], "image-first")
+    with torch.no_grad():
+        for b, rec in enumerate(records):
+            first = tok(rec["answer"], add_special_tokens=False)["input_ids"][0]
+            logits = model(**build_inputs(processor, [Prompt([rec["image"]], rec["question"])])).logits[0, -1]
+            assert hits["all"][b] == (int(logits.argmax()) == first)
+    assert all(h == hits["all"] for h in hits.values()), hits
+
+    out = tmp_path / "qf.json"
+    assert qf.main(["--steps", "1", "--images", "1", "--questions", "2", "--probe-every", "0", "--probe-n", "3",
+                    "--keep", "576", "--threads", "1", "--json", str(out)]) == 0
+    probes = json.loads(out.read_text())["probes"]
+    assert sorted(probes) == ["1"]
+    assert all(row == probes["1"]["all"] for row in probes["1"].values())
+
+
+def _bench_module(name: str):
+    """A benchmark script imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_benchmark_reports_a_failing_selector(tmp_path):
