@@ -83,30 +83,42 @@ def probe(model, processor, records: list[dict], factor: int, keeps: list[int], 
     m = inputs.shape[1] - width + model.config.image_seq_length  # pooled visual tokens
     query = answer_at - 1 - (model.config.image_seq_length - m)
     oracle = torch.tensor([oracle_cells(r, factor) for r in records], dtype=torch.float)
+    for k in keeps:
+        if not 0 < k <= m:
+            raise SystemExit(f"--keep {k}: expected 1..{m} (the pooled visual tokens at factor {factor})")
+    return probe_rows(model, inputs, positions, query, torch.full((len(records),), first), m, answers, oracle,
+                      keeps, seed)
+
+
+def probe_rows(model, embeds: torch.Tensor, positions: torch.Tensor, query: torch.Tensor, start: torch.Tensor,
+               span: int, answers: torch.Tensor, oracle: torch.Tensor, keeps: list[int], seed: int = 0) -> dict:
+    """``{"all": hits, "random/k/l": hits, "oracle/k/l": hits}``: is the argmax at position ``query``
+    of each row ``answers``, with the decoder layers run one by one on ``embeds`` and, from layer ``l``
+    on, only ``k`` of the row's ``span`` visual tokens (from ``start``) kept: the top ``k`` of seeded
+    uniform noise (``random``), plus ``oracle`` (``oracle``)."""
     adapter, lm = adapter_for(model), model.model.language_model
-    depth = len(lm.layers)
+    rows = len(embeds)
 
     def hits(layer: int | None, kind: str = "", k: int = 0) -> list[bool]:
-        h, pos, q = inputs, positions, query
-        for i in range(depth):
+        h, pos, q = embeds, positions, query
+        for i in range(len(lm.layers)):
             if i == layer:
-                score = torch.rand(len(records), m, generator=torch.Generator().manual_seed(seed))
+                score = torch.rand(rows, span, generator=torch.Generator().manual_seed(seed))
                 if kind == "oracle":
                     score = score + oracle
-                kept = score.topk(k, dim=1).indices.sort(dim=1).values + first
-                rows = torch.arange(h.shape[1]).expand(len(records), -1)
-                keep = torch.cat([rows[:, :first], kept, rows[:, first + m :]], dim=1)
+                kept = score.topk(k, dim=1).indices.sort(dim=1).values
+                every = torch.arange(h.shape[1])
+                keep = torch.stack([torch.cat([every[:s], kept[b] + s, every[s + span:]])
+                                    for b, s in enumerate(start.tolist())])
                 h = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
-                pos, q = pos.gather(1, keep), q - (m - k)
+                pos, q = pos.gather(1, keep), q - (span - k)
             h = adapter.run_layer(i, h, {"position_embeddings": lm.rotary_emb(h, pos), "position_ids": pos})
-        logits = model.lm_head(lm.norm(h)[torch.arange(len(records)), q])
+        logits = model.lm_head(lm.norm(h)[torch.arange(rows), q])
         return (logits.argmax(-1) == answers).tolist()
 
     out = {"all": hits(None)}
     for k in keeps:
-        if not 0 < k <= m:
-            raise SystemExit(f"--keep {k}: expected 1..{m} (the pooled visual tokens at factor {factor})")
-        for layer in range(depth):
+        for layer in range(len(lm.layers)):
             for kind in ("random", "oracle"):
                 out[f"{kind}/{k}/{layer}"] = hits(layer, kind, k)
     return out

@@ -33,19 +33,14 @@ from fvlm.builtin import model as M  # noqa: E402
 from fvlm.builtin import train as T  # noqa: E402
 from fvlm.builtin.oracle import patch_order  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pooled_probe import probe_rows, summary  # noqa: E402
+
 
 def encode(tokenizer, question: str, answer: str, layout: str) -> tuple[list[int], list[int]]:
     """Token ids and labels (answer and ``</s>`` only) of one question about one image."""
-    def words(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    image_id = tokenizer.convert_tokens_to_ids(M.IMAGE)
-    text = f"USER: {question} {M.IMAGE} ASSISTANT:" if layout == "question-first" else M.prompt(question)
-    prompt = [tokenizer.bos_token_id] + words(text)
-    at = prompt.index(image_id)
-    prompt = prompt[:at] + [image_id] * M.NUM_PATCHES + prompt[at + 1:]
-    target = words(answer) + [tokenizer.eos_token_id]
-    return prompt + target, [-100] * len(prompt) + target
+    prompt = M.prompt if layout == "image-first" else (lambda q: f"USER: {q} {M.IMAGE} ASSISTANT:")
+    return T.encode_conversation(tokenizer, [(question, answer)], prompt)
 
 
 def inputs(model, processor, pairs: list[tuple[str, str]], images: list, image_index: list[int], layout: str):
@@ -85,33 +80,15 @@ def oracle_scores(records: list[dict]) -> torch.Tensor:
 @torch.no_grad()
 def probe(model, processor, records: list[dict], keeps: list[int], layout: str, seed: int = 0) -> dict:
     """``{"all": hits, "random/k/l": hits, "oracle/k/l": hits}``: per record, is the first answer token
-    the argmax (teacher forced) unpruned, and with ``k`` visual tokens kept after decoder layer ``l``."""
+    the argmax (teacher forced) unpruned, and with ``k`` visual tokens kept after decoder layer ``l``
+    (`pooled_probe.probe_rows` at full resolution, each record's image span where its layout puts it)."""
     ids, labels, embeds, start = inputs(model, processor, [(r["question"], r["answer"]) for r in records],
                                         [r["image"] for r in records], list(range(len(records))), layout)
-    rows, n = len(records), M.NUM_PATCHES
     answer_at = (labels != -100).int().argmax(dim=1)
-    answers = ids[torch.arange(rows), answer_at]
-    oracle = oracle_scores(records)
-    lm, adapter = model.model.language_model, adapter_for(model)
-
-    def hits(layer: int | None = None, kind: str = "", k: int = 0) -> list[bool]:
-        h, pos, query = embeds, torch.arange(ids.shape[1]).expand(rows, -1), answer_at - 1
-        for i in range(len(lm.layers)):
-            if i == layer:
-                score = torch.rand(rows, n, generator=torch.Generator().manual_seed(seed))
-                kept = (score + oracle if kind == "oracle" else score).topk(k, dim=1).indices.sort(dim=1).values
-                span = torch.arange(h.shape[1])
-                keep = torch.stack([torch.cat([span[:s], kept[b] + s, span[s + n:]]) for b, s in enumerate(start.tolist())])
-                h, pos, query = h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1])), pos.gather(1, keep), query - (n - k)
-            h = adapter.run_layer(i, h, {"position_embeddings": lm.rotary_emb(h, pos), "position_ids": pos})
-        return (model.lm_head(lm.norm(h)[torch.arange(rows), query]).argmax(-1) == answers).tolist()
-
-    out = {"all": hits()}
-    for k in keeps:
-        for layer in range(len(lm.layers)):
-            for kind in ("random", "oracle"):
-                out[f"{kind}/{k}/{layer}"] = hits(layer, kind, k)
-    return out
+    answers = ids[torch.arange(len(records)), answer_at]
+    positions = torch.arange(ids.shape[1]).expand(len(records), -1)
+    return probe_rows(model, embeds, positions, answer_at - 1, start, M.NUM_PATCHES, answers, oracle_scores(records),
+                      keeps, seed)
 
 
 def probe_summary(model, processor, args) -> dict:
@@ -122,10 +99,7 @@ def probe_summary(model, processor, args) -> dict:
     for i in range(0, len(records), args.batch_size):
         for name, h in probe(model, processor, records[i:i + args.batch_size], args.keep, args.layout).items():
             hits.setdefault(name, []).extend(h)
-    kinds = sorted({r["kind"] for r in records})
-    return {name: {"all": sum(h) / len(h), **{kd: sum(x for x, r in zip(h, records) if r["kind"] == kd)
-                                                   / sum(r["kind"] == kd for r in records) for kd in kinds}}
-            for name, h in hits.items()}
+    return summary(hits, records)
 
 
 def finetune(args) -> dict:

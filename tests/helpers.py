@@ -1,6 +1,9 @@
 """Test-only selectors and references shared by the session tests."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from fvlm import Need, Stage, TokenSelector
@@ -136,3 +139,11 @@ def record(selector) -> list:
     selector.select = recording
     return calls
 
+
+def benchmark_module(name: str):
+    """The script ``benchmarks/{name}.py`` imported as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

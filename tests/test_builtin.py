@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from fvlm.builtin import CHECKPOINT, synthetic
+from helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,7 +337,7 @@ def test_answer_readout_reads_the_position_that_predicts_the_answer(builtin_mode
     layer they are the same token for every record, so their readouts are the most common class."""
     from fvlm.answering import Prompt, build_inputs
 
-    readout = _bench_module("answer_readout")
+    readout = benchmark_module("answer_readout")
 
     model, processor = builtin_model
     records = synthetic.dataset("test", 5)
@@ -362,7 +363,7 @@ def test_question_first_probe_keeps_the_model_and_the_layouts_it_claims(builtin_
     from fvlm.answering import Prompt, build_inputs
     from fvlm.builtin import train
 
-    qf = _bench_module("question_first")
+    qf = benchmark_module("question_first")
     model, processor = builtin_model
     tok = processor.tokenizer
     records = synthetic.dataset("val", 4)
@@ -389,16 +390,6 @@ def test_question_first_probe_keeps_the_model_and_the_layouts_it_claims(builtin_
     probes = json.loads(out.read_text())["probes"]
     assert sorted(probes) == ["1"]
     assert all(row == probes["1"]["all"] for row in probes["1"].values())
-
-
-def _bench_module(name: str):
-    """A benchmark script imported as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_benchmark_reports_a_failing_selector(tmp_path):

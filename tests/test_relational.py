@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fvlm.builtin import relational, synthetic
+from helpers import benchmark_module
 
 
 # -- an independent interpreter of the question grammar (plain loops over the objects) -------------
@@ -193,22 +194,11 @@ def test_ground_truth_selector_keeps_the_first_patches_of_each_sample():
 
 
 # -- the pooled depth probe (benchmarks/pooled_probe.py) ---------------------------------------------
-def _pooled_probe():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pooled_probe.py"
-    spec = importlib.util.spec_from_file_location("pooled_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pooled_probe_keep_all_is_the_training_forward_and_keeping_every_token_changes_nothing():
     from fvlm.builtin import model as M
     from fvlm.builtin import train
 
-    probe = _pooled_probe()
+    probe = benchmark_module("pooled_probe")
     processor = M.build_processor(M.build_tokenizer(relational.vocabulary()))
     model = M.build_model(M.build_config(processor.tokenizer, **M.SMOKE_SIZES)).eval()
     records = relational.dataset("val", 6)
@@ -229,7 +219,7 @@ def test_pooled_probe_keep_all_is_the_training_forward_and_keeping_every_token_c
 
 
 def test_pooled_oracle_cells_count_the_target_patches():
-    probe = _pooled_probe()
+    probe = benchmark_module("pooled_probe")
     from fvlm.builtin import synthetic
 
     record = relational.dataset("val", 3)[2]

@@ -50,10 +50,11 @@ from fvlm.builtin import relational, synthetic
 ATTRIBUTES = [(c, s) for c in synthetic.COLOURS for s in synthetic.SHAPES]
 
 
-def encode_conversation(tokenizer, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+def encode_conversation(tokenizer, qa: list[tuple[str, str]], prompt=M.prompt) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 except on answers and their ``</s>``) of a multi-turn conversation.
 
-    The first turn is exactly the tokenisation of the single-turn inference prompt ([`M.prompt`][fvlm.builtin.train.M.prompt]).
+    The first turn is exactly the tokenisation of the single-turn inference prompt (``prompt(question)``,
+    one image token in it; default [`M.prompt`][fvlm.builtin.train.M.prompt]).
     """
     def words(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -62,7 +63,7 @@ def encode_conversation(tokenizer, qa: list[tuple[str, str]]) -> tuple[list[int]
     ids = [tokenizer.bos_token_id]
     labels = [-100]
     for turn, (question, answer) in enumerate(qa):
-        text = M.prompt(question) if turn == 0 else f"USER: {question} ASSISTANT:"
+        text = prompt(question) if turn == 0 else f"USER: {question} ASSISTANT:"
         part = words(text)
         if turn == 0:
             at = part.index(image_id)
